@@ -1,0 +1,1 @@
+"""Configuration: process settings, the route file loader, findings and reload."""

@@ -1,0 +1,1 @@
+"""Routing core: pure, no I/O. Topic trie, JMESPath expressions, the immutable route table."""

@@ -1,0 +1,1 @@
+"""Kinesis side: batching, limits, retries, aggregation."""

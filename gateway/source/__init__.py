@@ -1,0 +1,1 @@
+"""MQTT side: the paho adapter and the in-order acknowledgement tracker."""
