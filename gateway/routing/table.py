@@ -1,0 +1,252 @@
+"""The route table: an immutable value built once, read by the hot path without locks.
+
+``RouteTable.route(message)`` is the whole routing core: it finds the routes whose filters match
+the topic (a trie lookup, memoised per topic), parses a JSON payload at most once however many
+routes match, and turns each route into a ``Record``, a ``Rejected`` with a reason, or a
+``Skipped``. It does no I/O: ``explain``, ``test`` and the running gateway all call this same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import orjson
+
+from gateway.routing.expressions import CONTEXT, Expression, compile_expression
+from gateway.routing.topics import TopicTrie, minimal_subscriptions
+
+__all__ = [
+    "Message", "Record", "Rejected", "Skipped", "Outcome", "DeadLetter", "Route", "RouteTable",
+    "MAX_PARTITION_KEY_CHARS",
+]
+
+MAX_PARTITION_KEY_CHARS = 256
+_MAX_HASH_KEY = 2**128 - 1
+_TOPIC_CACHE_SIZE = 4096
+
+
+class Message(NamedTuple):
+    """One MQTT message as the gateway sees it: paho's types never travel past the source."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    received_ms: int
+
+
+class Record(NamedTuple):
+    """One Kinesis record. ``size`` is what Kinesis counts: data plus the key's UTF-8 bytes."""
+
+    route: str
+    stream: str
+    partition_key: str
+    data: bytes
+    explicit_hash_key: str | None = None
+    size: int = 0
+
+
+class Rejected(NamedTuple):
+    """The route matched, but no record can be made; ``reason`` never quotes the payload."""
+
+    route: str
+    reason: str
+
+
+class Skipped(NamedTuple):
+    """The route's ``filter`` expression was falsy for this message."""
+
+    route: str
+    reason: str = "filter"
+
+
+Outcome = Record | Rejected | Skipped
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Where messages a route rejects or cannot deliver go: a Kinesis stream or an MQTT topic."""
+
+    kind: Literal["kinesis", "mqtt"]
+    target: str
+
+
+class _NotParsed:
+    pass
+
+
+_NOT_PARSED: Any = _NotParsed()
+_BAD_JSON: Any = _NotParsed()
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return _BAD_JSON
+
+
+def _encode(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # integers beyond 64 bits: the standard library writes them exactly
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _key_text(value: Any) -> str | None:
+    """A partition key's text, or None when the value cannot be one (the caller says why)."""
+    if type(value) is str:
+        return value
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return _encode(value).decode()
+    return None
+
+
+def _key_problem(value: Any, text: str | None) -> str | None:
+    if text is None:
+        if value is None:
+            return "partition key is null (missing field?)"
+        return f"partition key is {'an object' if isinstance(value, dict) else 'an array'}, not a string or number"
+    if not text:
+        return "partition key is empty"
+    if len(text) > MAX_PARTITION_KEY_CHARS:
+        return f"partition key is {len(text)} characters, over the limit of {MAX_PARTITION_KEY_CHARS}"
+    return None
+
+
+def _hash_key_text(value: Any) -> str | None:
+    if type(value) is int and 0 <= value <= _MAX_HASH_KEY:
+        return str(value)
+    if type(value) is str and value.isdecimal() and value.isascii() and (value == "0" or value[0] != "0"):
+        if int(value) <= _MAX_HASH_KEY:
+            return value
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class Route:
+    """One validated route. Built only by the loader (or ``RouteTable.legacy``)."""
+
+    name: str
+    filters: tuple[str, ...]
+    stream: str
+    partition_key: Expression
+    qos: int = 1
+    explicit_hash_key: Expression | None = None
+    filter: Expression | None = None
+    transform: Expression | None = None
+    format: Literal["json", "raw"] = "json"
+    append_newline: bool = False
+    dead_letter: DeadLetter | None = None
+    aggregate: bool = False
+    line: int = 0  # where the route starts in its file, for messages
+
+    @property
+    def definition(self) -> tuple[Any, ...]:
+        """What the route does, for comparing two versions of a route file."""
+
+        def text(e: Expression | None) -> str | None:
+            return None if e is None else e.source
+
+        return (self.filters, self.stream, text(self.partition_key), self.qos, text(self.explicit_hash_key),
+                text(self.filter), text(self.transform), self.format, self.append_newline,
+                self.dead_letter, self.aggregate)
+
+    def apply(self, message: Message, document: Any) -> Outcome:
+        """Make this route's record from ``message``; ``document`` is the parsed payload."""
+        if self.format == "json" and document is _BAD_JSON:
+            return Rejected(self.name, "payload is not valid UTF-8 JSON")
+        if self.filter is not None and not _truthy(self.filter.evaluate(document)):
+            return Skipped(self.name)
+        raw_key = self.partition_key.evaluate(document)
+        key = _key_text(raw_key)
+        problem = _key_problem(raw_key, key)
+        if problem is not None:
+            return Rejected(self.name, problem)
+        hash_key = None
+        if self.explicit_hash_key is not None:
+            hash_value = self.explicit_hash_key.evaluate(document)
+            hash_key = _hash_key_text(hash_value)
+            if hash_key is None:
+                return Rejected(self.name, "explicit hash key is not a decimal integer in 0..2^128-1")
+        data = message.payload if self.transform is None else _encode(self.transform.evaluate(document))
+        if self.append_newline and not data.endswith(b"\n"):
+            data += b"\n"
+        return Record(self.name, self.stream, key, data, hash_key,  # type: ignore[arg-type]
+                      len(data) + (len(key) if key.isascii() else len(key.encode())))  # type: ignore[union-attr]
+
+
+def _truthy(value: Any) -> bool:
+    # JMESPath truthiness: false, null, "", [], {} are false; 0 is true.
+    return not (value is None or value is False or value == "" or value == [] or value == {})
+
+
+def _route_filters(route: Route) -> list[tuple[str, Route]]:
+    return [(f, route) for f in route.filters]
+
+
+@dataclass(frozen=True, eq=False)
+class RouteTable:
+    """An immutable set of routes plus everything the hot path needs, precomputed."""
+
+    routes: tuple[Route, ...]
+    digest: str = ""
+    source: str | None = None
+    subscriptions: tuple[tuple[str, int], ...] = field(init=False)
+    _trie: TopicTrie[Route] = field(init=False, repr=False)
+    _by_name: dict[str, Route] = field(init=False, repr=False)
+    _cache: dict[str, tuple[Route, ...]] = field(init=False, repr=False)
+    _needs_json: dict[int, bool] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "_trie", TopicTrie(pair for route in self.routes for pair in _route_filters(route)))
+        set_(self, "_by_name", {route.name: route for route in self.routes})
+        set_(self, "subscriptions", minimal_subscriptions((f, r.qos) for r in self.routes for f in r.filters))
+        set_(self, "_cache", {})
+        set_(self, "_needs_json", {})
+
+    def get(self, name: str) -> Route | None:
+        return self._by_name.get(name)
+
+    def matching(self, topic: str) -> tuple[Route, ...]:
+        """Routes whose filters match ``topic``, in file order; memoised per topic (bounded)."""
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        found = self._trie.match(topic)
+        if len(self._cache) >= _TOPIC_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[topic] = found
+        return found
+
+    def route(self, message: Message) -> list[Outcome]:
+        """Every outcome for ``message``: one per matching route, in file order."""
+        routes = self.matching(message.topic)
+        if not routes:
+            return []
+        CONTEXT.set(message.topic, message.received_ms)
+        document = _NOT_PARSED
+        outcomes: list[Outcome] = []
+        for route in routes:
+            if route.format == "json":
+                if document is _NOT_PARSED:
+                    document = _decode(message.payload)
+                outcomes.append(route.apply(message, document))
+            else:
+                outcomes.append(route.apply(message, None))
+        return outcomes
+
+    @classmethod
+    def legacy(cls, topic: str, stream: str, partition_key: str | None, qos: int) -> RouteTable:
+        """The one route of the Go bridge's ``.env``: TOPIC → KIN_STREAM_NAME, a static key."""
+        key = partition_key or topic
+        literal = compile_expression("`" + json.dumps(key).replace("`", "\\`") + "`")
+        route = Route(name="legacy", filters=(topic,), stream=stream, partition_key=literal,
+                      qos=min(qos, 1), format="raw")
+        digest = hashlib.sha256(f"{topic}\0{stream}\0{key}\0{qos}".encode()).hexdigest()
+        return cls(routes=(route,), digest=digest, source=None)
