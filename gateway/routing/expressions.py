@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid as _uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -204,7 +205,9 @@ def compile_expression(source: str) -> Expression:
     if not isinstance(source, str) or not source.strip():
         raise ExpressionError("an expression must be a non-empty string", 0)
     try:
-        compiled = jmespath.compile(source)
+        with warnings.catch_warnings():  # `bare` literals are deprecated but still JMESPath
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            compiled = jmespath.compile(source)
     except jmespath_errors.LexerError as error:
         raise ExpressionError(f"invalid JMESPath: {error.message}", error.lexer_position) from None
     except jmespath_errors.ParseError as error:

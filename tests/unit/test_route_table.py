@@ -1,0 +1,107 @@
+"""The routing core: one record per matching route, one parse per message, reasons for rejections."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import orjson
+import pytest
+
+from gateway.routing import table as table_module
+from gateway.routing.expressions import compile_expression as expr
+from gateway.routing.table import Message, Record, Rejected, Route, RouteTable, Skipped
+
+SEED = (b'{"name": "device123", "model": "welder", "status": "running", "sensor_1": 24.5, '
+        b'"sensor_2": 98.3, "sensor_3": 16.1, "sensor_4": 0.9, "sensor_5": 5.5, "sensor_6": 100.32}')
+
+
+def message(topic: str = "factory/line1/welder/w7", payload: bytes = SEED) -> Message:
+    return Message(topic, payload, 1, 1700000000000)
+
+
+def table(*routes: Route) -> RouteTable:
+    return RouteTable(routes)
+
+
+def test_seed_payload_keyed_by_name_keeps_the_payload_bytes() -> None:
+    t = table(Route("welders", ("factory/+/welder/#",), "welder-telemetry", expr("name")))
+    (record,) = t.route(message())
+    assert record == Record("welders", "welder-telemetry", "device123", SEED, None, len(SEED) + 9)
+
+
+def test_a_message_matching_k_routes_yields_k_records_from_one_parse() -> None:
+    t = table(
+        Route("a", ("factory/#",), "s1", expr("name")),
+        Route("b", ("factory/+/welder/+",), "s2", expr("topic(`3`)")),
+        Route("c", ("other/#",), "s3", expr("name")),
+    )
+    with mock.patch.object(table_module.orjson, "loads", wraps=orjson.loads) as loads:
+        outcomes = t.route(message())
+    assert [o.route for o in outcomes] == ["a", "b"]
+    assert outcomes[1].partition_key == "welder"
+    assert loads.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("key_expression", "payload", "reason"),
+    [
+        ("missing", SEED, "null"),
+        ("`\"\"`", SEED, "empty"),
+        ("@", SEED, "an object"),
+        ("keys(@)", SEED, "an array"),
+        ("name", b'{"name": "' + b"k" * 257 + b'"}', "257 characters"),
+        ("name", b"not json", "not valid UTF-8 JSON"),
+        ("name", b'{"name": "\xff"}', "not valid UTF-8 JSON"),
+    ],
+)
+def test_unusable_partition_keys_are_rejected_with_the_reason(key_expression: str, payload: bytes, reason: str) -> None:
+    t = table(Route("r", ("#",), "s", expr(key_expression)))
+    (outcome,) = t.route(message(payload=payload))
+    assert isinstance(outcome, Rejected) and reason in outcome.reason
+
+
+def test_numbers_and_booleans_become_their_json_text() -> None:
+    t = table(Route("n", ("#",), "s", expr("sensor_1")), Route("b", ("#",), "s", expr("`true`")))
+    assert [o.partition_key for o in t.route(message())] == ["24.5", "true"]
+
+
+def test_a_256_character_key_is_accepted() -> None:
+    t = table(Route("r", ("#",), "s", expr("name")))
+    (outcome,) = t.route(message(payload=b'{"name": "' + b"k" * 256 + b'"}'))
+    assert isinstance(outcome, Record)
+
+
+def test_filter_skips_and_transform_writes_compact_json() -> None:
+    t = table(
+        Route("hot", ("#",), "s", expr("name"), filter=expr("sensor_2 > `99`")),
+        Route("slim", ("#",), "s", expr("name"), transform=expr("{name: name, t: sensor_1}"), append_newline=True),
+    )
+    skipped, record = t.route(message())
+    assert skipped == Skipped("hot")
+    assert record.data == b'{"name":"device123","t":24.5}\n'
+
+
+def test_raw_routes_never_parse_the_payload() -> None:
+    t = table(Route("raw", ("#",), "s", expr("topic(`1`)"), format="raw"))
+    with mock.patch.object(table_module.orjson, "loads") as loads:
+        (record,) = t.route(message(payload=b"\xff\xfe binary"))
+    assert record.data == b"\xff\xfe binary" and loads.call_count == 0
+
+
+@pytest.mark.parametrize(("value", "ok"), [("0", True), (str(2**128 - 1), True), (str(2**128), False),
+                                           ("-1", False), ("01", False), ("1.5", False)])
+def test_explicit_hash_key_must_be_a_decimal_in_range(value: str, ok: bool) -> None:
+    t = table(Route("r", ("#",), "s", expr("name"), explicit_hash_key=expr(f"'{value}'")))
+    (outcome,) = t.route(message())
+    assert isinstance(outcome, Record) is ok
+
+
+def test_legacy_table_is_the_seed_route_with_a_static_key() -> None:
+    t = RouteTable.legacy("homeassistant/sensor/#", "kinesis-data-stream", "sensor-data", 0)
+    (record,) = t.route(message("homeassistant/sensor/t", b"anything"))
+    assert (record.stream, record.partition_key, record.data) == ("kinesis-data-stream", "sensor-data", b"anything")
+    assert t.subscriptions == (("homeassistant/sensor/#", 0),)
+
+
+def test_unmatched_topics_yield_nothing() -> None:
+    assert table(Route("r", ("a/#",), "s", expr("name"))).route(message("b/c")) == []

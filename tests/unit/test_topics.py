@@ -1,0 +1,87 @@
+"""Topic matching agrees with paho-mqtt, and the minimal subscription set loses no topic."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
+
+from gateway.routing.topics import TopicTrie, covers, filter_error, minimal_subscriptions
+
+LEVELS = st.sampled_from(["a", "b", "c", "$SYS", "", "x y", "ü"])
+TOPICS = st.lists(LEVELS, min_size=1, max_size=5).map("/".join)
+FILTER_LEVELS = st.sampled_from(["a", "b", "c", "$SYS", "", "+"])
+
+
+@st.composite
+def filters(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(FILTER_LEVELS, min_size=1, max_size=5))
+    if draw(st.booleans()):
+        levels.append("#")
+    return "/".join(levels)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "problem"),
+    [
+        ("a/#/b", "last level"),
+        ("a/b#", "whole level"),
+        ("a/+b", "whole level"),
+        ("", "non-empty"),
+        ("$share/group/a", "MQTT_SHARE_GROUP"),
+    ],
+)
+def test_invalid_filters_are_explained(topic_filter: str, problem: str) -> None:
+    message = filter_error(topic_filter)
+    assert message is not None and problem in message
+
+
+@pytest.mark.parametrize("topic_filter", ["#", "+", "a/+/b/#", "/", "a//b", "$SYS/#", "+/+"])
+def test_valid_filters_pass(topic_filter: str) -> None:
+    assert filter_error(topic_filter) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(filters(), min_size=1, max_size=6, unique=True), TOPICS)
+def test_trie_agrees_with_paho_topic_matches_sub(filter_list: list[str], topic: str) -> None:
+    trie = TopicTrie((f, f) for f in filter_list)
+    expected = tuple(f for f in filter_list if topic_matches_sub(f, topic))
+    assert trie.match(topic) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(filters(), filters(), TOPICS)
+def test_covers_implies_every_topic_of_the_narrow_filter_matches_the_broad_one(
+    broad: str, narrow: str, topic: str
+) -> None:
+    if covers(broad, narrow) and topic_matches_sub(narrow, topic):
+        assert topic_matches_sub(broad, topic)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(filters(), st.sampled_from([0, 1])), min_size=1, max_size=8), TOPICS)
+def test_minimal_subscription_set_receives_every_topic_at_the_highest_qos(
+    wanted: list[tuple[str, int]], topic: str
+) -> None:
+    minimal = minimal_subscriptions(wanted)
+    needed = [qos for f, qos in wanted if topic_matches_sub(f, topic)]
+    granted = [qos for f, qos in minimal if topic_matches_sub(f, topic)]
+    if needed:
+        assert granted, f"{topic} is lost by {minimal}"
+        assert max(granted) >= max(needed)
+    assert {f for f, _ in minimal} <= {f for f, _ in wanted}
+
+
+def test_covered_filter_is_not_subscribed_separately() -> None:
+    assert minimal_subscriptions([("a/#", 1), ("a/+/x", 1), ("b/c", 0)]) == (("a/#", 1), ("b/c", 0))
+
+
+def test_broad_filter_takes_the_qos_of_a_narrower_qos1_route() -> None:
+    assert minimal_subscriptions([("a/#", 0), ("a/b", 1)]) == (("a/#", 1),)
+
+
+def test_dollar_topics_are_not_matched_by_leading_wildcards() -> None:
+    trie = TopicTrie([("#", "all"), ("+/x", "plus"), ("$SYS/#", "sys")])
+    assert trie.match("$SYS/x") == ("sys",)
+    assert minimal_subscriptions([("#", 1), ("$SYS/#", 1)]) == (("#", 1), ("$SYS/#", 1))
