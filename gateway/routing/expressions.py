@@ -22,7 +22,7 @@ import time
 import uuid as _uuid
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jmespath
 from jmespath import exceptions as jmespath_errors
@@ -34,10 +34,12 @@ __all__ = ["Expression", "ExpressionError", "compile_expression", "EvalContext",
 class ExpressionError(ValueError):
     """A route expression that cannot be compiled; ``offset`` is the 0-based character, if known."""
 
-    def __init__(self, message: str, offset: int | None = None) -> None:
+    def __init__(self, message: str, offset: int | None = None,
+                 kind: Literal["syntax", "function"] = "syntax") -> None:
         super().__init__(message)
         self.message = message
         self.offset = offset
+        self.kind = kind
 
 
 class EvalContext(threading.local):
@@ -109,23 +111,33 @@ def _walk(node: dict[str, Any]):  # type: ignore[no-untyped-def]
             yield from _walk(child)
 
 
+def _nth_call(source: str, name: str, n: int) -> int | None:
+    """Offset of the n-th (0-based) ``name(`` in ``source``: the AST carries no positions, and a
+    pre-order walk meets calls in the order they are written."""
+    offset = -1
+    for _ in range(n + 1):
+        offset = source.find(name + "(", offset + 1)
+        if offset < 0:
+            return None
+    return offset
+
+
 def _check_functions(source: str, parsed: dict[str, Any]) -> None:
+    seen: dict[str, int] = {}
     for node in _walk(parsed):
         if node.get("type") != "function_expression":
             continue
         name, count = node["value"], len(node.get("children", ()))
+        offset = _nth_call(source, name, seen.get(name, 0))
+        seen[name] = seen.get(name, 0) + 1
         arity = _arity(name)
-        offset = source.find(name + "(")
         if arity is None:
             known = ", ".join(sorted(set(_BUILTIN_TABLE) | set(GATEWAY_FUNCTIONS)))
-            raise ExpressionError(f"unknown function {name}() (known: {known})", offset if offset >= 0 else None)
+            raise ExpressionError(f"unknown function {name}() (known: {known})", offset, "function")
         low, high = arity
         if count < low or (high is not None and count > high):
             expected = f"{low}" if low == high else f"{low} to {high}" if high is not None else f"at least {low}"
-            raise ExpressionError(
-                f"function {name}() takes {expected} argument(s), got {count}",
-                offset if offset >= 0 else None,
-            )
+            raise ExpressionError(f"function {name}() takes {expected} argument(s), got {count}", offset, "function")
 
 
 def _field_path(parsed: dict[str, Any]) -> tuple[str, ...] | None:

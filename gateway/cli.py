@@ -1,0 +1,318 @@
+"""The ``mqtt-kinesis-gateway`` command line.
+
+Exit codes (the Ruff/ty/SQLFluff convention, so CI can tell a bad file from a broken run):
+  0  valid / every case passed / at least one record would be written
+  1  findings / a case failed / no record would be written
+  2  usage error, unreadable input, invalid route file for explain/test, or an internal error
+
+No input produces a traceback: anything unexpected is caught at the top and printed on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TextIO
+
+from gateway import __version__
+from gateway.config.findings import REPORTERS, FileReport, report_text
+from gateway.config.loader import LoadResult, load_routes, read_yaml
+from gateway.routing.table import Message, Outcome, Record, Rejected, RouteTable
+
+__all__ = ["main", "build_parser"]
+
+PROG = "mqtt-kinesis-gateway"
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+
+class _UsageError(Exception):
+    """Bad input that is the user's to fix: one line on stderr, exit 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Stream MQTT messages into Amazon Kinesis Data Streams, routed by a validated YAML route file.",
+        epilog="Exit codes: 0 ok, 1 findings or failures, 2 usage error, unreadable input or internal error.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    validate = commands.add_parser("validate", help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
+    validate.add_argument("files", nargs="+", metavar="FILE", help="route files to check")
+    validate.add_argument("--format", choices=sorted(REPORTERS), default="text",
+                          help="text: path:line:col: message [rule]; json: one object; github: annotations")
+    validate.set_defaults(handler=_cmd_validate)
+
+    explain = commands.add_parser("explain", help="dry-run one message through the route table, print the records")
+    explain.add_argument("routes", metavar="ROUTES", help="route file")
+    explain.add_argument("--topic", required=True, help="topic of the message (no wildcards)")
+    payload = explain.add_mutually_exclusive_group(required=True)
+    payload.add_argument("--payload", help="payload text (UTF-8)")
+    payload.add_argument("--payload-file", metavar="PATH", help="file holding the payload bytes")
+    explain.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS the message arrives with (default 1)")
+    explain.set_defaults(handler=_cmd_explain)
+
+    test = commands.add_parser("test", help="run a YAML file of routing cases against a route file")
+    test.add_argument("routes", metavar="ROUTES", help="route file")
+    test.add_argument("cases", metavar="CASES", help="YAML file: cases: [{name, topic, payload, expect: [...]}]")
+    test.set_defaults(handler=_cmd_test)
+
+    schema = commands.add_parser("schema", help="print the route file JSON Schema")
+    schema.set_defaults(handler=_cmd_schema)
+
+    run = commands.add_parser("run", help="run the gateway")
+    run.add_argument("--routes", metavar="FILE", help="route file (default: GATEWAY_ROUTES, else the legacy .env route)")
+    run.add_argument("--env-file", metavar="FILE", help="read settings from this .env file")
+    run.add_argument("--workers", type=int, metavar="N", help="worker processes (default: GATEWAY_WORKERS or 1)")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+# --- validate ---------------------------------------------------------------------------------
+
+
+def _cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    reports: list[FileReport] = []
+    unreadable = False
+    for name in args.files:
+        result = load_routes(name)
+        unreadable |= any(f.rule == "unreadable" for f in result.findings)
+        routes = len(result.table.routes) if result.table is not None else None
+        reports.append(FileReport(name, result.findings, routes))
+    REPORTERS[args.format](reports, out, err)
+    if unreadable:
+        return EXIT_USAGE
+    return EXIT_OK if all(r.valid for r in reports) else EXIT_FINDINGS
+
+
+# --- explain and test: the same RouteTable.route the gateway runs -----------------------------
+
+
+def _load_table(path: str, err: TextIO) -> RouteTable:
+    result: LoadResult = load_routes(path)
+    if result.table is None:
+        report_text([FileReport(path, result.findings)], err, err)
+        raise _UsageError(f"{path}: the route file is not valid")
+    return result.table
+
+
+def _outcome_json(outcome: Outcome) -> dict[str, Any]:
+    if isinstance(outcome, Record):
+        item: dict[str, Any] = {"route": outcome.route, "stream": outcome.stream, "partition_key": outcome.partition_key}
+        if outcome.explicit_hash_key is not None:
+            item["explicit_hash_key"] = outcome.explicit_hash_key
+        try:
+            item["data"] = outcome.data.decode("utf-8")
+        except UnicodeDecodeError:
+            item["data_base64"] = base64.b64encode(outcome.data).decode("ascii")
+        return item
+    if isinstance(outcome, Rejected):
+        return {"route": outcome.route, "rejected": outcome.reason}
+    return {"route": outcome.route, "skipped": outcome.reason}
+
+
+def _topic_problem(topic: str) -> str | None:
+    if not topic:
+        return "the topic must not be empty"
+    if "+" in topic or "#" in topic:
+        return "the topic of a message has no wildcards ('+', '#')"
+    if "\x00" in topic:
+        return "the topic must not contain the null character"
+    return None
+
+
+def _message(topic: str, payload: bytes, qos: int) -> Message:
+    problem = _topic_problem(topic)
+    if problem is not None:
+        raise _UsageError(f"topic {topic!r}: {problem}")
+    return Message(topic=topic, payload=payload, qos=qos, received_ms=int(time.time() * 1000))
+
+
+def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.payload_file is not None:
+        try:
+            with open(args.payload_file, "rb") as handle:
+                payload = handle.read()
+        except OSError as exc:
+            raise _UsageError(f"{args.payload_file}: cannot read the payload: {exc.strerror or exc}") from None
+    else:
+        payload = args.payload.encode("utf-8", "surrogateescape")
+    message = _message(args.topic, payload, args.qos)
+    table = _load_table(args.routes, err)
+    outcomes = table.route(message)
+    for outcome in outcomes:
+        out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
+    if not outcomes:
+        err.write(f"no route matches topic {args.topic!r}\n")
+    return EXIT_OK if any(isinstance(o, Record) for o in outcomes) else EXIT_FINDINGS
+
+
+@dataclass(frozen=True, slots=True)
+class _Case:
+    name: str
+    topic: str
+    payload: bytes
+    expect: tuple[dict[str, Any], ...]
+
+
+_EXPECT_KEYS = {"route", "stream", "partition_key", "explicit_hash_key", "data", "rejected", "skipped"}
+
+
+def _parse_cases(data: Any) -> list[_Case]:
+    """The cases file shape; raises _UsageError naming the first bad case."""
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise _UsageError("expected a mapping with a list under 'cases'")
+    parsed: list[_Case] = []
+    for index, item in enumerate(data["cases"]):
+        where = f"cases[{index}]"
+        if not isinstance(item, dict):
+            raise _UsageError(f"{where}: expected a mapping with name, topic, payload, expect")
+        unknown = set(item) - {"name", "topic", "payload", "expect"}
+        if unknown:
+            raise _UsageError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+        name, topic, payload, expect = (item.get(k) for k in ("name", "topic", "payload", "expect"))
+        if not isinstance(topic, str):
+            raise _UsageError(f"{where}.topic: expected a string")
+        if payload is None and "payload" not in item:
+            raise _UsageError(f"{where}.payload: missing (a string, or a mapping written as JSON)")
+        body = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else \
+            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        if not isinstance(expect, list) or not all(isinstance(e, dict) for e in expect):
+            raise _UsageError(f"{where}.expect: expected a list of mappings")
+        for number, entry in enumerate(expect):
+            bad = set(entry) - _EXPECT_KEYS
+            if bad or not isinstance(entry.get("route"), str):
+                problem = f"unknown key {sorted(bad)[0]!r}" if bad else "'route' (a string) is required"
+                raise _UsageError(f"{where}.expect[{number}]: {problem}")
+        label = name if isinstance(name, str) and name else f"case {index + 1}"
+        parsed.append(_Case(label, topic, body, tuple(expect)))
+    return parsed
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _data_matches(expected: Any, item: dict[str, Any]) -> bool:
+    actual = item.get("data")
+    if isinstance(expected, str):
+        return actual == expected
+    if actual is None:
+        return False
+    try:
+        return bool(json.loads(actual) == expected)
+    except ValueError:
+        return False
+
+
+def _compare(case: _Case, actual: list[dict[str, Any]]) -> list[str]:
+    """Diff-like lines (``- expected`` / ``+ actual``); empty when the case passes."""
+    lines: list[str] = []
+    by_route = {item["route"]: item for item in actual}
+    for entry in case.expect:
+        route = entry["route"]
+        got = by_route.pop(route, None)
+        if got is None:
+            lines += [f"- {route}: {_show(entry)}", f"+ {route}: (no outcome: the route did not match)"]
+            continue
+        if "rejected" in entry or "skipped" in entry:
+            kind = "rejected" if "rejected" in entry else "skipped"
+            ok = kind in got and str(entry[kind]) in str(got[kind])
+            if not ok:
+                lines += [f"- {route}: {_show({kind: entry[kind]})}", f"+ {route}: {_show(got)}"]
+            continue
+        if "stream" not in got:
+            lines += [f"- {route}: a record", f"+ {route}: {_show(got)}"]
+            continue
+        for key in ("stream", "partition_key", "explicit_hash_key", "data"):
+            if key not in entry:
+                continue
+            same = _data_matches(entry[key], got) if key == "data" else got.get(key) == entry[key]
+            if not same:
+                shown = got.get(key, got.get("data_base64") if key == "data" else None)
+                lines += [f"- {route}.{key}: {_show(entry[key])}", f"+ {route}.{key}: {_show(shown)}"]
+    for route, got in by_route.items():
+        if "skipped" not in got:
+            lines += [f"- {route}: (not expected)", f"+ {route}: {_show(got)}"]
+    return lines
+
+
+def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    table = _load_table(args.routes, err)
+    try:
+        with open(args.cases, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _UsageError(f"{args.cases}: cannot read the cases: {getattr(exc, 'strerror', None) or exc}") from None
+    doc = read_yaml(text, args.cases)
+    if doc.findings:
+        report_text([FileReport(args.cases, doc.findings)], err, err)
+        raise _UsageError(f"{args.cases}: the cases file is not valid YAML")
+    try:
+        parsed = _parse_cases(doc.data)
+    except _UsageError as exc:
+        raise _UsageError(f"{args.cases}: {exc}") from None
+    failed = 0
+    for case in parsed:
+        try:
+            message = _message(case.topic, case.payload, 1)
+        except _UsageError as exc:
+            raise _UsageError(f"{args.cases}: case {case.name!r}: {exc}") from None
+        outcomes = table.route(message)
+        problems = _compare(case, [_outcome_json(o) for o in outcomes])
+        if problems:
+            failed += 1
+            out.write(f"FAIL {case.name}\n")
+            for line in problems:
+                out.write(f"  {line}\n")
+        else:
+            out.write(f"PASS {case.name}\n")
+    err.write(f"{len(parsed) - failed} passed, {failed} failed\n")
+    return EXIT_FINDINGS if failed else EXIT_OK
+
+
+# --- schema and run ---------------------------------------------------------------------------
+
+
+def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    out.write(resources.files("gateway.config").joinpath("routes.schema.json").read_text(encoding="utf-8"))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from gateway.app import run  # lazy: boto3 and paho are imported only to run
+
+    return int(run(args) or 0)
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (never raises, never prints a traceback)."""
+    out, err = sys.stdout, sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return int(args.handler(args, out, err))
+    except _UsageError as exc:
+        err.write(f"{PROG}: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.write(f"{PROG}: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - the promise is: one line, never a traceback
+        err.write(f"{PROG}: internal error: {type(exc).__name__}: {exc}\n".replace("\n", " ").rstrip() + "\n")
+        return EXIT_USAGE

@@ -1,0 +1,512 @@
+"""Process settings from the environment and an optional ``.env`` file.
+
+Every tunable has one documented name, a default and a single-line error when it is wrong. The Go
+bridge's names (``BROKER``, ``PORT``, ``TOPIC``, ``KIN_STREAM_NAME``...) stay accepted as aliases
+so its users' ``.env`` files keep working, leading spaces included.
+
+Precedence: the process environment wins over the ``.env`` file, and a documented name wins over
+its seed alias. The exception is ``USER``/``PASS``: ``USER`` is the login name in every shell, so
+the pair is read only from the ``.env`` file, and an empty value there means "no credentials".
+
+This module never mutates ``os.environ``: AWS variables that only the ``.env`` file carries are
+returned in ``Settings.aws_env_overrides`` for the app to export before it creates a boto3 client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple, cast
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+__all__ = [
+    "HttpSettings", "KinesisSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
+    "ReloadSettings", "Settings", "SettingsError", "find_env_file", "load_settings",
+]
+
+FILE_ONLY = frozenset({"USER", "PASS"})
+"""Seed names honoured only from the ``.env`` file: in a shell ``USER`` is the login name."""
+
+_MIB = 1024 * 1024
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_STREAM_ARN = re.compile(r"arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}")
+_ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/\S+")
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}")
+_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^/]+:\d+")
+_SCHEMES = {  # scheme -> (transport, tls)
+    "tcp": ("tcp", False), "mqtt": ("tcp", False),
+    "ssl": ("tcp", True), "tls": ("tcp", True), "mqtts": ("tcp", True),
+    "ws": ("websockets", False), "wss": ("websockets", True),
+}
+_Transport = Literal["tcp", "websockets"]
+_Protocol = Literal["5", "3.1.1"]
+_LogFormat = Literal["auto", "json", "text"]
+_ReloadMode = Literal["inotify", "polling", "off"]
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message is one line naming the variable (and file)."""
+
+
+class LegacyRoute(NamedTuple):
+    """The seed's single route: ``RouteTable.legacy(*settings.legacy_route)``."""
+
+    topic: str
+    stream: str
+    partition_key: str | None  # static key (KIN_PARTITION_KEY); None: the message's topic
+    qos: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttSettings:
+    """Field names match ``MqttConfig`` of the MQTT source one to one."""
+
+    host: str
+    port: int
+    transport: _Transport
+    ws_path: str
+    protocol: _Protocol
+    client_id: str
+    username: str | None
+    password: str | None = field(repr=False)
+    keepalive_s: int
+    session_expiry_s: int
+    receive_maximum: int
+    persistent: bool | None  # None: decided by the route table (persistent when any route is QoS 1)
+    share_group: str | None
+    tls: bool
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    tls_insecure: bool
+    reconnect_min_s: float
+    reconnect_max_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class KinesisSettings:
+    max_in_flight: int
+    linger_s: float
+    batch_records: int
+    batch_bytes: int
+    max_record_bytes: int
+    retry_base_s: float
+    retry_cap_s: float
+    record_ttl_s: float  # 0: retry retryable errors forever
+    region: str | None
+    assume_role_arn: str | None
+    session_name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    host: str
+    port: int  # 0: no HTTP listener
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    format: _LogFormat
+    level: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReloadSettings:
+    mode: _ReloadMode
+    debounce_s: float
+    rescan_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    routes_file: str | None
+    legacy_route: LegacyRoute | None
+    mqtt: MqttSettings
+    kinesis: KinesisSettings
+    http: HttpSettings
+    logging: LoggingSettings
+    reload: ReloadSettings
+    backlog: int
+    workers: int
+    shutdown_timeout_s: float
+    stdout: bool
+    env_file: str | None
+    aws_env_overrides: Mapping[str, str] = field(repr=False, compare=False, hash=False)
+    secret_values: tuple[str, ...] = field(repr=False, compare=False)
+    """MQTT password, AWS secret key and session token: register them with the log redaction."""
+
+
+def find_env_file(environ: Mapping[str, str] | None = None) -> str | None:
+    """The ``.env`` file to read: ``GATEWAY_ENV_FILE``, else ``./.env`` if present (as the seed)."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("GATEWAY_ENV_FILE", "").strip()
+    if explicit:
+        return explicit
+    return ".env" if os.path.isfile(".env") else None
+
+
+class _Value(NamedTuple):
+    name: str
+    text: str
+    origin: str | None  # "path:line" when the value came from the .env file
+
+
+class _Source:
+    """Looks names up (environment over file) and turns bad values into single-line errors."""
+
+    def __init__(self, environ: Mapping[str, str], file_values: Mapping[str, str | None],
+                 lines: Mapping[str, int], path: str | None) -> None:
+        self._env, self._file, self._lines, self._path = environ, file_values, lines, path
+
+    def get(self, *names: str) -> _Value | None:
+        """First name, in priority order, with a non-empty value."""
+        for name in names:
+            if name not in FILE_ONLY:
+                text = self._env.get(name)
+                if text is not None and text.strip():
+                    return _Value(name, text, None)
+            text = self._file.get(name)
+            if text is not None and text.strip():
+                return _Value(name, text, f"{self._path}:{self._lines.get(name, 1)}")
+        return None
+
+    @staticmethod
+    def error(value: _Value, reason: str, show: bool = True) -> SettingsError:
+        where = f"{value.origin}: " if value.origin else ""
+        got = f", got {value.text.strip()!r}" if show else ""
+        hint = ""
+        if show and _SERVICE_LINK.fullmatch(value.text.strip()):
+            hint = (" (this looks like a Kubernetes service link variable; set"
+                    " enableServiceLinks: false or set the variable explicitly)")
+        return SettingsError(f"{where}{value.name}: {reason}{got}{hint}")
+
+    def text(self, *names: str, default: str | None = None) -> str | None:
+        value = self.get(*names)
+        return value.text.strip() if value else default
+
+    def integer(self, *names: str, default: int, lo: int, hi: int) -> int:
+        value = self.get(*names)
+        if value is None:
+            return default
+        try:
+            number = int(value.text.strip(), 10)
+        except ValueError:
+            number = lo - 1
+        if not lo <= number <= hi:
+            raise self.error(value, f"expected an integer {lo}-{hi}")
+        return number
+
+    def number(self, *names: str, default: float, lo: float, scale: float = 1.0,
+               unit: str = "seconds") -> float:
+        value = self.get(*names)
+        if value is None:
+            return default * scale
+        try:
+            number = float(value.text.strip())
+        except ValueError:
+            number = float("nan")
+        if not lo <= number < float("inf"):  # also rejects nan
+            raise self.error(value, f"expected a number of {unit} of at least {lo:g}")
+        return number * scale
+
+    def millis(self, name: str, default: float, lo: float) -> float:
+        return self.number(name, default=default, lo=lo, scale=1e-3, unit="milliseconds")
+
+    def boolean(self, *names: str, default: bool) -> bool:
+        value = self.get(*names)
+        if value is None:
+            return default
+        word = value.text.strip().lower()
+        if word in _TRUE or word in _FALSE:
+            return word in _TRUE
+        raise self.error(value, "expected true or false")
+
+    def choice(self, name: str, default: str, choices: Mapping[str, str]) -> str:
+        value = self.get(name)
+        if value is None:
+            return default
+        word = value.text.strip().lower()
+        if word not in choices:
+            raise self.error(value, "expected one of " + ", ".join(dict.fromkeys(choices.values())))
+        return choices[word]
+
+    def secret(self, name: str, seed: str) -> str | None:
+        """NAME, else NAME_FILE (a mounted secret), else the seed name from the .env file."""
+        direct, from_file = self.get(name), self.get(name + "_FILE")
+        if direct and from_file:
+            raise self.error(direct, f"both {name} and {name}_FILE are set; use one", show=False)
+        if direct:
+            return direct.text
+        if from_file:
+            path = from_file.text.strip()
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise self.error(from_file, f"cannot read {path!r}: {reason}", show=False) from None
+            text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+            return text or None
+        return self._file.get(seed) or None  # seed USER/PASS: .env only; empty = no credentials
+
+    def path(self, name: str) -> str | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if not os.path.isfile(value.text.strip()):
+            raise self.error(value, "no such file")
+        return value.text.strip()
+
+
+def _words(text: str) -> dict[str, str]:
+    return {word: word for word in text.split()}
+
+
+def _read_env_file(path: str) -> tuple[dict[str, str | None], dict[str, int]]:
+    """Values and line numbers; a line python-dotenv cannot parse is an error, not a warning."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM from editors
+            bindings = list(parse_stream(handle))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SettingsError(f"{path}: cannot read the .env file: {reason}") from None
+    lines: dict[str, int] = {}
+    for binding in bindings:
+        if binding.error:  # the line is not echoed: it may hold a password
+            raise SettingsError(f"{path}:{binding.original.line}: cannot parse this line"
+                                " (expected NAME=value)")
+        if binding.key is not None:
+            lines[binding.key] = binding.original.line
+    values = dotenv_values(path, interpolate=False, encoding="utf-8-sig")
+    return values, lines
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  env_file: str | os.PathLike[str] | None = None) -> Settings:
+    """Build the settings once at startup; every problem is a single-line ``SettingsError``."""
+    environ = os.environ if environ is None else environ
+    path = os.fspath(env_file) if env_file is not None else None
+    values, lines = _read_env_file(path) if path is not None else ({}, {})
+    src = _Source(environ, values, lines, path)
+
+    mqtt = _mqtt(src)
+    routes_file = src.text("GATEWAY_ROUTES")
+    legacy = None if routes_file else _legacy_route(src)
+    if legacy is not None:
+        mqtt = replace(mqtt, persistent=legacy.qos >= 1)
+    kinesis = _kinesis(src)
+    return Settings(
+        routes_file=routes_file,
+        legacy_route=legacy,
+        mqtt=mqtt,
+        kinesis=kinesis,
+        http=HttpSettings(host=src.text("HTTP_HOST", default="0.0.0.0") or "0.0.0.0",
+                          port=src.integer("HTTP_PORT", default=8081, lo=0, hi=65535)),
+        logging=LoggingSettings(
+            format=cast(_LogFormat, src.choice("LOG_FORMAT", "auto", _words("auto json text"))),
+            level=src.choice("LOG_LEVEL", "INFO", {
+                "debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING",
+                "error": "ERROR", "critical": "CRITICAL"})),
+        reload=ReloadSettings(
+            mode=cast(_ReloadMode, src.choice("GATEWAY_RELOAD", "inotify",
+                                              _words("inotify polling off"))),
+            debounce_s=src.millis("GATEWAY_RELOAD_DEBOUNCE_MS", default=200, lo=0),
+            rescan_s=src.number("GATEWAY_RELOAD_RESCAN_S", default=30, lo=0)),
+        backlog=src.integer("GATEWAY_BACKLOG", "BACKLOG_COUNT", default=20000, lo=1, hi=10_000_000),
+        workers=src.integer("GATEWAY_WORKERS", default=1, lo=1, hi=64),
+        shutdown_timeout_s=src.number("GATEWAY_SHUTDOWN_TIMEOUT_S", default=20, lo=0),
+        stdout=src.boolean("STDOUT", default=False),
+        env_file=path,
+        aws_env_overrides=types.MappingProxyType(_aws_overrides(values, environ, kinesis)),
+        secret_values=tuple(v.text for v in (
+            src.get("AWS_SECRET_ACCESS_KEY"), src.get("AWS_SESSION_TOKEN")) if v)
+        + ((mqtt.password,) if mqtt.password else ()),
+    )
+
+
+def _mqtt(src: _Source) -> MqttSettings:
+    host_value = src.get("MQTT_HOST", "BROKER")
+    if host_value is None:
+        raise SettingsError("MQTT_HOST: not set (the broker host, or a URL such as"
+                            " mqtts://broker:8883; the seed name BROKER works too)")
+    host, url_port, scheme_transport, scheme_tls, url_path = _parse_broker(src, host_value)
+
+    transport_value = src.get("MQTT_TRANSPORT")
+    transport = src.choice("MQTT_TRANSPORT", scheme_transport or "tcp",
+                           {"tcp": "tcp", "websockets": "websockets", "ws": "websockets",
+                            "websocket": "websockets"})
+    if scheme_transport and transport_value and transport != scheme_transport:
+        raise src.error(transport_value, f"conflicts with the {host_value.name} URL scheme")
+    ca_file = src.path("MQTT_TLS_CA_FILE")
+    cert_file = src.path("MQTT_TLS_CERT_FILE")
+    key_file = src.path("MQTT_TLS_KEY_FILE")
+    if key_file and not cert_file:
+        raise SettingsError("MQTT_TLS_KEY_FILE: needs MQTT_TLS_CERT_FILE (the client certificate)")
+    tls_value = src.get("MQTT_TLS")
+    tls = src.boolean("MQTT_TLS", default=bool(scheme_tls or ca_file or cert_file))
+    if scheme_tls and tls_value and not tls:
+        raise src.error(tls_value, f"is false but the {host_value.name} URL scheme requires TLS")
+
+    if url_port is not None:
+        port = url_port
+    elif transport == "websockets":
+        port = src.integer("MQTT_PORT", "WEBSOCKET", default=443 if tls else 80, lo=1, hi=65535)
+    else:
+        port = src.integer("MQTT_PORT", "PORT", default=8883 if tls else 1883, lo=1, hi=65535)
+    ws_path = url_path or src.text("MQTT_WS_PATH", default="/mqtt") or "/mqtt"
+    if not ws_path.startswith("/"):
+        ws_path = "/" + ws_path
+
+    protocol = src.choice("MQTT_PROTOCOL", "5", {
+        "5": "5", "5.0": "5", "v5": "5", "mqttv5": "5",
+        "3.1.1": "3.1.1", "311": "3.1.1", "v311": "3.1.1", "mqttv311": "3.1.1", "4": "3.1.1"})
+    username = src.secret("MQTT_USERNAME", "USER")
+    password = src.secret("MQTT_PASSWORD", "PASS")
+    if password is not None and username is None and protocol == "3.1.1":
+        raise SettingsError("MQTT_PASSWORD: MQTT 3.1.1 does not allow a password without a"
+                            " username (set MQTT_USERNAME)")
+    share_value = src.get("MQTT_SHARE_GROUP")
+    if share_value and re.search(r"[/+#\s]", share_value.text.strip()):
+        raise src.error(share_value, "expected a group name without '/', '+', '#' or spaces")
+    reconnect_min = src.number("MQTT_RECONNECT_MIN_S", default=1, lo=0.01)
+    reconnect_max = src.number("MQTT_RECONNECT_MAX_S", default=30, lo=0.01)
+    if reconnect_max < reconnect_min:
+        raise SettingsError(f"MQTT_RECONNECT_MAX_S: {reconnect_max:g} is below"
+                            f" MQTT_RECONNECT_MIN_S {reconnect_min:g}")
+    return MqttSettings(
+        host=host, port=port, transport=cast(_Transport, transport), ws_path=ws_path,
+        protocol=cast(_Protocol, protocol),
+        client_id=src.text("MQTT_CLIENT_ID", "CLIENTID")
+        or f"mqtt-kinesis-gateway-{socket.gethostname()}",
+        username=username, password=password,
+        keepalive_s=src.integer("MQTT_KEEPALIVE_S", default=30, lo=1, hi=65535),
+        session_expiry_s=src.integer("MQTT_SESSION_EXPIRY_S", default=86400, lo=0, hi=2**32 - 1),
+        receive_maximum=src.integer("MQTT_RECEIVE_MAXIMUM", default=1000, lo=1, hi=65535),
+        persistent=None,
+        share_group=share_value.text.strip() if share_value else None,
+        tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        tls_insecure=src.boolean("MQTT_TLS_INSECURE", default=False),
+        reconnect_min_s=reconnect_min, reconnect_max_s=reconnect_max,
+    )
+
+
+def _parse_broker(src: _Source, value: _Value
+                  ) -> tuple[str, int | None, str | None, bool, str | None]:
+    """host, port, transport, tls, ws path of ``host``, ``host:port``, ``scheme://host[:port]``."""
+    text = value.text.strip()
+    scheme = None
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+        scheme = scheme.lower()
+        if scheme not in _SCHEMES:
+            raise src.error(value, "unknown scheme; expected tcp://, ssl://, mqtts://, ws://"
+                            " or wss://")
+    if "@" in text:  # never echo: the part before @ may be a password
+        raise src.error(value, "credentials in the URL are not supported; use MQTT_USERNAME and"
+                        " MQTT_PASSWORD", show=False)
+    if scheme is None and text.count(":") > 1 and not text.startswith("["):
+        return text, None, None, False, None  # a bare IPv6 address
+    try:
+        parts = urlsplit("//" + text)
+        port = parts.port
+    except ValueError:
+        raise src.error(value, "expected a host name with an optional :port (1-65535)") from None
+    if not parts.hostname or parts.query or parts.fragment:
+        raise src.error(value, "expected a host name with an optional :port")
+    transport, tls = _SCHEMES[scheme] if scheme else (None, False)
+    path = parts.path or None
+    if path and transport != "websockets":
+        raise src.error(value, "a path is only meaningful for ws:// and wss:// URLs")
+    return parts.hostname, port, transport, tls, path
+
+
+def _legacy_route(src: _Source) -> LegacyRoute:
+    topic_value, stream_value = src.get("TOPIC"), src.get("KIN_STREAM_NAME")
+    if topic_value is None or stream_value is None:
+        missing = " and ".join(name for name, value in (("TOPIC", topic_value),
+                                                        ("KIN_STREAM_NAME", stream_value))
+                               if value is None)
+        raise SettingsError(f"GATEWAY_ROUTES: not set, and the single-route settings are incomplete"
+                            f" ({missing} missing); set GATEWAY_ROUTES to a route file, or TOPIC"
+                            " and KIN_STREAM_NAME")
+    topic = topic_value.text.strip()
+    levels = topic.split("/")
+    bad = ("\0" in topic or len(topic.encode()) > 65535
+           or any(("#" in lv and (lv != "#" or i != len(levels) - 1)) or ("+" in lv and lv != "+")
+                  for i, lv in enumerate(levels)))
+    if bad:
+        raise src.error(topic_value, "not a valid MQTT topic filter ('+' and '#' must fill a level;"
+                        " '#' only last)")
+    stream = stream_value.text.strip()
+    if not (_STREAM_NAME.fullmatch(stream) or _STREAM_ARN.fullmatch(stream)):
+        raise src.error(stream_value, "expected a stream name (1-128 of A-Z a-z 0-9 _ . -) or a"
+                        " stream ARN")
+    key_value = src.get("KIN_PARTITION_KEY")
+    key = key_value.text.strip() if key_value else None
+    if key_value and len(key_value.text.strip()) > 256:
+        raise src.error(key_value, "a partition key is at most 256 characters", show=False)
+    qos = src.integer("QOS", default=0, lo=0, hi=2)
+    if qos == 2:
+        raise SettingsError("QOS: QoS 2 is not supported; use 0 or 1 (1 for at-least-once)")
+    return LegacyRoute(topic, stream, key, qos)
+
+
+def _kinesis(src: _Source) -> KinesisSettings:
+    batch_bytes = src.integer("KINESIS_BATCH_BYTES", default=5 * _MIB, lo=1, hi=10 * _MIB)
+    max_record = src.integer("KINESIS_MAX_RECORD_BYTES", default=_MIB, lo=1, hi=10 * _MIB)
+    if max_record > batch_bytes:
+        raise SettingsError(f"KINESIS_MAX_RECORD_BYTES: {max_record} exceeds KINESIS_BATCH_BYTES"
+                            f" {batch_bytes}")
+    retry_base = src.millis("KINESIS_RETRY_BASE_MS", default=100, lo=1)
+    retry_cap = src.millis("KINESIS_RETRY_CAP_MS", default=10000, lo=1)
+    if retry_cap < retry_base:
+        raise SettingsError("KINESIS_RETRY_CAP_MS: is below KINESIS_RETRY_BASE_MS")
+    role_value = src.get("AWS_ASSUME_ROLE_ARN")
+    if role_value and not _ROLE_ARN.fullmatch(role_value.text.strip()):
+        raise src.error(role_value, "expected a role ARN like arn:aws:iam::123456789012:role/name")
+    session_value = src.get("KIN_SESSION_NAME")
+    if session_value and not _SESSION_NAME.fullmatch(session_value.text.strip()):
+        raise src.error(session_value, "expected 2-64 of A-Z a-z 0-9 + = , . @ _ -")
+    return KinesisSettings(
+        max_in_flight=src.integer("KINESIS_MAX_IN_FLIGHT", "KIN_MAXCONN", default=4, lo=1, hi=256),
+        linger_s=src.millis("KINESIS_LINGER_MS", default=50, lo=0),
+        batch_records=src.integer("KINESIS_BATCH_RECORDS", default=500, lo=1, hi=500),
+        batch_bytes=batch_bytes, max_record_bytes=max_record,
+        retry_base_s=retry_base, retry_cap_s=retry_cap,
+        record_ttl_s=src.number("KINESIS_RECORD_TTL_S", default=0, lo=0),
+        region=src.text("AWS_REGION", "AWS_DEFAULT_REGION"),
+        assume_role_arn=role_value.text.strip() if role_value else None,
+        session_name=session_value.text.strip() if session_value else "mqtt-kinesis-gateway",
+    )
+
+
+def _aws_overrides(file_values: Mapping[str, str | None],
+                   environ: Mapping[str, str], kinesis: KinesisSettings) -> dict[str, str]:
+    """AWS_* variables only the .env file carries, for boto3 (which reads os.environ itself)."""
+    overrides = {name: text for name, text in file_values.items()
+                 if name.startswith("AWS_") and name != "AWS_ASSUME_ROLE_ARN"
+                 and text and not environ.get(name)}
+    # botocore reads the region from AWS_DEFAULT_REGION only; carry AWS_REGION over.
+    if kinesis.region and not environ.get("AWS_DEFAULT_REGION"):
+        overrides["AWS_DEFAULT_REGION"] = kinesis.region
+    key_id = environ.get("AWS_ACCESS_KEY_ID") or file_values.get("AWS_ACCESS_KEY_ID")
+    secret = environ.get("AWS_SECRET_ACCESS_KEY") or file_values.get("AWS_SECRET_ACCESS_KEY")
+    if bool(key_id) != bool(secret):
+        present, absent = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if key_id
+                           else ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+        raise SettingsError(f"{absent}: not set, but {present} is (set both, or neither to use"
+                            " the default credential chain)")
+    return overrides

@@ -1,0 +1,252 @@
+"""The per-message path: MQTT message → route table → Kinesis sink or dead letter → in-order ack.
+
+Invariant owned here: a message's ticket has one part per record made from it plus one per
+rejection, and each part is settled exactly once — when Kinesis holds the record, when the dead
+letter holds it, or when it is dropped with a counted, logged reason. Only then can the
+``AckTracker`` release the message's PUBACK. Nothing on this path blocks on the network.
+
+``intake`` runs on the MQTT network thread; ``settled`` runs on the sink's threads, in bulk.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from gateway.routing.table import Message, Record, Rejected, Route, RouteTable
+from gateway.sink.kinesis import PUT, Failed
+from gateway.source.acks import AckTracker, Ticket
+
+__all__ = ["Pipeline", "reason_code"]
+
+log = logging.getLogger(__name__)
+
+# A dead-letter envelope keeps at most this much of the payload, so that even the envelope of an
+# oversize message fits in one Kinesis record (1 MiB) after base64.
+_DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
+_LOG_EVERY_S = 10.0
+
+
+class ActiveTableReader(Protocol):
+    current: RouteTable
+
+
+class DeadLetterPublisher(Protocol):
+    def publish_dead_letter(self, topic: str, payload: bytes, done: Callable[[bool], None]) -> None: ...
+
+
+def reason_code(reason: str) -> str:
+    """A bounded label for a reason text (metrics must not grow with free text)."""
+    for fragment, code in _REASON_CODES:
+        if fragment in reason:
+            return code
+    return "other"
+
+
+_REASON_CODES = (
+    ("not valid UTF-8 JSON", "not_json"),
+    ("partition key is null", "key_missing"),
+    ("partition key is empty", "key_empty"),
+    ("partition key is an", "key_type"),
+    ("characters, over the limit", "key_too_long"),
+    ("explicit hash key", "hash_key"),
+    ("too large", "too_large"),
+    ("time budget", "ttl_exceeded"),
+    ("dead letter", "dead_letter_failed"),
+)
+
+
+class _Token:
+    """What travels with a record through the sink and comes back with its settlement."""
+
+    __slots__ = ("ticket", "message", "route", "is_dead_letter")
+
+    def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False) -> None:
+        self.ticket = ticket
+        self.message = message
+        self.route = route
+        self.is_dead_letter = is_dead_letter
+
+
+class _RateLimitedLog:
+    """One line per (route, reason) at most every few seconds, with how many were suppressed."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, route: str, code: str, text: str, **context: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get((route, code), (0.0, 0))
+            if now - last < _LOG_EVERY_S:
+                self._last[(route, code)] = (last, suppressed + 1)
+                return
+            self._last[(route, code)] = (now, 0)
+        more = f" ({suppressed} more like it since the last line)" if suppressed else ""
+        log.warning("%s%s", text, more, extra={"route": route, **context})
+
+
+class Pipeline:
+    """Wires one message through routing, the sink and the dead letters to its acknowledgement."""
+
+    def __init__(self, active: ActiveTableReader, sink: Any, acks: AckTracker, metrics: Any,
+                 backlog_capacity: int, dead_letter_mqtt: DeadLetterPublisher | None = None,
+                 echo: bool = False) -> None:
+        self._active = active
+        self._sink = sink
+        self._acks = acks
+        self._metrics = metrics
+        self.backlog_capacity = backlog_capacity
+        self._held = 0
+        self._held_lock = threading.Lock()
+        self._mqtt_dead_letter = dead_letter_mqtt
+        self._echo = echo
+        self._rate_limited = _RateLimitedLog()
+
+    @property
+    def held(self) -> int:
+        """Records (and dead letters) in memory, waiting for Kinesis."""
+        return self._held
+
+    def backlog_full(self) -> bool:
+        return self._held >= self.backlog_capacity
+
+    def set_dead_letter_publisher(self, publisher: DeadLetterPublisher) -> None:
+        self._mqtt_dead_letter = publisher
+
+    # -- MQTT network thread ------------------------------------------------------------------
+
+    def intake(self, message: Message, mid: int, qos: int) -> None:
+        """Route one message and hand its records to the sink; never blocks, never raises."""
+        if self._echo:
+            _echo(message)
+        table = self._active.current
+        outcomes = table.route(message)
+        metrics = self._metrics
+        if not outcomes:
+            metrics.unrouted(1)
+            self._acks.arrived(mid, qos, 0, message.received_ms)
+            return
+        routes = table.matching(message.topic)  # memoised: the same tuple route() just used
+        records: list[tuple[Record, Route]] = []
+        rejected: list[tuple[Rejected, Route]] = []
+        for route, outcome in zip(routes, outcomes):
+            metrics.messages_received(route.name)
+            kind = type(outcome)
+            if kind is Record:
+                records.append((outcome, route))  # type: ignore[arg-type]
+            elif kind is Rejected:
+                rejected.append((outcome, route))  # type: ignore[arg-type]
+        parts = len(records) + len(rejected)
+        ticket = self._acks.arrived(mid, qos, parts, message.received_ms)
+        if not parts:
+            return
+        with self._held_lock:
+            self._held += parts
+        if records:
+            self._sink.put([(record, _Token(ticket, message, route)) for record, route in records])
+        for rejection, route in rejected:
+            code = reason_code(rejection.reason)
+            self._rate_limited.warning(
+                route.name, code, f"message rejected by route {route.name!r} on topic {message.topic!r}: {rejection.reason}",
+                topic=message.topic,
+            )
+            self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
+        metrics.set_backlog(self._held, self.backlog_capacity)
+
+    # -- sink threads -------------------------------------------------------------------------
+
+    def settled(self, results: Sequence[tuple[Any, Any]]) -> None:
+        """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
+        tickets: list[Ticket] = []
+        now_ms = time.time_ns() // 1_000_000
+        delivered = self._metrics.delivered
+        for token, settlement in results:
+            if settlement == PUT:
+                if token.is_dead_letter:
+                    self._metrics.records_dead_lettered(token.route.name, 1)
+                else:
+                    delivered(token.route.name, max(0, now_ms - token.message.received_ms) / 1000)
+                tickets.append(token.ticket)
+            elif isinstance(settlement, Failed):
+                if token.is_dead_letter:
+                    self._drop(token, f"dead letter stream refused the record: {settlement.reason}", "dead_letter_failed")
+                    tickets.append(token.ticket)
+                else:
+                    code = reason_code(settlement.reason)
+                    self._rate_limited.warning(
+                        token.route.name, code,
+                        f"record of route {token.route.name!r} for stream {token.route.stream!r} not delivered: "
+                        f"{settlement.reason}", stream=token.route.stream, topic=token.message.topic,
+                    )
+                    self._dead_letter(token, settlement.reason, code)
+        self._release(tickets)
+
+    def _release(self, tickets: list[Ticket]) -> None:
+        if not tickets:
+            return
+        with self._held_lock:
+            self._held -= len(tickets)
+        self._acks.settle(tickets)
+        self._metrics.set_backlog(self._held, self.backlog_capacity)
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def _dead_letter(self, token: _Token, reason: str, code: str) -> None:
+        """Send the message where the route says; settle its part when that destination holds it."""
+        target = token.route.dead_letter
+        if target is None:
+            self._drop(token, reason, code)
+            self._release([token.ticket])
+            return
+        envelope = _envelope(token.message, token.route.name, reason)
+        if target.kind == "kinesis":
+            key = token.message.topic[:256]
+            record = Record(token.route.name, target.target, key, envelope, None, len(envelope) + len(key.encode()))
+            self._sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True))])
+            return
+        publisher = self._mqtt_dead_letter
+        if publisher is None:
+            self._drop(token, reason, code)
+            self._release([token.ticket])
+            return
+
+        def done(ok: bool) -> None:
+            if ok:
+                self._metrics.records_dead_lettered(token.route.name, 1)
+            else:
+                self._drop(token, f"dead letter topic publish failed: {reason}", "dead_letter_failed")
+            self._release([token.ticket])
+
+        publisher.publish_dead_letter(target.target, envelope, done)
+
+    def _drop(self, token: _Token, reason: str, code: str) -> None:
+        self._metrics.records_dropped(token.route.name, code, 1)
+        log.error("dropped a message of route %r on topic %r: %s (no dead letter configured)", token.route.name,
+                  token.message.topic, reason, extra={"route": token.route.name, "topic": token.message.topic})
+
+
+def _envelope(message: Message, route: str, reason: str) -> bytes:
+    """The dead-letter record: JSON that Firehose/Athena read, with the payload kept verbatim."""
+    payload = message.payload
+    body: dict[str, Any] = {"route": route, "topic": message.topic, "reason": reason,
+                            "received_ms": message.received_ms, "payload_bytes": len(payload)}
+    if len(payload) > _DEAD_LETTER_PAYLOAD_BYTES:
+        payload = payload[:_DEAD_LETTER_PAYLOAD_BYTES]
+        body["payload_truncated"] = True
+    body["payload_base64"] = base64.b64encode(payload).decode("ascii")
+    return orjson.dumps(body) + b"\n"
+
+
+def _echo(message: Message) -> None:
+    """The seed's STDOUT=true: each message's topic and payload on stdout."""
+    text = message.payload.decode("utf-8", "replace")
+    sys.stdout.write(f"{message.topic} {text}\n")

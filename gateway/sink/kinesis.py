@@ -1,0 +1,397 @@
+"""Kinesis sink: records in, settlements out.
+
+Invariants owned here:
+- Every record handed to `put` is settled exactly once through `on_settled`, as PUT or
+  Failed, or is still counted in `pending_records`: nothing leaves silently. A record is
+  Failed only when it can never be sent (permanent) or its delivery budget ran out; a
+  configuration error (AccessDenied, missing stream, KMS) holds records, it never drops them.
+- `put` runs on the MQTT network thread: it takes one lock per call, checks limits, appends,
+  and never touches the network. Requests are made by `max_in_flight` worker threads.
+- The request rate is bounded by backoff while failing: a stream whose request failed as a
+  whole is paused, and entries that failed inside a response wait out their own backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from gateway.sink import kpl
+from gateway.sink.batching import (
+    PUT,
+    Entry,
+    Failed,
+    Outcome,
+    Settlement,
+    StreamState,
+    check_record,
+    find_job,
+)
+from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
+
+if TYPE_CHECKING:
+    from gateway.routing.table import Record
+
+__all__ = ["PUT", "Failed", "KinesisSink", "SinkConfig", "SinkMetrics", "Settlement"]
+
+log = logging.getLogger(__name__)
+
+OnSettled = Callable[[list[tuple[Any, Settlement]]], None]
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Batching and retry tunables; defaults are the PutRecords limits and KPL-like timings."""
+
+    max_batch_records: int = 500
+    max_batch_bytes: int = 5 * 1024 * 1024
+    max_record_bytes: int = 1024 * 1024
+    linger_s: float = 0.05
+    max_in_flight: int = 4
+    backoff_base_s: float = 0.1
+    backoff_cap_s: float = 10.0
+    record_ttl_s: float = 0.0
+    aggregate_routes: frozenset[str] = field(default_factory=frozenset)
+    aggregation_max_bytes: int = 51200
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_batch_records <= 500:
+            raise ValueError("max_batch_records: must be 1..500")
+        if self.max_record_bytes < 1 or self.max_batch_bytes < self.max_record_bytes:
+            raise ValueError("max_batch_bytes: must be >= max_record_bytes >= 1")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight: must be >= 1")
+        if self.linger_s < 0 or self.backoff_base_s <= 0 or self.backoff_cap_s < self.backoff_base_s:
+            raise ValueError("linger_s >= 0 and 0 < backoff_base_s <= backoff_cap_s required")
+
+
+class SinkMetrics(Protocol):
+    """What the sink reports; gateway.ops.metrics implements it. Counts are user records."""
+
+    def records_put(self, route: str, stream: str, n: int) -> None: ...
+    def records_failed(self, route: str, stream: str, reason: str, n: int) -> None: ...
+    def records_retried(self, stream: str, n: int) -> None: ...
+    def batch_sent(self, stream: str, n_records: int, seconds: float) -> None: ...
+
+
+class KinesisSink:
+    """Batches records per stream into PutRecords requests and reports every outcome."""
+
+    def __init__(
+        self,
+        client: Any,
+        config: SinkConfig,
+        on_settled: OnSettled,
+        metrics: SinkMetrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Rng | None = None,
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._on_settled = on_settled
+        self._metrics = metrics
+        self._clock = clock
+        self._sleep = sleep  # only used by drain() when no worker threads run (tests, tools)
+        self._rng: Rng = rng if rng is not None else random.Random()
+        self._retry = Retry(
+            config.backoff_base_s, config.backoff_cap_s, config.record_ttl_s, config.linger_s, self._rng
+        )
+        self._cond = threading.Condition(threading.Lock())
+        self._streams: dict[str, StreamState] = {}
+        self._order: list[StreamState] = []
+        self._rr = 0
+        self._rejected: list[tuple[Entry, Failed, str]] = []
+        self._pending = 0
+        self._force = 0
+        self._drainers = 0
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._trouble: dict[str, str] = {}
+        self._last_error: str | None = None
+        self._agg_routes = frozenset(config.aggregate_routes)
+        self._failed_cache: dict[str, Failed] = {}
+
+    # ---- public surface -------------------------------------------------------------------
+
+    @property
+    def pending_records(self) -> int:
+        """User records accepted and not yet settled (queued, backing off or in flight)."""
+        return self._pending
+
+    @property
+    def healthy(self) -> bool:
+        """False while any stream is held on a configuration error or keeps failing."""
+        return not self._trouble
+
+    @property
+    def alive(self) -> bool:
+        """Liveness: every started worker thread still runs (independent of Kinesis itself)."""
+        return self._closed or all(thread.is_alive() for thread in self._threads)
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the sink is unhealthy (one line), or None when healthy."""
+        return self._last_error
+
+    def set_aggregate_routes(self, routes: Iterable[str]) -> None:
+        """Choose which routes' records are KPL-aggregated (called on route-table reload)."""
+        with self._cond:
+            self._agg_routes = frozenset(routes)
+
+    def put(self, entries: Sequence[tuple[Record, Any]]) -> None:
+        """Accept records for delivery; cheap, thread-safe, never blocks on the network."""
+        cfg = self._config
+        max_record, max_records, max_bytes = cfg.max_record_bytes, cfg.max_batch_records, cfg.max_batch_bytes
+        now = self._clock()
+        wake = False
+        with self._cond:
+            agg_routes = self._agg_routes
+            streams = self._streams
+            for record, token in entries:
+                pk, data, stream = record.partition_key, record.data, record.stream
+                size, reason = check_record(pk, data, record.explicit_hash_key, max_record)
+                entry = Entry(pk, data, record.explicit_hash_key, size, record.route, token, now)
+                self._pending += 1
+                if reason is not None:
+                    self._rejected.append((entry, self._failed(reason), stream))
+                    wake = True
+                    continue
+                s = streams.get(stream)
+                if s is None:
+                    s = self._add_stream(stream)
+                if agg_routes and record.route in agg_routes:
+                    wake = wake or not s.agg
+                    s.agg.append(entry)
+                    s.agg_bytes += size
+                    wake = wake or s.agg_bytes >= max_bytes
+                else:
+                    wake = wake or not s.pending
+                    s.pending.append(entry)
+                    s.pending_bytes += size
+                    wake = wake or len(s.pending) >= max_records or s.pending_bytes >= max_bytes
+            if wake:
+                self._cond.notify()
+
+    def start(self) -> None:
+        """Start the sender threads (daemons: a hung request must not block process exit)."""
+        with self._cond:
+            if self._threads or self._closed:
+                return
+            for i in range(self._config.max_in_flight):
+                thread = threading.Thread(target=self._worker, name=f"kinesis-sink-{i}", daemon=True)
+                self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+
+    def step(self) -> int:
+        """Run every job that is due now on the calling thread; return the requests sent.
+
+        The worker threads run the same path; tests drive it with a fake clock instead.
+        """
+        sent = 0
+        while True:
+            job, _ = self._next_job(block=False)
+            if job is None:
+                return sent
+            sent += job[0] == "send"
+            self._run(job)
+
+    def drain(self, deadline_s: float) -> bool:
+        """Send everything now (ignoring linger) and wait up to deadline_s seconds for all
+        settlements; True when nothing is left. What is unsettled stays unacked upstream."""
+        end = self._clock() + deadline_s
+        with self._cond:
+            self._force += 1
+            self._drainers += 1
+            self._cond.notify_all()
+        try:
+            if not self._threads:
+                return self._drain_inline(end)
+            with self._cond:
+                while self._pending > 0:
+                    remaining = end - self._clock()
+                    if remaining <= 0:
+                        return False
+                    self._cond.wait(min(remaining, 0.1))
+                return True
+        finally:
+            with self._cond:
+                self._force -= 1
+                self._drainers -= 1
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Stop the worker threads; records still pending stay unsettled (and unacked)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        end = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+
+    # ---- scheduling -----------------------------------------------------------------------
+
+    def _add_stream(self, name: str) -> StreamState:
+        s = StreamState(name)
+        self._streams[name] = s
+        self._order.append(s)
+        return s
+
+    def _failed(self, reason: str, permanent: bool = True) -> Failed:
+        cached = self._failed_cache.get(reason)
+        if cached is None:
+            cached = self._failed_cache[reason] = Failed(reason, permanent)
+        return cached
+
+    def _worker(self) -> None:
+        while True:
+            job, _ = self._next_job(block=True)
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except Exception:  # a bug must not kill the thread and strand records
+                log.exception("kinesis sink worker error")
+
+    def _drain_inline(self, end: float) -> bool:
+        while True:
+            job, wake = self._next_job(block=False)
+            if job is not None:
+                self._run(job)
+                continue
+            if self._pending == 0:
+                return True
+            now = self._clock()
+            if now >= end:
+                return False
+            self._sleep(max(0.0, min(end, wake if wake is not None else end) - now))
+
+    def _next_job(self, block: bool) -> tuple[tuple | None, float | None]:
+        """Pick the next due job under the lock; with block, wait until one is due."""
+        cfg = self._config
+        with self._cond:
+            while True:
+                if self._closed and block:
+                    return None, None
+                if self._rejected:
+                    rejected, self._rejected = self._rejected, []
+                    return ("rejected", rejected), None
+                job, self._rr, wake = find_job(
+                    self._order, self._rr, self._clock(), cfg.linger_s,
+                    cfg.max_batch_records, cfg.max_batch_bytes, self._force > 0,
+                )
+                if job is not None or not block:
+                    return job, wake
+                self._cond.wait(None if wake is None else max(0.0, wake - self._clock()))
+
+    def _run(self, job: tuple) -> None:
+        kind = job[0]
+        if kind == "send":
+            self._send(job[1], job[2])
+        elif kind == "rejected":
+            out = Outcome()
+            for entry, failed, _ in job[1]:
+                out.add(entry, failed)
+            self._finish(None, out, job[1])
+        elif kind == "map":
+            self._load_shard_map(job[1])
+        elif kind == "aggregate":
+            s = job[1]
+            max_bytes = min(self._config.aggregation_max_bytes, self._config.max_record_bytes)
+            try:
+                entries = kpl.aggregate(job[2], s.shard_map, max_bytes)
+            except Exception:  # never strand user records: send them unaggregated instead
+                log.exception("kinesis stream %s: aggregation failed; sending records plain", s.name)
+                entries = job[2]
+            with self._cond:
+                s.requeue_front(entries, self._clock() - self._config.linger_s)
+                self._cond.notify()
+
+    def _load_shard_map(self, s: StreamState) -> None:
+        try:
+            shard_map = kpl.load_shard_map(self._client, s.name)
+        except Exception as exc:  # fall back to one hash key per aggregate: always correct
+            log.warning(
+                "kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1]
+            )
+            shard_map = None
+        with self._cond:
+            s.shard_map, s.map_stale, s.map_loading = shard_map, False, False
+            self._cond.notify_all()
+
+    # ---- requests and responses -----------------------------------------------------------
+
+    def _send(self, s: StreamState, batch: list[Entry]) -> None:
+        target = "StreamARN" if s.is_arn else "StreamName"
+        request = {target: s.name, "Records": [entry.request_entry() for entry in batch]}
+        started = self._clock()
+        response: Any = None
+        error: BaseException | None = None
+        try:
+            response = self._client.put_records(**request)
+        except Exception as exc:
+            error = exc
+        with self._cond:
+            out, verdict = settle_response(s, batch, response, error, self._clock(), self._retry)
+            if verdict is not None:
+                self._health(s, verdict)
+        if self._metrics is not None:
+            self._metrics.batch_sent(s.name, len(batch), self._clock() - started)
+        self._finish(s.name, out, None)
+
+    def _health(self, s: StreamState, verdict: Verdict) -> None:
+        """Track trouble per stream; log only when a stream's state changes."""
+        if verdict.ok:
+            if self._trouble.pop(s.name, None) is not None:
+                log.info("kinesis stream %s: requests succeed again", s.name)
+                if not self._trouble:
+                    self._last_error = None
+            return
+        if self._trouble.get(s.name) == verdict.code:
+            return
+        self._trouble[s.name] = verdict.code
+        detail = " ".join(str(verdict.error).split())[:300]
+        self._last_error = f"stream {s.name}: {verdict.code}: {detail}"
+        if verdict.held:
+            log.error(
+                "kinesis stream %s: %s; holding records and retrying every %gs: %s",
+                s.name, verdict.code, self._config.backoff_cap_s, detail,
+                exc_info=None if isinstance(verdict.error, (ClientError, BotoCoreError)) else verdict.error,
+            )
+        else:
+            log.warning(
+                "kinesis stream %s: %s, %d failures in a row; retrying", s.name, verdict.code, s.failures
+            )
+
+    def _finish(self, stream: str | None, out: Outcome, rejected: list | None) -> None:
+        """Deliver settlements and metrics outside the lock, then release the pending count."""
+        if out.settled:
+            try:
+                self._on_settled(out.settled)
+            except Exception:
+                log.exception("on_settled callback failed")
+        metrics = self._metrics
+        if metrics is not None:
+            if rejected is not None:
+                for entry, failed, name in rejected:
+                    metrics.records_failed(entry.route, name, failed.reason, 1)
+            elif stream is not None:
+                for route, n in out.put.items():
+                    metrics.records_put(route, stream, n)
+                for (route, reason), n in out.failed.items():
+                    metrics.records_failed(route, stream, reason, n)
+                if out.retried:
+                    metrics.records_retried(stream, out.retried)
+        if out.count:
+            with self._cond:
+                self._pending -= out.count
+                if self._drainers:
+                    self._cond.notify_all()

@@ -1,0 +1,234 @@
+"""What to do when a PutRecords request fails, and how long to wait before trying again.
+
+botocore's own retries are only a first layer (reliability.md §4): it never retries partial
+failures, gives up on KMSThrottlingException at once, and stops retrying when its quota bucket
+runs dry. Everything botocore raises therefore lands here and is sorted into one of three
+actions. Nothing in this module drops data: the worst a failure can earn is HOLD, which keeps
+the records and retries slowly until an operator fixes the configuration.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    PartialCredentialsError,
+)
+
+from gateway.sink.batching import PUT, Entry, Failed, Outcome, StreamState
+
+__all__ = [
+    "EXPIRED",
+    "UNHEALTHY_AFTER",
+    "Action",
+    "Retry",
+    "Rng",
+    "Verdict",
+    "backoff_delay",
+    "classify",
+    "settle_response",
+]
+
+EXPIRED = Failed("delivery time budget exceeded", permanent=False)
+# A stream whose requests fail as a whole this many times in a row is reported unhealthy.
+UNHEALTHY_AFTER = 5
+
+
+class Action(enum.Enum):
+    """How the sink treats a whole-request failure."""
+
+    RETRY = "retry"  # transient: back off with full jitter, resend the whole batch
+    HOLD = "hold"  # configuration: keep the records, retry at the cap, report unhealthy
+    BISECT = "bisect"  # a record in the batch is invalid: split to find it
+
+
+class Rng(Protocol):
+    """The slice of random.Random the sink uses; tests inject a scripted one."""
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+_THROTTLING = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "KMSThrottlingException",
+        "ThrottlingException",
+        "Throttling",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "SlowDown",
+    }
+)
+_TRANSIENT = frozenset(
+    {
+        "InternalFailure",
+        "InternalFailureException",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "RequestExpired",
+        "IDPCommunicationError",
+        "ResourceInUseException",
+    }
+)
+_INVALID_REQUEST = frozenset(
+    {
+        "ValidationException",
+        "InvalidArgumentException",
+        "SerializationException",
+    }
+)
+
+
+def classify(exc: BaseException) -> tuple[Action, str]:
+    """Sort a failed request into an action plus a short, bounded error code for logs/metrics.
+
+    Anything unrecognised is HOLD rather than a drop: an unknown failure must never turn into
+    silent data loss, and a slow retry at the cap is cheap.
+    """
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {}) or {}
+        code = str(error.get("Code") or "UnknownError")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in _INVALID_REQUEST:
+            return Action.BISECT, code
+        if code in _THROTTLING or code in _TRANSIENT:
+            return Action.RETRY, code
+        if isinstance(status, int) and status >= 500:
+            return Action.RETRY, code
+        return Action.HOLD, code
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        # EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError,
+        # SSL and proxy errors: the request may or may not have reached Kinesis, so resending
+        # can duplicate (accepted: at-least-once).
+        return Action.RETRY, type(exc).__name__
+    if isinstance(
+        exc,
+        (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, NoRegionError),
+    ):
+        return Action.HOLD, type(exc).__name__
+    if isinstance(exc, BotoCoreError):
+        return Action.HOLD, type(exc).__name__
+    return Action.HOLD, type(exc).__name__
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: Rng) -> float:
+    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt)).
+
+    Full jitter (rather than equal jitter) spreads many senders that failed together, which
+    is the usual case when a shard throttles; `attempt` is clamped so the power cannot overflow.
+    """
+    ceiling = min(cap_s, base_s * (2 ** min(max(attempt, 0), 62)))
+    return rng.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The retry tunables settle_response needs (from SinkConfig) plus the jitter source."""
+
+    base_s: float
+    cap_s: float
+    ttl_s: float
+    linger_s: float
+    rng: Rng
+
+    def delay(self, attempt: int) -> float:
+        return backoff_delay(attempt, self.base_s, self.cap_s, self.rng)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a response says about the stream's health: ok, or trouble with a code."""
+
+    ok: bool
+    code: str = ""
+    held: bool = False
+    error: BaseException | None = None
+
+
+_OK = Verdict(ok=True)
+
+
+def settle_response(
+    s: StreamState,
+    batch: list[Entry],
+    response: Any,
+    error: BaseException | None,
+    now: float,
+    retry: Retry,
+) -> tuple[Outcome, Verdict | None]:
+    """Apply one PutRecords result to the stream: settle what is done, requeue the rest.
+
+    Partial failures requeue only the failed entries, each after its own backoff; a whole
+    request that failed pauses the stream (backoff, or the cap while held) and puts the batch
+    back at the front; an invalid request is split in halves until the bad entry is alone.
+    """
+    out = Outcome()
+    results = response.get("Records") if isinstance(response, dict) else None
+    if error is None and not (
+        isinstance(results, list)
+        and len(results) == len(batch)
+        and all(isinstance(result, dict) for result in results)
+    ):
+        error = RuntimeError("malformed PutRecords response")
+    if error is None:
+        s.failures = 0
+        retried: list[Entry] = []
+        check = response.get("FailedRecordCount")
+        for entry, result in zip(batch, results):
+            if check and result.get("ErrorCode"):
+                retried.append(entry)
+                continue
+            if entry.shard is not None and result.get("ShardId") not in (None, entry.shard):
+                s.map_stale = True  # an aggregate landed elsewhere: the shard map is stale
+            out.add(entry, PUT)
+        for entry in _expire(retried, now, retry.ttl_s, out):
+            s.delay(entry, now + retry.delay(entry.attempts - 1))
+        return out, _OK
+    action, code = classify(error)
+    if action is Action.BISECT:
+        if len(batch) == 1:
+            out.add(batch[0], Failed(f"rejected by Kinesis ({code})", permanent=True))
+        else:
+            half = len(batch) // 2
+            s.splits.appendleft(batch[half:])
+            s.splits.appendleft(batch[:half])
+        return out, None
+    if code == "ResourceNotFoundException":
+        s.map_stale = True
+    s.requeue_front(_expire(batch, now, retry.ttl_s, out), now - retry.linger_s)
+    s.failures += 1
+    if action is Action.HOLD:
+        s.paused_until = now + retry.cap_s
+        return out, Verdict(ok=False, code=code, held=True, error=error)
+    s.paused_until = now + retry.delay(s.failures - 1)
+    if s.failures >= UNHEALTHY_AFTER:
+        return out, Verdict(ok=False, code=code, held=False, error=error)
+    return out, None
+
+
+def _expire(entries: list[Entry], now: float, ttl_s: float, out: Outcome) -> list[Entry]:
+    """Count an attempt on each entry; fail those past the delivery budget, keep the rest."""
+    keep = []
+    for entry in entries:
+        entry.attempts += 1
+        if ttl_s > 0 and now - entry.born > ttl_s:
+            out.add(entry, EXPIRED)
+        else:
+            keep.append(entry)
+            out.retried += entry.count
+    return keep

@@ -1,0 +1,173 @@
+"""Per-connection, in-order release of MQTT acknowledgements.
+
+Invariant owned here: **this is the only module that decides when a PUBACK (or PUBCOMP) is sent.**
+
+Why it exists: PUBACK hands ownership of a message from the broker to us (MQTT 3.1.1 / 5.0
+§4.3.2), so it may go out only when every record made from the message is held by Kinesis (or was
+dead-lettered on purpose). Records finish out of order (many batches, retries), but MQTT demands
+acks in arrival order ([MQTT-4.6.0-2]); so completed tickets wait behind the oldest incomplete one
+(a low-water mark over a deque). Acks belong to one connection: paho's reconnect drops queued acks
+and a broker may reuse a packet id on the new connection, so `new_connection()` forgets every
+pending ticket of the old one and their later settlements do nothing (reliability.md §2, §9.1).
+
+Threading: `arrived()` and `new_connection()` run on the MQTT network thread; `settle()` runs on
+sink threads, in bulk (one lock round-trip per call). `send_ack` is called while the lock is held,
+which is what keeps acks released by two concurrent `settle()` calls in order, and what guarantees
+that once `new_connection()` returns no ack of the old connection is handed out any more. So
+`send_ack` must be quick and must not block: `MqttSource.ack` only queues the ack for its network
+thread. It must never call back into the tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+__all__ = ["AckTracker", "Ticket"]
+
+log = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Ticket:
+    """One received message waiting for its records to settle.
+
+    Opaque to everyone but the tracker: the pipeline only passes it along with the records (as the
+    sink's token) and hands it back to `settle()`. `received_ms` is public so the pipeline can
+    observe receipt→ack latency for the tickets the tracker reports as done.
+    """
+
+    __slots__ = ("mid", "qos", "generation", "received_ms", "_remaining", "_done")
+
+    def __init__(self, mid: int, qos: int, generation: int, parts: int, received_ms: int) -> None:
+        self.mid = mid
+        self.qos = qos
+        self.generation = generation
+        self.received_ms = received_ms
+        self._remaining = parts
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        """Every part settled (the ack may still wait behind an earlier ticket)."""
+        return self._remaining <= 0
+
+    @property
+    def done(self) -> bool:
+        """Acked (QoS 1/2), or complete (QoS 0), or dropped with its connection."""
+        return self._done
+
+    def __repr__(self) -> str:
+        return (f"Ticket(mid={self.mid}, qos={self.qos}, gen={self.generation}, "
+                f"remaining={self._remaining}, done={self._done})")
+
+
+class AckTracker:
+    """Releases acks as a low-water mark over the tickets of the current connection."""
+
+    def __init__(self, send_ack: Callable[[int, int], None], *,
+                 on_done: Callable[[Sequence[Ticket]], None] | None = None,
+                 clock_ms: Callable[[], int] = _now_ms) -> None:
+        """`send_ack(mid, qos)` puts the ack on the wire (see module docstring: quick, no re-entry).
+
+        `on_done(tickets)` is told, outside the lock, about tickets that finished in one call: acked
+        QoS 1/2 tickets in ack order, and QoS 0 tickets whose parts all settled. It is for metrics
+        (delivery latency from `ticket.received_ms`); an exception in it is logged, not raised.
+        """
+        self._send_ack = send_ack
+        self._on_done = on_done
+        self._clock_ms = clock_ms
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._pending: deque[Ticket] = deque()   # QoS>=1 tickets of the current generation, arrival order
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @property
+    def pending(self) -> int:
+        """Tickets of the current connection whose ack has not gone out yet."""
+        return len(self._pending)
+
+    def new_connection(self) -> None:
+        """Start a new connection generation: every unreleased ack of the old one is dropped."""
+        with self._lock:
+            self._generation += 1
+            dropped = len(self._pending)
+            for ticket in self._pending:
+                ticket._done = True
+            self._pending.clear()
+        if dropped:
+            log.info("new MQTT connection: %d unacknowledged message(s) of the previous connection "
+                     "will be redelivered by the broker, not acked", dropped)
+
+    def arrived(self, mid: int, qos: int, parts: int, received_ms: int | None = None) -> Ticket:
+        """Register a message in arrival order; `parts` is how many settlements complete it."""
+        if parts < 0:
+            raise ValueError(f"parts must be >= 0, got {parts}")
+        stamp = self._clock_ms() if received_ms is None else received_ms
+        done: list[Ticket] = []
+        with self._lock:
+            ticket = Ticket(mid, qos, self._generation, parts, stamp)
+            if qos <= 0:
+                if parts == 0:
+                    ticket._done = True
+                    done.append(ticket)
+            else:
+                self._pending.append(ticket)
+                if parts == 0 and len(self._pending) == 1:
+                    self._release(done)
+        self._notify(done)
+        return ticket
+
+    def settle(self, tickets: Iterable[Ticket]) -> list[Ticket]:
+        """One part of each given ticket is finished (a ticket may appear several times).
+
+        Returns the tickets that became done through this call (see `on_done`). Settling a ticket
+        of an earlier connection, or more often than its parts, does nothing.
+        """
+        done: list[Ticket] = []
+        with self._lock:
+            head_completed = False
+            generation = self._generation
+            for ticket in tickets:
+                if ticket._done or ticket._remaining <= 0:
+                    continue
+                ticket._remaining -= 1
+                if ticket._remaining > 0:
+                    continue
+                if ticket.qos <= 0:
+                    ticket._done = True
+                    done.append(ticket)
+                elif ticket.generation == generation:
+                    head_completed = True
+            if head_completed:
+                self._release(done)
+        self._notify(done)
+        return done
+
+    def _release(self, done: list[Ticket]) -> None:
+        """Pop and ack every complete ticket at the head (lock held)."""
+        pending = self._pending
+        while pending and pending[0]._remaining <= 0:
+            ticket = pending.popleft()
+            ticket._done = True
+            try:
+                self._send_ack(ticket.mid, ticket.qos)
+            except Exception as exc:  # noqa: BLE001 - an unsent ack means a redelivery, not a loss
+                log.error("sending ack for mid %d failed: %s: %s", ticket.mid, type(exc).__name__, exc)
+            done.append(ticket)
+
+    def _notify(self, done: list[Ticket]) -> None:
+        if done and self._on_done is not None:
+            try:
+                self._on_done(done)
+            except Exception as exc:  # noqa: BLE001 - metrics must never break acking
+                log.error("ack on_done callback failed: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,173 @@
+"""Bookkeeping of MQTT subscriptions: wanted set, what this connection asked for, what was granted.
+
+Pure (no I/O, no paho): the MQTT source asks it what to (un)subscribe and tells it what SUBACK
+said. Why its own module: the hot reload changes subscriptions on a live connection, and a refused
+subscription must be reported, never silently ignored (reliability.md §1.8 and test 17); that
+logic deserves tests that need no broker.
+
+A refused subscription is a SUBACK reason code >= 0x80, or a granted QoS lower than asked (a QoS 1
+route served at QoS 0 would lose the at-least-once promise without any error).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = ["SubscriptionBook", "SubackResult", "share_prefixed"]
+
+
+def share_prefixed(topic_filter: str, share_group: str | None) -> str:
+    """`$share/<group>/<filter>` when a share group is set, else the filter itself."""
+    return f"$share/{share_group}/{topic_filter}" if share_group else topic_filter
+
+
+@dataclass(frozen=True, slots=True)
+class SubackResult:
+    """What one SUBACK entry meant for one filter (`granted_qos` is None when refused)."""
+
+    topic_filter: str
+    requested_qos: int
+    granted_qos: int | None
+    reason: str
+
+    @property
+    def refused(self) -> bool:
+        return self.granted_qos is None or self.granted_qos < self.requested_qos
+
+
+class SubscriptionBook:
+    """Wanted filters vs. this connection's requests and grants. Thread-safe (one small lock)."""
+
+    def __init__(self, share_group: str | None = None) -> None:
+        self._share_group = share_group or None
+        self._lock = threading.Lock()
+        self._desired: dict[str, int] = {}        # full filter (with $share prefix) -> qos
+        self._applied: dict[str, int] = {}        # asked for on this connection
+        self._pending: dict[int, list[tuple[str, int]]] = {}   # SUBSCRIBE mid -> what it asked
+        self._granted: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
+        self._dirty = False
+
+    def set_desired(self, subscriptions: Iterable[tuple[str, int]]) -> None:
+        """Replace the wanted set (filters without the share prefix; QoS 0..2)."""
+        desired: dict[str, int] = {}
+        for topic_filter, qos in subscriptions:
+            if qos not in (0, 1, 2):
+                raise ValueError(f"subscription {topic_filter!r}: qos must be 0, 1 or 2, got {qos!r}")
+            full = share_prefixed(topic_filter, self._share_group)
+            desired[full] = max(qos, desired.get(full, 0))
+        with self._lock:
+            self._desired = desired
+            self._dirty = True
+
+    @property
+    def desired(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._desired)
+
+    @property
+    def dirty(self) -> bool:
+        """The wanted set changed since the last `plan()` on this connection."""
+        return self._dirty
+
+    def new_connection(self) -> None:
+        """A fresh CONNACK: nothing is asked or granted on it yet, so everything is re-subscribed."""
+        with self._lock:
+            self._applied.clear()
+            self._pending.clear()
+            self._granted.clear()
+            self._refused.clear()
+            self._dirty = True
+
+    def plan(self) -> tuple[list[tuple[str, int]], list[str]]:
+        """What to send now: (subscribe new or QoS-changed filters, unsubscribe removed ones).
+
+        The caller must send both; they are recorded as asked for at once.
+        """
+        with self._lock:
+            self._dirty = False
+            subscribe = [(f, q) for f, q in self._desired.items() if self._applied.get(f) != q]
+            unsubscribe = [f for f in self._applied if f not in self._desired]
+            for f in unsubscribe:
+                del self._applied[f]
+                self._granted.pop(f, None)
+                self._refused.pop(f, None)
+            for f, q in subscribe:
+                self._applied[f] = q
+                self._granted.pop(f, None)
+                self._refused.pop(f, None)
+            return subscribe, unsubscribe
+
+    def sent(self, mid: int, subscribe: Sequence[tuple[str, int]]) -> None:
+        """The SUBSCRIBE for `subscribe` went out with packet id `mid`."""
+        with self._lock:
+            self._pending[mid] = list(subscribe)
+
+    def send_failed(self, subscribe: Sequence[tuple[str, int]], reason: str) -> list[SubackResult]:
+        """The SUBSCRIBE could not even be queued (e.g. a filter paho rejects): refused."""
+        return self._record([(f, q, None, reason) for f, q in subscribe])
+
+    def suback(self, mid: int, codes: Sequence[tuple[int, str]]) -> list[SubackResult]:
+        """Apply one SUBACK: `codes` are (reason code value, reason name) in request order.
+
+        Returns one result per filter still wanted at that QoS (superseded requests are ignored).
+        """
+        with self._lock:
+            asked = self._pending.pop(mid, None)
+        if asked is None:
+            return []
+        entries = []
+        for i, (f, q) in enumerate(asked):
+            if i >= len(codes):
+                entries.append((f, q, None, "no reason code in SUBACK"))
+                continue
+            value, name = codes[i]
+            if value >= 0x80:
+                entries.append((f, q, None, name))
+            elif value < q:
+                entries.append((f, q, value, f"granted QoS {value} lower than requested QoS {q}"))
+            else:
+                entries.append((f, q, value, name))
+        return self._record(entries)
+
+    def _record(self, entries: list[tuple[str, int, int | None, str]]) -> list[SubackResult]:
+        results = []
+        with self._lock:
+            for f, q, granted, reason in entries:
+                if self._applied.get(f) != q:
+                    continue          # superseded by a later change or a new connection
+                result = SubackResult(f, q, granted, reason)
+                if result.refused:
+                    self._refused[f] = reason
+                    self._granted.pop(f, None)
+                else:
+                    self._granted[f] = granted if granted is not None else q
+                    self._refused.pop(f, None)
+                results.append(result)
+        return results
+
+    @property
+    def all_granted(self) -> bool:
+        """Every wanted filter is granted at (at least) its QoS on this connection."""
+        with self._lock:
+            return all(self._granted.get(f, -1) >= q for f, q in self._desired.items())
+
+    @property
+    def refused(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._refused)
+
+    def status(self) -> dict[str, str]:
+        """filter -> "granted qos N" | "pending" | "refused: <reason>" for every wanted filter."""
+        with self._lock:
+            out = {}
+            for f, q in self._desired.items():
+                if f in self._refused:
+                    out[f] = f"refused: {self._refused[f]}"
+                elif self._granted.get(f, -1) >= q:
+                    out[f] = f"granted qos {self._granted[f]}"
+                else:
+                    out[f] = "pending"
+            return out
