@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from gateway import __version__
@@ -41,13 +40,14 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def run(args: Any) -> int:
     """Entry point of the `run` subcommand; returns the process exit code."""
+    environ = dict(os.environ)
+    if getattr(args, "routes", None):  # the command line wins over GATEWAY_ROUTES
+        environ["GATEWAY_ROUTES"] = args.routes
     try:
-        settings = load_settings(env_file=getattr(args, "env_file", None) or find_env_file())
+        settings = load_settings(environ, env_file=getattr(args, "env_file", None) or find_env_file(environ))
     except SettingsError as error:
         print(f"mqtt-kinesis-gateway: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    if getattr(args, "routes", None):
-        settings = replace(settings, routes_file=args.routes)
     workers = getattr(args, "workers", None) or settings.workers
     if workers > 1:
         from gateway.workers import supervise

@@ -60,6 +60,7 @@ _REASON_CODES = (
     ("too large", "too_large"),
     ("time budget", "ttl_exceeded"),
     ("dead letter", "dead_letter_failed"),
+    ("expression failed", "expression_error"),
 )
 
 

@@ -233,12 +233,13 @@ class RouteTable:
         document = _NOT_PARSED
         outcomes: list[Outcome] = []
         for route in routes:
-            if route.format == "json":
-                if document is _NOT_PARSED:
-                    document = _decode(message.payload)
-                outcomes.append(route.apply(message, document))
-            else:
-                outcomes.append(route.apply(message, None))
+            if route.format == "json" and document is _NOT_PARSED:
+                document = _decode(message.payload)
+            try:
+                outcomes.append(route.apply(message, document if route.format == "json" else None))
+            except Exception as error:  # noqa: BLE001 - one poison message must not stop the rest
+                # The class name only: jmespath's messages quote the offending payload value.
+                outcomes.append(Rejected(route.name, f"expression failed on this payload ({type(error).__name__})"))
         return outcomes
 
     @classmethod

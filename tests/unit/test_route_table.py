@@ -105,3 +105,11 @@ def test_legacy_table_is_the_seed_route_with_a_static_key() -> None:
 
 def test_unmatched_topics_yield_nothing() -> None:
     assert table(Route("r", ("a/#",), "s", expr("name"))).route(message("b/c")) == []
+
+
+def test_an_expression_that_fails_on_a_payload_rejects_without_quoting_it() -> None:
+    t = table(Route("r", ("#",), "s", expr("abs(name)")), Route("ok", ("#",), "s", expr("name")))
+    rejected, record = t.route(message())
+    assert isinstance(rejected, Rejected) and "JMESPathTypeError" in rejected.reason
+    assert "device123" not in rejected.reason
+    assert isinstance(record, Record)
