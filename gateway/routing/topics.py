@@ -170,11 +170,52 @@ def _coverers(root: _Node, narrow: str) -> set[int]:
     return found
 
 
+def _subtree(node: _Node, found: set[int]) -> None:
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        found.update(current.values)
+        found.update(current.hash_values)
+        stack.extend(current.children.values())
+        if current.plus is not None:
+            stack.append(current.plus)
+
+
+def _intersecting(root: _Node, topic_filter: str) -> set[int]:
+    """Indices of the filters in ``root`` that share at least one topic with ``topic_filter``."""
+    levels = topic_filter.split("/")
+    dollar = levels[0].startswith("$")
+    found: set[int] = set()
+    stack: list[tuple[_Node, int]] = [(root, 0)]
+    while stack:
+        node, i = stack.pop()
+        wild_ok = not (dollar and i == 0)
+        if node.hash_values and (wild_ok or levels[0] in ("+", "#")):
+            found.update(node.hash_values)
+        if i == len(levels):
+            found.update(node.values)
+            continue
+        level = levels[i]
+        if level == "#":
+            _subtree(node, found)  # "#" also matches the parent level: every filter from here on
+            continue
+        if level == "+":
+            for child in node.children.values():
+                stack.append((child, i + 1))
+        else:
+            child = node.children.get(level)
+            if child is not None:
+                stack.append((child, i + 1))
+        if node.plus is not None and (wild_ok or level == "+"):
+            stack.append((node.plus, i + 1))
+    return found
+
+
 def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
     """The fewest subscriptions that still deliver every topic of ``filters``.
 
     A filter covered by a broader one is dropped and the broader one is subscribed at the highest
-    QoS of everything it covers, so the broker never sends two copies of one message (Mosquitto
+    QoS of everything it covers (and of every filter it partly overlaps), so the broker never sends two copies of one message (Mosquitto
     2.0 on MQTT 5 sends one per matching subscription; on 3.1.1 one copy at the QoS of whichever
     matched first) and a QoS 1 route is never served by a QoS 0 subscription. The gateway routes
     locally by topic, so nothing is lost by subscribing more broadly.
@@ -191,4 +232,8 @@ def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str
         for cover in coverers[name]:
             if not coverers[cover]:
                 qos_of[cover] = max(qos_of[cover], best[name])
-    return tuple((name, qos_of[name]) for name in kept)
+    # Filters that still overlap in part (a/+/x and a/y/+) take the higher QoS of the two: on
+    # MQTT 3.1.1 Mosquitto sends one copy at the QoS of whichever matched first.
+    kept_trie: TopicTrie[str] = TopicTrie((name, name) for name in kept)
+    raised = {name: max(qos_of[kept_trie.item(i)] for i in _intersecting(kept_trie.root, name)) for name in kept}
+    return tuple((name, raised[name]) for name in kept)

@@ -472,11 +472,15 @@ class MqttSource:
     def _apply_subscriptions(self) -> None:
         subscribe, unsubscribe = self.subscriptions.plan()
         client, v5 = self._client, self.config.protocol == "5"
+        if subscribe:
+            self._subscribe(client, v5, subscribe)
+        # Unsubscribe only after the new filters are asked for: a reload that swaps a/+ for a/#
+        # must leave no moment in which the broker has neither (it would not queue the message).
         if unsubscribe:
             client.unsubscribe(unsubscribe)
             log.info("unsubscribed: %s", ", ".join(repr(f) for f in unsubscribe))
-        if not subscribe:
-            return
+
+    def _subscribe(self, client: Any, v5: bool, subscribe: list[tuple[str, int]]) -> None:
         if v5:   # retain handling 1: resubscribing on reconnect does not resend retained messages
             shared = bool(self.config.share_group)
             request: list[Any] = [(f, SubscribeOptions(qos=q, noLocal=not shared,

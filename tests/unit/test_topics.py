@@ -85,3 +85,20 @@ def test_dollar_topics_are_not_matched_by_leading_wildcards() -> None:
     trie = TopicTrie([("#", "all"), ("+/x", "plus"), ("$SYS/#", "sys")])
     assert trie.match("$SYS/x") == ("sys",)
     assert minimal_subscriptions([("#", 1), ("$SYS/#", 1)]) == (("#", 1), ("$SYS/#", 1))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(filters(), st.sampled_from([0, 1])), min_size=1, max_size=8), TOPICS)
+def test_every_subscription_a_topic_matches_carries_the_qos_its_routes_need(
+    wanted: list[tuple[str, int]], topic: str
+) -> None:
+    # Mosquitto on 3.1.1 delivers one copy at the QoS of whichever subscription matched first,
+    # so every matching subscription must be at the highest QoS any route of the topic needs.
+    needed = [qos for f, qos in wanted if topic_matches_sub(f, topic)]
+    for f, qos in minimal_subscriptions(wanted):
+        if topic_matches_sub(f, topic):
+            assert qos >= max(needed)
+
+
+def test_partly_overlapping_filters_take_the_higher_qos() -> None:
+    assert minimal_subscriptions([("a/+/x", 0), ("a/y/+", 1), ("b", 0)]) == (("a/+/x", 1), ("a/y/+", 1), ("b", 0))
