@@ -96,6 +96,7 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         self.metrics.declare_routes((r.name, r.stream) for r in table.routes)
+        self.metrics.reload_result(True, table.digest)  # startup load; else the reload alert fires at once
         self.active = ActiveTable(table)
         self._stop = threading.Event()
         self._exit_code = EXIT_OK
@@ -180,6 +181,7 @@ class Gateway:
             install_sighup(self.watcher)
         self.source.start()
         while not self._stop.wait(0.5):
+            self.pipeline.flush_logs()
             if not self.alive():
                 log.error("a gateway thread died; exiting so the supervisor restarts the process")
                 self._exit_code = EXIT_FAILED
@@ -196,6 +198,7 @@ class Gateway:
         self.sink.close()
         if self.http is not None:
             self.http.stop()
+        self.pipeline.flush_logs(everything=True)
         if drained:
             log.info("stopped: everything delivered was acknowledged")
         else:

@@ -77,22 +77,36 @@ class _Token:
 
 
 class _RateLimitedLog:
-    """One line per (route, reason) at most every few seconds, with how many were suppressed."""
+    """One line per (route, reason) at most every few seconds; what was held back is logged as a
+    count by ``flush`` (called periodically), so every bad message shows up in the log."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = _LOG_EVERY_S) -> None:
+        self._interval_s = interval_s
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def warning(self, route: str, code: str, text: str, **context: Any) -> None:
         now = time.monotonic()
         with self._lock:
-            last, suppressed = self._last.get((route, code), (0.0, 0))
-            if now - last < _LOG_EVERY_S:
-                self._last[(route, code)] = (last, suppressed + 1)
+            last, held = self._last.get((route, code), (-self._interval_s, 0))
+            if now - last < self._interval_s:
+                self._last[(route, code)] = (last, held + 1)
                 return
             self._last[(route, code)] = (now, 0)
-        more = f" ({suppressed} more like it since the last line)" if suppressed else ""
+        more = f" (and {held} more like it before this)" if held else ""
         log.warning("%s%s", text, more, extra={"route": route, **context})
+
+    def flush(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        due: list[tuple[str, str, int]] = []
+        with self._lock:
+            for (route, code), (last, held) in self._last.items():
+                if held and (everything or now - last >= self._interval_s):
+                    due.append((route, code, held))
+                    self._last[(route, code)] = (now, 0)
+        for route, code, held in due:
+            log.warning("%d more message(s) of route %r not delivered for the same reason (%s) in the last "
+                        "%.0f s", held, route, code, self._interval_s, extra={"route": route})
 
 
 class Pipeline:
@@ -231,8 +245,16 @@ class Pipeline:
 
     def _drop(self, token: _Token, reason: str, code: str) -> None:
         self._metrics.records_dropped(token.route.name, code, 1)
-        log.error("dropped a message of route %r on topic %r: %s (no dead letter configured)", token.route.name,
-                  token.message.topic, reason, extra={"route": token.route.name, "topic": token.message.topic})
+        where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
+        self._rate_limited.warning(
+            token.route.name, "dropped:" + code,
+            f"dropped a message of route {token.route.name!r} on topic {token.message.topic!r}{where}: {reason}",
+            topic=token.message.topic,
+        )
+
+    def flush_logs(self, everything: bool = False) -> None:
+        """Log the counts of messages whose lines were held back (the app calls this every tick)."""
+        self._rate_limited.flush(everything)
 
 
 def _envelope(message: Message, route: str, reason: str) -> bytes:

@@ -1,0 +1,115 @@
+"""The pipeline settles every part of a message exactly once, and no bad message goes unlogged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from gateway.pipeline import Pipeline, reason_code
+from gateway.routing.expressions import compile_expression as expr
+from gateway.routing.table import DeadLetter, Message, Record, Route, RouteTable
+from gateway.sink.kinesis import PUT, Failed
+from gateway.source.acks import AckTracker
+
+
+class Active:
+    def __init__(self, table: RouteTable) -> None:
+        self.current = table
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.entries: list[tuple[Record, Any]] = []
+
+    def put(self, entries: Any) -> None:
+        self.entries.extend(entries)
+
+
+class CountingMetrics:
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return record
+
+
+def build(*routes: Route) -> tuple[Pipeline, FakeSink, list[int], CountingMetrics]:
+    acked: list[int] = []
+    sink, metrics = FakeSink(), CountingMetrics()
+    acks = AckTracker(lambda mid, qos: acked.append(mid))
+    return Pipeline(Active(RouteTable(routes)), sink, acks, metrics, backlog_capacity=3), sink, acked, metrics
+
+
+def message(payload: bytes = b'{"name": "d1"}', topic: str = "t/1") -> Message:
+    return Message(topic, payload, 1, 0)
+
+
+def test_a_message_is_acked_only_when_every_record_is_put() -> None:
+    pipeline, sink, acked, _ = build(Route("a", ("t/#",), "s1", expr("name")), Route("b", ("t/+",), "s2", expr("name")))
+    pipeline.intake(message(), mid=7, qos=1)
+    assert len(sink.entries) == 2 and pipeline.held == 2
+    pipeline.settled([(sink.entries[0][1], PUT)])
+    assert acked == []
+    pipeline.settled([(sink.entries[1][1], PUT)])
+    assert acked == [7] and pipeline.held == 0
+
+
+def test_unrouted_and_filtered_messages_are_acked_at_once() -> None:
+    pipeline, _, acked, metrics = build(Route("a", ("t/#",), "s", expr("name"), filter=expr("`false`")))
+    pipeline.intake(message(topic="other"), mid=1, qos=1)
+    pipeline.intake(message(), mid=2, qos=1)
+    assert acked == [1, 2] and metrics.calls["unrouted"] == 1
+
+
+def test_a_rejected_message_goes_to_the_dead_letter_stream_and_is_acked_when_it_is_held() -> None:
+    route = Route("a", ("t/#",), "s", expr("name"), dead_letter=DeadLetter("kinesis", "dlq"))
+    pipeline, sink, acked, metrics = build(route)
+    pipeline.intake(message(b"not json"), mid=3, qos=1)
+    ((record, token),) = sink.entries
+    assert record.stream == "dlq" and b'"reason":"payload is not valid UTF-8 JSON"' in record.data
+    assert acked == []
+    pipeline.settled([(token, PUT)])
+    assert acked == [3] and metrics.calls["records_dead_lettered"] == 1
+
+
+def test_a_record_kinesis_refuses_for_good_is_dead_lettered_then_acked() -> None:
+    route = Route("a", ("t/#",), "s", expr("name"), dead_letter=DeadLetter("kinesis", "dlq"))
+    pipeline, sink, acked, _ = build(route)
+    pipeline.intake(message(), mid=4, qos=1)
+    pipeline.settled([(sink.entries[0][1], Failed("record too large", permanent=True))])
+    assert sink.entries[1][0].stream == "dlq" and acked == []
+    pipeline.settled([(sink.entries[1][1], PUT)])
+    assert acked == [4]
+
+
+def test_without_a_dead_letter_a_rejection_is_dropped_counted_logged_and_acked(caplog: pytest.LogCaptureFixture) -> None:
+    pipeline, _, acked, metrics = build(Route("a", ("t/#",), "s", expr("name")))
+    with caplog.at_level(logging.WARNING):
+        for mid in (1, 2, 3):
+            pipeline.intake(message(b"not json"), mid=mid, qos=1)
+        pipeline.flush_logs(everything=True)
+    assert acked == [1, 2, 3] and metrics.calls["records_dropped"] == 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("'a'" in line and "t/1" in line and "not valid UTF-8 JSON" in line for line in lines)
+    assert any(line.startswith("2 more message(s) of route 'a'") for line in lines)
+    assert not any("not json" in line for line in lines)  # never the payload
+
+
+def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
+    pipeline, sink, _, _ = build(Route("a", ("t/#",), "s", expr("name")))
+    for mid in range(3):
+        pipeline.intake(message(), mid=mid, qos=1)
+    assert pipeline.backlog_full()
+    pipeline.settled([(token, PUT) for _, token in sink.entries])
+    assert not pipeline.backlog_full()
+
+
+@pytest.mark.parametrize(("reason", "code"), [("payload is not valid UTF-8 JSON", "not_json"),
+                                              ("partition key is 300 characters, over the limit of 256", "key_too_long"),
+                                              ("something new", "other")])
+def test_reasons_map_to_a_bounded_set_of_metric_labels(reason: str, code: str) -> None:
+    assert reason_code(reason) == code
