@@ -29,6 +29,12 @@ METRIC_PREFIX = "mqtt_kinesis_gateway_"
 _PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR", "TZ", "SYSTEMROOT", "COVERAGE_PROCESS_START")
 
 
+def write_routes(path: Path, text: str) -> Path:
+    """A route file for a test gateway; returns its path."""
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def default_command() -> list[str]:
     cmd = os.environ.get("GATEWAY_COMMAND")
     return shlex.split(cmd) if cmd else [sys.executable, "-m", "gateway"]

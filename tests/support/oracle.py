@@ -8,6 +8,8 @@ its own bound. The report prints as one line so a test's output can be quoted in
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -87,3 +89,38 @@ def check_delivery(acked_seqs: Iterable[int], records: Iterable[Mapping[str, Any
         lost=sorted(acked - counts.keys()),
         duplicates=sum(c - 1 for c in counts.values()),
         foreign=foreign, extra=sorted(counts.keys() - acked))
+
+
+def emit(test: str, line: str) -> None:
+    """The figures of one test: stdout for `pytest -s`, and the report file for the closing note."""
+    text = f"[{test}] {line}"
+    print(text, flush=True)
+    path = os.environ.get("GATEWAY_TEST_REPORT")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(text + "\n")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, poll_s: float = 0.25) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; what it last said."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def wait_delivered(kinesis: Any, stream: str, acked: set[int], sent: int, timeout: float,
+                   poll_s: float = 1.0) -> tuple[DeliveryReport, list[dict[str, Any]]]:
+    """Poll the stream until every acked seq is in it (or timeout); the last report either way."""
+    from tests.support.services import read_all
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_all(kinesis, stream)
+        report = check_delivery(acked, records, sent=sent)
+        if not report.lost or time.monotonic() >= deadline:
+            return report, records
+        time.sleep(poll_s)

@@ -205,6 +205,10 @@ class Mosquitto:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def pubacks_from(self, client_id: str) -> int:
+        """PUBACKs the broker received from ``client_id``: a subscriber's acks, seen from the broker."""
+        return self.log_text().count(f"Received PUBACK from {client_id} ")
+
     def dropped_messages_logged(self) -> bool:
         return "Outgoing messages are being dropped" in self.log_text()
 
