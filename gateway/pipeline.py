@@ -28,9 +28,12 @@ __all__ = ["Pipeline", "reason_code"]
 
 log = logging.getLogger(__name__)
 
-# A dead-letter envelope keeps at most this much of the payload, so that even the envelope of an
-# oversize message fits in one Kinesis record (1 MiB) after base64.
+# A dead-letter envelope keeps at most this much of the payload and of the topic, so that even the
+# envelope of an oversize message fits in one Kinesis record (1 MiB): base64 makes 512 KiB into
+# 683 KiB, and a topic of 4096 characters is at most 24 KiB of escaped JSON.
 _DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
+_DEAD_LETTER_TOPIC_CHARS = 4096
+_LOGGED_TOPIC_CHARS = 200
 _LOG_EVERY_S = 10.0
 
 
@@ -171,8 +174,8 @@ class Pipeline:
         for rejection, route in rejected:
             code = reason_code(rejection.reason)
             self._rate_limited.warning(
-                route.name, code, f"message rejected by route {route.name!r} on topic {message.topic!r}: {rejection.reason}",
-                topic=message.topic,
+                route.name, code, f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
+                topic=_shown(message.topic),
             )
             self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
         metrics.set_backlog(self._held, self.backlog_capacity)
@@ -200,7 +203,7 @@ class Pipeline:
                     self._rate_limited.warning(
                         token.route.name, code,
                         f"record of route {token.route.name!r} for stream {token.route.stream!r} not delivered: "
-                        f"{settlement.reason}", stream=token.route.stream, topic=token.message.topic,
+                        f"{settlement.reason}", stream=token.route.stream, topic=_shown(token.message.topic),
                     )
                     self._dead_letter(token, settlement.reason, code)
         self._release(tickets)
@@ -248,8 +251,8 @@ class Pipeline:
         where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
         self._rate_limited.warning(
             token.route.name, "dropped:" + code,
-            f"dropped a message of route {token.route.name!r} on topic {token.message.topic!r}{where}: {reason}",
-            topic=token.message.topic,
+            f"dropped a message of route {token.route.name!r} on topic {_shown(token.message.topic)!r}{where}: {reason}",
+            topic=_shown(token.message.topic),
         )
 
     def flush_logs(self, everything: bool = False) -> None:
@@ -259,14 +262,21 @@ class Pipeline:
 
 def _envelope(message: Message, route: str, reason: str) -> bytes:
     """The dead-letter record: JSON that Firehose/Athena read, with the payload kept verbatim."""
-    payload = message.payload
-    body: dict[str, Any] = {"route": route, "topic": message.topic, "reason": reason,
+    payload, topic = message.payload, message.topic
+    body: dict[str, Any] = {"route": route, "topic": topic[:_DEAD_LETTER_TOPIC_CHARS], "reason": reason,
                             "received_ms": message.received_ms, "payload_bytes": len(payload)}
+    if len(topic) > _DEAD_LETTER_TOPIC_CHARS:
+        body["topic_truncated"] = True
     if len(payload) > _DEAD_LETTER_PAYLOAD_BYTES:
         payload = payload[:_DEAD_LETTER_PAYLOAD_BYTES]
         body["payload_truncated"] = True
     body["payload_base64"] = base64.b64encode(payload).decode("ascii")
     return orjson.dumps(body) + b"\n"
+
+
+def _shown(topic: str) -> str:
+    """A topic as log lines show it: MQTT allows 65535 bytes, a log line should not."""
+    return topic if len(topic) <= _LOGGED_TOPIC_CHARS else topic[:_LOGGED_TOPIC_CHARS] + "…"
 
 
 def _echo(message: Message) -> None:

@@ -103,7 +103,13 @@ def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) 
         kwargs["clean_session"] = not c.persistent
     client = factory(CallbackAPIVersion.VERSION2, **kwargs)
     client.suppress_exceptions = True       # a second net under our own callback guards
-    client.enable_logger(logging.getLogger("gateway.source.paho"))
+    # paho repeats a connection error on every retry ("failed to receive on socket"); the source
+    # logs each connection state change itself, once, with the likely cause. paho's own lines are
+    # kept for LOG_LEVEL=DEBUG.
+    paho_log = logging.getLogger("gateway.source.paho")
+    if not paho_log.isEnabledFor(logging.DEBUG):
+        paho_log.setLevel(logging.CRITICAL)
+    client.enable_logger(paho_log)
     if c.transport == "websockets":
         client.ws_set_options(path=c.ws_path)
     if c.tls or c.ca_file:

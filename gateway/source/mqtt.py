@@ -299,6 +299,11 @@ class MqttSource:
         if was:
             level = logging.INFO if self._stop.is_set() else logging.WARNING
             log.log(level, "disconnected from MQTT broker: %s", reason)
+        elif not self._stop.is_set():
+            # Closed before CONNACK: the classic cause is a TLS mismatch (plain MQTT to a TLS
+            # listener, or TLS to a plain one); a broker at its connection limit does it too.
+            self._connect_failed(f"connection closed before CONNACK ({reason}); check MQTT_TLS and "
+                                 f"MQTT_PORT: a TLS listener drops plain MQTT and a plain one drops TLS")
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._received += 1

@@ -121,12 +121,9 @@ def test_plain_mqtt_to_a_tls_port_is_refused_with_a_clear_error(
     attempts = broker.log_text().count("wrong version number")  # the broker saw plain MQTT
     assert 3 <= attempts <= 2 * (OBSERVE_S + 3) / 0.2, attempts  # retried, with a floor between tries
     lines = _error_lines(gw, "cannot connect to MQTT broker")
-    if not lines:  # known gap, reported: see the closing note of issue 7
-        resets = _error_lines(gw, "connection reset by peer")
-        pytest.xfail(f"plain MQTT to a TLS port is logged only by paho, once per retry "
-                     f"({len(resets)} x 'failed to receive on socket: Connection reset by peer'), "
-                     f"not as one gateway line naming the likely cause")
     _assert_one_line(gw, lines, "cannot connect to MQTT broker")
+    assert "MQTT_TLS" in lines[0], lines
+    assert not _error_lines(gw, "connection reset by peer"), "paho's per-retry lines are not repeated"
 
 
 def test_mutual_tls_with_a_client_certificate_delivers(
