@@ -19,7 +19,8 @@ from typing import Any
 
 from gateway import __version__
 from gateway.config.loader import load_routes
-from gateway.config.reload import ActiveTable, DirectoryWatcher, Reloader, TableDiff, install_sighup, mount_warning
+from gateway.config.reload import ActiveTable, Reloader, TableDiff
+from gateway.config.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.config.settings import Settings, SettingsError, find_env_file, load_settings
 from gateway.ops.http import HealthServer
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret

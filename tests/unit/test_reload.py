@@ -17,10 +17,8 @@ from typing import Any
 import pytest
 
 from gateway.config.loader import load_routes
-from gateway.config.reload import (
-    ActiveTable, Debouncer, DirectoryWatcher, Reloader, TableDiff, diff_tables, install_sighup,
-    mount_warning,
-)
+from gateway.config.reload import ActiveTable, Reloader, TableDiff, diff_tables
+from gateway.config.watch import Debouncer, DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.expressions import compile_expression
 from gateway.routing.table import DeadLetter, Route, RouteTable
 from tests.support.atomic_writer import AtomicWriter
