@@ -23,23 +23,18 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, cast
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
-from dotenv.parser import parse_stream
+from gateway.config.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
 
 __all__ = [
     "HttpSettings", "KinesisSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
     "ReloadSettings", "Settings", "SettingsError", "find_env_file", "load_settings",
 ]
 
-FILE_ONLY = frozenset({"USER", "PASS"})
-"""Seed names honoured only from the ``.env`` file: in a shell ``USER`` is the login name."""
-
 _MIB = 1024 * 1024
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _STREAM_ARN = re.compile(r"arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}")
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/\S+")
 _SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}")
-_SERVICE_LINK = re.compile(r"(tcp|udp|sctp)://[^/]+:\d+")
 _SCHEMES = {  # scheme -> (transport, tls)
     "tcp": ("tcp", False), "mqtt": ("tcp", False),
     "ssl": ("tcp", True), "tls": ("tcp", True), "mqtts": ("tcp", True),
@@ -49,12 +44,6 @@ _Transport = Literal["tcp", "websockets"]
 _Protocol = Literal["5", "3.1.1"]
 _LogFormat = Literal["auto", "json", "text"]
 _ReloadMode = Literal["inotify", "polling", "off"]
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message is one line naming the variable (and file)."""
 
 
 class LegacyRoute(NamedTuple):
@@ -149,158 +138,13 @@ class Settings:
     """MQTT password, AWS secret key and session token: register them with the log redaction."""
 
 
-def find_env_file(environ: Mapping[str, str] | None = None) -> str | None:
-    """The ``.env`` file to read: ``GATEWAY_ENV_FILE``, else ``./.env`` if present (as the seed)."""
-    environ = os.environ if environ is None else environ
-    explicit = environ.get("GATEWAY_ENV_FILE", "").strip()
-    if explicit:
-        return explicit
-    return ".env" if os.path.isfile(".env") else None
-
-
-class _Value(NamedTuple):
-    name: str
-    text: str
-    origin: str | None  # "path:line" when the value came from the .env file
-
-
-class _Source:
-    """Looks names up (environment over file) and turns bad values into single-line errors."""
-
-    def __init__(self, environ: Mapping[str, str], file_values: Mapping[str, str | None],
-                 lines: Mapping[str, int], path: str | None) -> None:
-        self._env, self._file, self._lines, self._path = environ, file_values, lines, path
-
-    def get(self, *names: str) -> _Value | None:
-        """First name, in priority order, with a non-empty value."""
-        for name in names:
-            if name not in FILE_ONLY:
-                text = self._env.get(name)
-                if text is not None and text.strip():
-                    return _Value(name, text, None)
-            text = self._file.get(name)
-            if text is not None and text.strip():
-                return _Value(name, text, f"{self._path}:{self._lines.get(name, 1)}")
-        return None
-
-    @staticmethod
-    def error(value: _Value, reason: str, show: bool = True) -> SettingsError:
-        where = f"{value.origin}: " if value.origin else ""
-        got = f", got {value.text.strip()!r}" if show else ""
-        hint = ""
-        if show and _SERVICE_LINK.fullmatch(value.text.strip()):
-            hint = (" (this looks like a Kubernetes service link variable; set"
-                    " enableServiceLinks: false or set the variable explicitly)")
-        return SettingsError(f"{where}{value.name}: {reason}{got}{hint}")
-
-    def text(self, *names: str, default: str | None = None) -> str | None:
-        value = self.get(*names)
-        return value.text.strip() if value else default
-
-    def integer(self, *names: str, default: int, lo: int, hi: int) -> int:
-        value = self.get(*names)
-        if value is None:
-            return default
-        try:
-            number = int(value.text.strip(), 10)
-        except ValueError:
-            number = lo - 1
-        if not lo <= number <= hi:
-            raise self.error(value, f"expected an integer {lo}-{hi}")
-        return number
-
-    def number(self, *names: str, default: float, lo: float, scale: float = 1.0,
-               unit: str = "seconds") -> float:
-        value = self.get(*names)
-        if value is None:
-            return default * scale
-        try:
-            number = float(value.text.strip())
-        except ValueError:
-            number = float("nan")
-        if not lo <= number < float("inf"):  # also rejects nan
-            raise self.error(value, f"expected a number of {unit} of at least {lo:g}")
-        return number * scale
-
-    def millis(self, name: str, default: float, lo: float) -> float:
-        return self.number(name, default=default, lo=lo, scale=1e-3, unit="milliseconds")
-
-    def boolean(self, *names: str, default: bool) -> bool:
-        value = self.get(*names)
-        if value is None:
-            return default
-        word = value.text.strip().lower()
-        if word in _TRUE or word in _FALSE:
-            return word in _TRUE
-        raise self.error(value, "expected true or false")
-
-    def choice(self, name: str, default: str, choices: Mapping[str, str]) -> str:
-        value = self.get(name)
-        if value is None:
-            return default
-        word = value.text.strip().lower()
-        if word not in choices:
-            raise self.error(value, "expected one of " + ", ".join(dict.fromkeys(choices.values())))
-        return choices[word]
-
-    def secret(self, name: str, seed: str) -> str | None:
-        """NAME, else NAME_FILE (a mounted secret), else the seed name from the .env file."""
-        direct, from_file = self.get(name), self.get(name + "_FILE")
-        if direct and from_file:
-            raise self.error(direct, f"both {name} and {name}_FILE are set; use one", show=False)
-        if direct:
-            return direct.text
-        if from_file:
-            path = from_file.text.strip()
-            try:
-                with open(path, encoding="utf-8") as handle:
-                    text = handle.read()
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise self.error(from_file, f"cannot read {path!r}: {reason}", show=False) from None
-            text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-            return text or None
-        return self._file.get(seed) or None  # seed USER/PASS: .env only; empty = no credentials
-
-    def path(self, name: str) -> str | None:
-        value = self.get(name)
-        if value is None:
-            return None
-        if not os.path.isfile(value.text.strip()):
-            raise self.error(value, "no such file")
-        return value.text.strip()
-
-
-def _words(text: str) -> dict[str, str]:
-    return {word: word for word in text.split()}
-
-
-def _read_env_file(path: str) -> tuple[dict[str, str | None], dict[str, int]]:
-    """Values and line numbers; a line python-dotenv cannot parse is an error, not a warning."""
-    try:
-        with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a BOM from editors
-            bindings = list(parse_stream(handle))
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise SettingsError(f"{path}: cannot read the .env file: {reason}") from None
-    lines: dict[str, int] = {}
-    for binding in bindings:
-        if binding.error:  # the line is not echoed: it may hold a password
-            raise SettingsError(f"{path}:{binding.original.line}: cannot parse this line"
-                                " (expected NAME=value)")
-        if binding.key is not None:
-            lines[binding.key] = binding.original.line
-    values = dotenv_values(path, interpolate=False, encoding="utf-8-sig")
-    return values, lines
-
-
 def load_settings(environ: Mapping[str, str] | None = None,
                   env_file: str | os.PathLike[str] | None = None) -> Settings:
     """Build the settings once at startup; every problem is a single-line ``SettingsError``."""
     environ = os.environ if environ is None else environ
     path = os.fspath(env_file) if env_file is not None else None
-    values, lines = _read_env_file(path) if path is not None else ({}, {})
-    src = _Source(environ, values, lines, path)
+    values, lines = read_env_file(path) if path is not None else ({}, {})
+    src = Source(environ, values, lines, path)
 
     mqtt = _mqtt(src)
     routes_file = src.text("GATEWAY_ROUTES")
@@ -316,13 +160,13 @@ def load_settings(environ: Mapping[str, str] | None = None,
         http=HttpSettings(host=src.text("HTTP_HOST", default="0.0.0.0") or "0.0.0.0",
                           port=src.integer("HTTP_PORT", default=8081, lo=0, hi=65535)),
         logging=LoggingSettings(
-            format=cast(_LogFormat, src.choice("LOG_FORMAT", "auto", _words("auto json text"))),
+            format=cast(_LogFormat, src.choice("LOG_FORMAT", "auto", words("auto json text"))),
             level=src.choice("LOG_LEVEL", "INFO", {
                 "debug": "DEBUG", "info": "INFO", "warning": "WARNING", "warn": "WARNING",
                 "error": "ERROR", "critical": "CRITICAL"})),
         reload=ReloadSettings(
             mode=cast(_ReloadMode, src.choice("GATEWAY_RELOAD", "inotify",
-                                              _words("inotify polling off"))),
+                                              words("inotify polling off"))),
             debounce_s=src.millis("GATEWAY_RELOAD_DEBOUNCE_MS", default=200, lo=0),
             rescan_s=src.number("GATEWAY_RELOAD_RESCAN_S", default=30, lo=0)),
         backlog=src.integer("GATEWAY_BACKLOG", "BACKLOG_COUNT", default=20000, lo=1, hi=10_000_000),
@@ -337,7 +181,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
     )
 
 
-def _mqtt(src: _Source) -> MqttSettings:
+def _mqtt(src: Source) -> MqttSettings:
     host_value = src.get("MQTT_HOST", "BROKER")
     if host_value is None:
         raise SettingsError("MQTT_HOST: not set (the broker host, or a URL such as"
@@ -403,7 +247,7 @@ def _mqtt(src: _Source) -> MqttSettings:
     )
 
 
-def _parse_broker(src: _Source, value: _Value
+def _parse_broker(src: Source, value: Value
                   ) -> tuple[str, int | None, str | None, bool, str | None]:
     """host, port, transport, tls, ws path of ``host``, ``host:port``, ``scheme://host[:port]``."""
     text = value.text.strip()
@@ -433,7 +277,7 @@ def _parse_broker(src: _Source, value: _Value
     return parts.hostname, port, transport, tls, path
 
 
-def _legacy_route(src: _Source) -> LegacyRoute:
+def _legacy_route(src: Source) -> LegacyRoute:
     topic_value, stream_value = src.get("TOPIC"), src.get("KIN_STREAM_NAME")
     if topic_value is None or stream_value is None:
         missing = " and ".join(name for name, value in (("TOPIC", topic_value),
@@ -464,7 +308,7 @@ def _legacy_route(src: _Source) -> LegacyRoute:
     return LegacyRoute(topic, stream, key, qos)
 
 
-def _kinesis(src: _Source) -> KinesisSettings:
+def _kinesis(src: Source) -> KinesisSettings:
     batch_bytes = src.integer("KINESIS_BATCH_BYTES", default=5 * _MIB, lo=1, hi=10 * _MIB)
     max_record = src.integer("KINESIS_MAX_RECORD_BYTES", default=_MIB, lo=1, hi=10 * _MIB)
     if max_record > batch_bytes:
