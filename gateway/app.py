@@ -191,7 +191,7 @@ class Gateway:
 
     def _shutdown(self) -> int:
         deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        self.source.pause()
+        self.source.stop_intake()
         if self.watcher is not None:
             self.watcher.stop()
         drained = self.sink.drain(max(0.0, deadline - time.monotonic() - 1.0))

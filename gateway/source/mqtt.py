@@ -84,6 +84,8 @@ class MqttSource:
         self._pub_early: dict[int, tuple[bool, str]] = {}
         self._publishing = 0
         self._paused = False
+        self._intake_stopped = False
+        self._intake_quiet = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_ident: int | None = None
@@ -183,6 +185,18 @@ class MqttSource:
 
     def pause(self) -> None:
         self._paused = True
+
+    def stop_intake(self, timeout: float = 2.0) -> None:
+        """Read nothing more, not even the bounded keepalive reads of a pause: for the drain at
+        shutdown, so every message taken in is one the drain waits for. Acks still go out.
+        Returns once the loop thread has finished the round it was in (a message it was reading
+        has reached the sink by then)."""
+        self._paused = True
+        self._intake_stopped = True
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread.is_alive() and threading.get_ident() != self._thread_ident:
+            self._intake_quiet.wait(timeout)
 
     def resume(self) -> None:
         self._paused = False
@@ -369,6 +383,8 @@ class MqttSource:
             self._wake_w.close()
 
     def _run_once(self) -> None:
+        if self._intake_stopped:
+            self._intake_quiet.set()   # the previous round, and its reads, are over
         if self._client.socket() is None:
             if not self._connect_once():
                 self._stop.wait(self._next_delay())
@@ -414,7 +430,7 @@ class MqttSource:
             return
         now = time.monotonic()
         paused = self._connected and self.paused     # CONNACK is always read at once
-        may_read = not paused or now >= self._next_paused_read
+        may_read = not self._intake_stopped and (not paused or now >= self._next_paused_read)
         pending = getattr(sock, "pending", None)
         buffered = may_read and pending is not None and pending() > 0
         rlist: list[Any] = [self._wake_r, sock] if may_read else [self._wake_r]

@@ -229,6 +229,22 @@ class FaultProxy:
                     raise
         raise AssertionError("unreachable")
 
+    def written_seqs(self) -> set[int]:
+        """Seqs in the entries the upstream accepted: the proxy's own ledger, beside read-back."""
+        from tests.support.oracle import seqs_in
+
+        with self._lock:
+            entries = list(self.entries_log)
+        out: set[int] = set()
+        for entry in entries:
+            out.update(seqs_in(entry["data"]))
+        return out
+
+    def written(self) -> int:
+        """How many entries the upstream accepted."""
+        with self._lock:
+            return len(self.entries_log)
+
 
 def _kinesis_bytes(entries: list[dict[str, Any]]) -> int:
     return sum(len(base64.b64decode(e.get("Data", ""))) + len(e.get("PartitionKey", "").encode())
