@@ -24,6 +24,7 @@ from gateway import __version__
 from gateway.config.findings import REPORTERS, FileReport, report_text
 from gateway.config.loader import LoadResult, load_routes, read_yaml
 from gateway.routing.table import Message, Outcome, Record, Rejected, RouteTable
+from gateway.routing.topics import topic_name_error
 
 __all__ = ["main", "build_parser"]
 
@@ -118,18 +119,8 @@ def _outcome_json(outcome: Outcome) -> dict[str, Any]:
     return {"route": outcome.route, "skipped": outcome.reason}
 
 
-def _topic_problem(topic: str) -> str | None:
-    if not topic:
-        return "the topic must not be empty"
-    if "+" in topic or "#" in topic:
-        return "the topic of a message has no wildcards ('+', '#')"
-    if "\x00" in topic:
-        return "the topic must not contain the null character"
-    return None
-
-
 def _message(topic: str, payload: bytes, qos: int) -> Message:
-    problem = _topic_problem(topic)
+    problem = topic_name_error(topic)
     if problem is not None:
         raise _UsageError(f"topic {topic!r}: {problem}")
     return Message(topic=topic, payload=payload, qos=qos, received_ms=int(time.time() * 1000))

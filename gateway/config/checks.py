@@ -27,7 +27,7 @@ import yaml
 from gateway.config.findings import Finding, format_path
 from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.routing.table import MAX_PARTITION_KEY_CHARS, DeadLetter, Route
-from gateway.routing.topics import TopicTrie, filter_error
+from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
 
 __all__ = ["SemanticResult", "check_routes"]
 
@@ -132,12 +132,9 @@ def _check_literals(ctx: _Ctx, path: Path, key: str, expression: Expression) -> 
 
 
 def _topic_name_error(topic: str) -> str | None:
-    if not topic:
-        return "a dead-letter topic must not be empty"
-    if "+" in topic or "#" in topic:
-        return "a dead-letter topic is a topic name: no '+' or '#' wildcards"
-    if "\x00" in topic:
-        return "a dead-letter topic must not contain the null character"
+    problem = topic_name_error(topic)
+    if problem is not None:
+        return f"dead-letter topic: {problem}"
     if topic.startswith("$"):
         return "a dead-letter topic must not start with '$' (reserved for the broker)"
     return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["filter_error", "covers", "TopicTrie", "minimal_subscriptions"]
+__all__ = ["filter_error", "topic_name_error", "covers", "TopicTrie", "minimal_subscriptions"]
 
 T = TypeVar("T")
 
@@ -41,6 +41,17 @@ def filter_error(topic_filter: str) -> str | None:
                 return "'#' is allowed only as the last level"
         if "+" in level and level != "+":
             return f"'+' must occupy a whole level (level {index + 1} is '{level}')"
+    return None
+
+
+def topic_name_error(topic: str) -> str | None:
+    """Why ``topic`` cannot be the topic of a published message, or None when it can."""
+    if not topic:
+        return "a topic must not be empty"
+    if "+" in topic or "#" in topic:
+        return "a topic name has no '+' or '#' wildcards"
+    if "\x00" in topic:
+        return "a topic must not contain the null character"
     return None
 
 
