@@ -119,6 +119,7 @@ class Gateway:
         self.pipeline = Pipeline(self.active, self.sink, self.acks, self.metrics, settings.backlog,
                                  dead_letter_mqtt=self.source, echo=settings.stdout)
         self.source.set_backlog_full(self.pipeline.backlog_full)
+        self.metrics.before_render(self.pipeline.flush_counts)
         self.source.set_subscriptions(list(table.subscriptions))
         self.reloader: Reloader | None = None
         self.watcher: DirectoryWatcher | None = None
@@ -182,7 +183,7 @@ class Gateway:
             install_sighup(self.watcher)
         self.source.start()
         while not self._stop.wait(0.5):
-            self.pipeline.flush_logs()
+            self.pipeline.flush()
             if not self.alive():
                 log.error("a gateway thread died; exiting so the supervisor restarts the process")
                 self._exit_code = EXIT_FAILED
@@ -199,7 +200,7 @@ class Gateway:
         self.sink.close()
         if self.http is not None:
             self.http.stop()
-        self.pipeline.flush_logs(everything=True)
+        self.pipeline.flush(everything=True)
         if drained:
             log.info("stopped: everything delivered was acknowledged")
         else:

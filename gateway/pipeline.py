@@ -128,6 +128,14 @@ class Pipeline:
         self._mqtt_dead_letter = dead_letter_mqtt
         self._echo = echo
         self._rate_limited = _RateLimitedLog()
+        # Per-message counts are plain running totals written only by the MQTT thread;
+        # ``flush_counts`` hands the increase to the metrics registry in bulk (a prometheus
+        # counter takes a lock per increment).
+        self._received: dict[str, int] = {}
+        self._unrouted = 0
+        self._flushed: dict[str, int] = {}
+        self._flushed_unrouted = 0
+        self._flush_lock = threading.Lock()  # the app's tick and a /metrics scrape may meet
 
     @property
     def held(self) -> int:
@@ -148,16 +156,16 @@ class Pipeline:
             _echo(message)
         table = self._active.current
         outcomes = table.route(message)
-        metrics = self._metrics
         if not outcomes:
-            metrics.unrouted(1)
+            self._unrouted += 1
             self._acks.arrived(mid, qos, 0, message.received_ms)
             return
         routes = table.matching(message.topic)  # memoised: the same tuple route() just used
         records: list[tuple[Record, Route]] = []
         rejected: list[tuple[Rejected, Route]] = []
+        received = self._received
         for route, outcome in zip(routes, outcomes):
-            metrics.messages_received(route.name)
+            received[route.name] = received.get(route.name, 0) + 1
             kind = type(outcome)
             if kind is Record:
                 records.append((outcome, route))  # type: ignore[arg-type]
@@ -178,7 +186,6 @@ class Pipeline:
                 topic=_shown(message.topic),
             )
             self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
-        metrics.set_backlog(self._held, self.backlog_capacity)
 
     # -- sink threads -------------------------------------------------------------------------
 
@@ -214,7 +221,6 @@ class Pipeline:
         with self._held_lock:
             self._held -= len(tickets)
         self._acks.settle(tickets)
-        self._metrics.set_backlog(self._held, self.backlog_capacity)
 
     # -- dead letters -------------------------------------------------------------------------
 
@@ -255,9 +261,26 @@ class Pipeline:
             topic=_shown(token.message.topic),
         )
 
-    def flush_logs(self, everything: bool = False) -> None:
-        """Log the counts of messages whose lines were held back (the app calls this every tick)."""
+    def flush(self, everything: bool = False) -> None:
+        """The app's periodic tick: counts to the metrics, and the counts of log lines held back
+        by rate limiting to the log."""
+        self.flush_counts()
         self._rate_limited.flush(everything)
+
+    def flush_counts(self) -> None:
+        """Hand the per-message counts and the backlog gauge to the metrics (also before every
+        scrape, through ``Metrics.before_render``)."""
+        with self._flush_lock:
+            for route, total in list(self._received.items()):  # list(): one atomic snapshot
+                increase = total - self._flushed.get(route, 0)
+                if increase:
+                    self._metrics.messages_received(route, increase)
+                    self._flushed[route] = total
+            unrouted = self._unrouted
+            if unrouted != self._flushed_unrouted:
+                self._metrics.unrouted(unrouted - self._flushed_unrouted)
+                self._flushed_unrouted = unrouted
+            self._metrics.set_backlog(self._held, self.backlog_capacity)
 
 
 def _envelope(message: Message, route: str, reason: str) -> bytes:

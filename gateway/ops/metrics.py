@@ -12,7 +12,7 @@ the exposition without touching the library's process-wide switch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -109,6 +109,12 @@ class Metrics:
         made["subscriptions_granted"].set(0)
         for result in ("success", "failure"):
             self._child("config_reloads", result)
+        self._before_render: list[Callable[[], None]] = []
+
+    def before_render(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` before every exposition: counts kept outside the registry on the hot path
+        are handed over then, so a scrape always sees them up to date."""
+        self._before_render.append(hook)
 
     def _child(self, name: str, *labels: str) -> Any:
         key = (name, labels)
@@ -191,4 +197,6 @@ class Metrics:
     # -- exposition ---------------------------------------------------------------------------
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``) for ``/metrics``."""
+        for hook in self._before_render:
+            hook()
         return generate_latest(self._view)  # type: ignore[arg-type]

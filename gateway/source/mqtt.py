@@ -80,6 +80,7 @@ class MqttSource:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._ack_out: deque[tuple[int, int]] = deque()
+        self._ack_wake_sent = False   # one wake-up per drain of _ack_out, not one per ack
         self._pub_callbacks: dict[int, Callable[[bool, str], None]] = {}
         self._pub_early: dict[int, tuple[bool, str]] = {}
         self._publishing = 0
@@ -205,7 +206,8 @@ class MqttSource:
     def ack(self, mid: int, qos: int) -> None:
         """Queue an ack for the loop thread (AckTracker calls this, under its lock: never blocks)."""
         self._ack_out.append((mid, qos))
-        if threading.get_ident() != self._thread_ident:
+        if not self._ack_wake_sent and threading.get_ident() != self._thread_ident:
+            self._ack_wake_sent = True
             self._wake()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1,
@@ -281,6 +283,7 @@ class MqttSource:
             return
         self.acks.new_connection()     # before anything else: old-connection acks die here
         self._ack_out.clear()
+        self._ack_wake_sent = False
         self.subscriptions.new_connection()
         session_present = bool(flags.session_present)
         with self._lock:
@@ -304,6 +307,7 @@ class MqttSource:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._ack_out.clear()
+        self._ack_wake_sent = False
         with self._lock:
             was, self._connected = self._connected, False
             if was:
@@ -485,6 +489,7 @@ class MqttSource:
     def _flush_acks(self) -> None:
         if not self._connected:
             return
+        self._ack_wake_sent = False   # before draining: an ack appended from now on wakes us again
         ack_out, client = self._ack_out, self._client
         while ack_out:
             mid, qos = ack_out.popleft()

@@ -270,6 +270,7 @@ def run_and_check(table: RouteTable, catcher: TracebackCatcher,
                 expected_dead[outcome.route] += 1
         pipeline.intake(message, mid, qos)  # must never raise
     assert sink.drain(1e9), "sink did not settle every record"
+    pipeline.flush()  # per-message counts reach the metrics on the app's tick
 
     # nothing broke a PutRecords limit, and no traceback or error was logged
     assert kinesis.violations == []

@@ -62,6 +62,7 @@ def test_unrouted_and_filtered_messages_are_acked_at_once() -> None:
     pipeline, _, acked, metrics = build(Route("a", ("t/#",), "s", expr("name"), filter=expr("`false`")))
     pipeline.intake(message(topic="other"), mid=1, qos=1)
     pipeline.intake(message(), mid=2, qos=1)
+    pipeline.flush()
     assert acked == [1, 2] and metrics.calls["unrouted"] == 1
 
 
@@ -91,7 +92,7 @@ def test_without_a_dead_letter_a_rejection_is_dropped_counted_logged_and_acked(c
     with caplog.at_level(logging.WARNING):
         for mid in (1, 2, 3):
             pipeline.intake(message(b"not json"), mid=mid, qos=1)
-        pipeline.flush_logs(everything=True)
+        pipeline.flush(everything=True)
     assert acked == [1, 2, 3] and metrics.calls["records_dropped"] == 3
     lines = [r.getMessage() for r in caplog.records]
     assert any("'a'" in line and "t/1" in line and "not valid UTF-8 JSON" in line for line in lines)
