@@ -1,0 +1,231 @@
+"""The scenarios of issue 6: subjects, route files and the target each one is judged against.
+
+Every scenario returns rows (one per subject) and checks (target, measured, pass). Ratios are
+always taken between rows of the same bench invocation, on the same machine state.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from bench.measure import MB, Monitor
+from bench.runner import ROOT, Subject, run_group
+from bench.services import Endpoint
+
+STREAM = "bench-stream"
+NAIVE_STREAM = "bench-naive"
+FILTER = "bench/+/welder/#"
+PY = sys.executable
+Row = dict[str, Any]
+Rows = list[Row]
+Checks = list[Row]
+GATEWAY_ENV: dict[str, str] = {}  # --gateway-env overrides, applied to every gateway run
+
+
+@dataclass(frozen=True)
+class Sizes:
+    steady_rate: float = 100.0
+    steady_s: float = 60.0
+    burst: int = 100_000
+    naive_cap_s: float = 20.0
+    extra_routes: int = 10_000
+    small_backlog: int = 2000
+    repeat: int = 1
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, extra_routes=10_000)
+
+
+def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool = False) -> Path:
+    """The bench route: welder payload, key `name`, newline-terminated; plus non-matching routes."""
+    lines = ["version: 1", "routes:",
+             "  - name: welder", f"    topic: \"{FILTER}\"", f"    stream: {STREAM}",
+             "    partition_key: name", f"    qos: {qos}", "    append_newline: true"]
+    if aggregate:
+        lines.append("    aggregate: true")
+    for i in range(extra_routes):
+        lines += [f"  - name: r{i}", f"    topic: \"bench/r{i}/+/welder/#\"", f"    stream: {STREAM}",
+                  "    partition_key: name", f"    qos: {qos}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gateway(name: str, routes: Path, *, workers: int = 1, aggregated: bool = False,
+            env: dict[str, str] | None = None, info: dict[str, Any] | None = None) -> Subject:
+    cmd = os.environ.get("BENCH_GATEWAY_COMMAND")
+    argv = (shlex.split(cmd) if cmd else [PY, "-m", "gateway"]) + ["run", "--routes", str(routes)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    e = {"MQTT_CLIENT_ID": f"bench-{name}-{time.monotonic_ns()}", "HTTP_PORT": "0", "LOG_FORMAT": "json",
+         "GATEWAY_ROUTES": str(routes),
+         "GATEWAY_RELOAD": "off"}
+    if workers > 1:
+        e["MQTT_SHARE_GROUP"] = "bench"
+    e.update(GATEWAY_ENV)
+    e.update(env or {})
+    return Subject(name, argv, e, stream=STREAM, aggregated=aggregated,
+                   min_subscribers=workers if workers > 1 else 0,
+                   info={"kind": "gateway", "workers": workers, **(info or {})})
+
+
+def naive(qos: int, cap_s: float | None) -> Subject:
+    return Subject("naive", [PY, "bench/baselines/naive_bridge.py", "--port", "{port}", "--topic", FILTER,
+                             "--qos", str(qos), "--stream", NAIVE_STREAM],
+                   stream=NAIVE_STREAM, ready_line=True, cap_s=cap_s, info={"kind": "naive bridge"})
+
+
+def bare(qos: int, expect: int) -> Subject:
+    return Subject("bare", [PY, "bench/baselines/bare_receive.py", "--port", "{port}", "--topic", FILTER,
+                            "--qos", str(qos), "--expect", str(expect), "--idle-s", "5"],
+                   info={"kind": "paho bare receive", "protocol": "5", "receive_maximum": 1000})
+
+
+def check(name: str, target: str, value: float | None, ok: bool | None) -> Row:
+    return {"check": name, "target": target, "value": value, "pass": ok}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _best(runs: list[Row], name: str) -> Row:
+    """The median run by msg/s of one subject across repeats (one run: that run)."""
+    rows = sorted((r[name] for r in runs), key=lambda r: r["msg_per_s"])
+    return rows[len(rows) // 2]
+
+
+def _burst_kw(sizes: Sizes, ep: Endpoint, qos: int) -> dict[str, Any]:
+    return {"count": sizes.burst, "qos": qos, "rate": 0.0, "endpoint": ep,
+            "deadline_s": max(120.0, sizes.burst / 500)}
+
+
+def _median_of(sizes: Sizes, make: Callable[[], Subject], workdir: Path, kw: dict[str, Any]) -> Row:
+    """Run one subject `sizes.repeat` times on fresh brokers; the median run by msg/s."""
+    runs = []
+    for i in range(sizes.repeat):
+        subject = make()
+        runs.append(run_group([subject], workdir=workdir / f"{subject.name}{i}", **kw))
+    return _best(runs, subject.name)
+
+
+def memory_floor(workdir: Path) -> Row:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "GATEWAY_", "AWS_"))}
+    env.update(AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1", AWS_ACCESS_KEY_ID="x",
+               AWS_SECRET_ACCESS_KEY="x", AWS_ENDPOINT_URL_KINESIS="http://127.0.0.1:9")
+    proc = subprocess.Popen([PY, "bench/baselines/memory_floor.py"], cwd=ROOT, stdout=subprocess.PIPE,
+                            env=env)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        time.sleep(1.0)
+        with Monitor() as mon:
+            rss = mon.watch("floor", proc.pid).peak_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    return {"subject": "memory floor", "peak_rss_mb": rss / MB}
+
+
+def steady(sizes: Sizes, ep: Endpoint, wd: Path, floor_mb: float) -> tuple[Rows, Checks]:
+    """(a) 100 msg/s: gateway, naive bridge and bare receive side by side on one stream of messages."""
+    n = int(sizes.steady_rate * sizes.steady_s)
+    routes = route_file(wd / "steady" / "routes.yaml", qos=1)
+    res = run_group([gateway("gateway", routes), naive(1, None), bare(1, n)], count=n, qos=1,
+                    rate=sizes.steady_rate, endpoint=ep, workdir=wd / "steady",
+                    deadline_s=sizes.steady_s + 120)
+    rows = [dict(res[k], scenario="a steady QoS1") for k in ("bare", "naive", "gateway")]
+    g, b = res["gateway"], res["bare"]
+    over = g["peak_rss_mb"] - floor_mb
+    p50 = g["p50_ms"]
+    return rows, [
+        check("a: gateway CPU at 100 msg/s", "≤ 1.2 % of one core", g["cpu_pct"], g["cpu_pct"] <= 1.2),
+        check("a: paho bare receive CPU at 100 msg/s (its floor here)", "report", b["cpu_pct"], None),
+        check("a: p50 publish→readable", "≤ 250 ms", p50, p50 is not None and p50 <= 250),
+        check("a: peak RSS over memory floor, MB", "≤ +8 MB", over, over <= 8),
+        check("a: lost + duplicated", "0", g["lost"] + g["duplicates"], g["lost"] + g["duplicates"] == 0)]
+
+
+def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
+          backlog: int | None = None) -> tuple[Rows, Checks, Row]:
+    """(b) a burst at one QoS: bare receive, naive bridge (time-capped), gateway, one at a time."""
+    tag, where = f"b burst QoS{qos}", wd / f"burst{qos}"
+    routes = route_file(where / "routes.yaml", qos=qos)
+    kw = _burst_kw(sizes, ep, qos)
+    env = {"GATEWAY_BACKLOG": str(backlog)} if backlog else {}
+    b = _median_of(sizes, lambda: bare(qos, sizes.burst), where, kw)
+    nv = run_group([naive(qos, sizes.naive_cap_s)], workdir=where / "naive", **kw)["naive"]
+    g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 20000}),
+                   where, kw)
+    rows = [dict(b, scenario=tag), dict(nv, scenario=tag), dict(g, scenario=tag)]
+    if qos == 0 and sizes.small_backlog:
+        small_env = {"GATEWAY_BACKLOG": str(sizes.small_backlog)}
+        small = run_group([gateway("gateway-backlog", routes, env=small_env,
+                                   info={"backlog": sizes.small_backlog})],
+                          workdir=where / "small-backlog", **kw)["gateway-backlog"]
+        rows.append(dict(small, scenario=tag))
+    ratio = _ratio(g["msg_per_s"], b["msg_per_s"])
+    cost = _ratio(b["cpu_s_per_1k"], g["cpu_s_per_1k"])
+    label = "at-least-once" if qos else "at-most-once"
+    checks = [check(f"b: QoS{qos} gateway / paho bare rate ({label})", f"≥ {target:.0%}", ratio,
+                    ratio is not None and ratio >= target),
+              check(f"b: QoS{qos} same, from CPU per message (bare ÷ gateway)", f"≥ {target:.0%}", cost,
+                    cost is not None and cost >= target),
+              check(f"b: QoS{qos} lost", "0", g["lost"], g["lost"] == 0)]
+    if qos:
+        checks.append(check("b: QoS1 duplicated (no fault injected)", "0", g["duplicates"],
+                            g["duplicates"] == 0))
+    return rows, checks, g
+
+
+def workers(sizes: Sizes, ep: Endpoint, wd: Path) -> tuple[Rows, Checks]:
+    """(c) `run --workers 1` vs `--workers 2` in one shared-subscription group, QoS 1 burst."""
+    routes = route_file(wd / "workers" / "routes.yaml", qos=1)
+    kw = _burst_kw(sizes, ep, 1)
+    out = {w: _median_of(sizes, lambda w=w: gateway(f"workers{w}", routes, workers=w,  # type: ignore[misc]
+                                                      env={"MQTT_SHARE_GROUP": "bench"}),
+                         wd / "workers", kw) for w in (1, 2)}
+    ratio = _ratio(out[2]["msg_per_s"], out[1]["msg_per_s"])
+    bad = sum(out[w]["lost"] + out[w]["duplicates"] for w in (1, 2))
+    return [dict(out[w], scenario="c workers QoS1") for w in (1, 2)], [
+        check("c: throughput 2 workers / 1 worker", "≥ 1.7×", ratio, ratio is not None and ratio >= 1.7),
+        check("c: lost + duplicated (both runs)", "0", bad, bad == 0)]
+
+
+def many_routes(sizes: Sizes, ep: Endpoint, wd: Path, one_route: Row | None) -> tuple[Rows, Checks]:
+    """(d) 1 + 10,000 non-matching routes vs 1 route, QoS 0 burst."""
+    kw = _burst_kw(sizes, ep, 0)
+    routes = route_file(wd / "routes" / "routes.yaml", qos=0, extra_routes=sizes.extra_routes)
+    many = _median_of(sizes, lambda: gateway("routes10k", routes, info={"routes": sizes.extra_routes + 1}),
+                      wd / "routes", kw)
+    if one_route is None:
+        one = route_file(wd / "routes" / "one.yaml", qos=0)
+        one_route = _median_of(sizes, lambda: gateway("gateway", one), wd / "routes", kw)
+    ratio = _ratio(many["msg_per_s"], one_route["msg_per_s"])
+    return [dict(many, scenario="d 10,001 routes QoS0")], [
+        check("d: throughput 10,001 routes / 1 route", "≥ 0.90 (cost ≤ 10 %)", ratio,
+              ratio is not None and ratio >= 0.9)]
+
+
+def aggregation(sizes: Sizes, ep: Endpoint, wd: Path, plain: Row) -> tuple[Rows, Checks]:
+    """(f) KPL aggregation (`aggregate: true`) vs the plain QoS 0 burst."""
+    routes = route_file(wd / "agg" / "routes.yaml", qos=0, aggregate=True)
+    agg = _median_of(sizes, lambda: gateway("aggregate", routes, aggregated=True), wd / "agg",
+                     _burst_kw(sizes, ep, 0))
+    return [dict(agg, scenario="f KPL aggregate QoS0")], [
+        check("f: Kinesis records, plain / aggregated", "report",
+              _ratio(plain["kinesis_records"], agg["kinesis_records"]), None),
+        check("f: throughput, aggregated / plain", "report",
+              _ratio(agg["msg_per_s"], plain["msg_per_s"]), None),
+        check("f: CPU per message, plain / aggregated", "report",
+              _ratio(plain["cpu_s_per_1k"], agg["cpu_s_per_1k"]), None),
+        check("f: aggregated lost", "0", agg["lost"], agg["lost"] == 0)]
