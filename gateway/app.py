@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 from gateway import __version__
 from gateway.config.loader import load_routes
 from gateway.config.reload import ActiveTable, Reloader, TableDiff
+from gateway.config.settings import Settings
 from gateway.config.watch import DirectoryWatcher, install_sighup, mount_warning
-from gateway.config.settings import Settings, SettingsError, find_env_file, load_settings
 from gateway.ops.http import HealthServer
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.ops.metrics import Metrics
@@ -39,21 +38,8 @@ log = logging.getLogger("gateway")
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-def run(args: Any) -> int:
-    """Entry point of the `run` subcommand; returns the process exit code."""
-    environ = dict(os.environ)
-    if getattr(args, "routes", None):  # the command line wins over GATEWAY_ROUTES
-        environ["GATEWAY_ROUTES"] = args.routes
-    try:
-        settings = load_settings(environ, env_file=getattr(args, "env_file", None) or find_env_file(environ))
-    except SettingsError as error:
-        print(f"mqtt-kinesis-gateway: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    workers = getattr(args, "workers", None) or settings.workers
-    if workers > 1:
-        from gateway.workers import supervise
-
-        return supervise(workers, settings, sys.argv)
+def run(settings: Settings) -> int:
+    """Run one gateway process until SIGTERM/SIGINT; returns the process exit code."""
     configure_logging(settings.logging.format, settings.logging.level)
     log_uncaught_exceptions()
     for secret in settings.secret_values:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from typing import Any, TextIO
 from gateway import __version__
 from gateway.config.findings import REPORTERS, FileReport, report_text
 from gateway.config.loader import LoadResult, load_routes, read_yaml
+from gateway.config.settings import SettingsError, find_env_file, load_settings
 from gateway.routing.table import Message, Outcome, Record, Rejected, RouteTable
 from gateway.routing.topics import topic_name_error
 
@@ -278,9 +280,22 @@ def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    environ = dict(os.environ)
+    if args.routes:  # the command line wins over GATEWAY_ROUTES
+        environ["GATEWAY_ROUTES"] = args.routes
+    try:
+        settings = load_settings(environ, env_file=args.env_file or find_env_file(environ))
+    except SettingsError as error:
+        err.write(f"{PROG}: {error}\n")
+        return EXIT_USAGE
+    workers = args.workers or settings.workers
+    if workers > 1:  # the supervisor never imports boto3 or paho: it only starts processes
+        from gateway.workers import supervise
+
+        return supervise(workers, settings, sys.argv)
     from gateway.app import run  # lazy: boto3 and paho are imported only to run
 
-    return int(run(args) or 0)
+    return int(run(settings) or 0)
 
 
 # --- entry point ------------------------------------------------------------------------------

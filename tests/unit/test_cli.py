@@ -277,18 +277,28 @@ def test_python_dash_m_gateway_schema_works() -> None:
     assert json.loads(done.stdout)["$id"]
 
 
-def test_run_is_handed_to_the_app_lazily(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_loads_settings_and_hands_them_to_the_app_lazily(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
 
-    def fake_run(args: object) -> int:
-        seen["args"] = args
+    def fake_run(settings: object) -> int:
+        seen["settings"] = settings
         return 0
 
     monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(run=fake_run))
-    code, _, _ = run(capsys, "run", "--routes", "r.yaml", "--env-file", ".env", "--workers", "3")
+    monkeypatch.setenv("MQTT_HOST", "broker.example")
+    monkeypatch.delenv("GATEWAY_ROUTES", raising=False)
+    code, _, _ = run(capsys, "run", "--routes", "r.yaml")
     assert code == 0
-    args = seen["args"]
-    assert (args.routes, args.env_file, args.workers) == ("r.yaml", ".env", 3)  # type: ignore[attr-defined]
+    assert seen["settings"].routes_file == "r.yaml"  # type: ignore[attr-defined]
+
+
+def test_run_with_bad_settings_is_one_line_and_exit_2(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTT_HOST", "broker.example")
+    monkeypatch.setenv("MQTT_PORT", "abc")
+    code, _, err = run(capsys, "run", "--routes", "r.yaml")
+    assert code == 2 and err.count("\n") == 1 and "MQTT_PORT" in err
 
 
 def test_unexpected_exception_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,7 +306,8 @@ def test_unexpected_exception_is_one_line_and_exit_2(capsys: pytest.CaptureFixtu
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(run=broken))
-    code, _, err = run(capsys, "run")
+    monkeypatch.setenv("MQTT_HOST", "broker.example")
+    code, _, err = run(capsys, "run", "--routes", "r.yaml")
     assert code == 2
     assert err.count("\n") == 1 and "internal error: RuntimeError: boom" in err
 
