@@ -1,0 +1,51 @@
+"""`run --workers N`: N processes share the subscriptions through a shared-subscription group."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.gatewayproc import GatewayProcess, write_routes
+from tests.support.oracle import emit, wait_delivered
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _put_by(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "mqtt_kinesis_gateway_records_put" for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
+def test_two_workers_split_the_messages_and_lose_or_duplicate_nothing(
+        tmp_path: Path, kinesis_stream: str, kinesis: Any,
+        gateway_process: Callable[..., GatewayProcess], publisher: Callable[..., Any]) -> None:
+    routes = write_routes(tmp_path / "routes.yaml", f"""\
+version: 1
+routes:
+  - name: welders
+    topic: "welder/#"
+    stream: {kinesis_stream}
+    partition_key: name
+    qos: 1
+""")
+    gw = gateway_process(routes, args=["run", "--routes", str(routes), "--workers", "2"])
+    pub = publisher()
+    pub.publish_range(2000)
+    assert pub.wait_acked(60)
+    report, _ = wait_delivered(kinesis, kinesis_stream, pub.acked, len(pub.sent), timeout=60)
+    shares = [_put_by(gw.http_port), _put_by(gw.http_port + 1)]
+    emit("workers", f"{report} | records put by worker 0 and 1: {shares}")
+    report.assert_no_loss()
+    assert report.duplicates == 0
+    assert all(share > 0 for share in shares) and sum(shares) == 2000, shares
+    gw.signal(signal.SIGTERM)
+    assert gw.wait_exit(30) == 0, gw.output_tail()
