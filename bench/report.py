@@ -120,7 +120,8 @@ def context_lines(result: dict[str, Any]) -> list[str]:
     if lk and "skipped" not in lk:
         parts = [f"{k}: {v['matching_distinct_topics_us']:.1f} µs per trie lookup (distinct topics), "
                  f"{v['matching_same_topic_us']:.2f} µs memoised, {v['route_distinct_topics_us']:.1f} µs "
-                 f"route() incl. JSON + key" for k, v in lk.items()]
+                 f"route() incl. JSON + key, file loaded and validated in {v['load_s']:.2f} s"
+                 for k, v in lk.items()]
         out.append("Routing lookup (e): " + "; ".join(parts) + ".")
     elif lk:
         out.append(f"Routing lookup (e): skipped ({lk['skipped']}).")
