@@ -61,15 +61,6 @@ def threads_of(pid: int | None) -> int:
     return psutil.Process(pid).num_threads() if pid else 0
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll_s)
-    return predicate()
-
-
 def log_messages(gw: GatewayProcess) -> list[str]:
     return [str(e.get("message", e.get("msg", e.get("raw", "")))) for e in gw.logs()]
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.fault.helpers import Rig, log_messages, scale, threads_of, wait_until
+from tests.fault.helpers import Rig, log_messages, scale, threads_of
+from tests.support.oracle import wait_until
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]

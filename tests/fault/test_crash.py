@@ -15,8 +15,8 @@ from collections import defaultdict
 
 import pytest
 
-from tests.fault.helpers import FULL, Rig, scale, wait_until
-from tests.support.oracle import seqs_in
+from tests.fault.helpers import FULL, Rig, scale
+from tests.support.oracle import seqs_in, wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

@@ -13,15 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.fault.helpers import (
-    FULL,
-    Rig,
-    log_messages,
-    rss_mb,
-    scale,
-    wait_until,
-)
+from tests.fault.helpers import FULL, Rig, log_messages, rss_mb, scale
 from tests.support.faultproxy import FaultProxy
+from tests.support.oracle import wait_until
 from tests.support.services import MotoServer
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]

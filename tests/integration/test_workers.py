@@ -12,9 +12,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gatewayproc import GatewayProcess, write_routes
-from tests.support.oracle import emit, wait_delivered
+from tests.support.oracle import emit, wait_delivered, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _put_by(port: int) -> float:
@@ -38,6 +46,8 @@ routes:
     qos: 1
 """)
     gw = gateway_process(routes, args=["run", "--routes", str(routes), "--workers", "2"])
+    # gateway_process waits for worker 0; the broker shares only among members already subscribed
+    assert wait_until(lambda: _ready(gw.http_port + 1), 30), gw.output_tail()
     pub = publisher()
     pub.publish_range(2000)
     assert pub.wait_acked(60)

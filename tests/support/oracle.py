@@ -101,7 +101,7 @@ def emit(test: str, line: str) -> None:
             out.write(text + "\n")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, poll_s: float = 0.25) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float, poll_s: float = 0.1) -> bool:
     """Poll ``predicate`` until it holds or ``timeout`` passes; what it last said."""
     deadline = time.monotonic() + timeout
     while True:
