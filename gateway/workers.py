@@ -9,6 +9,8 @@ worst exit code; it restarts nothing (that is the container supervisor's job).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -21,6 +23,16 @@ __all__ = ["supervise", "DEFAULT_SHARE_GROUP"]
 log = logging.getLogger("gateway.workers")
 
 DEFAULT_SHARE_GROUP = "mqtt-kinesis-gateway"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies, even by SIGKILL, so no worker
+    outlives it holding a client id (Linux prctl PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _child_argv(argv: list[str]) -> list[str]:
@@ -52,7 +64,8 @@ def supervise(workers: int, settings: Any, argv: list[str]) -> int:
             "MQTT_SHARE_GROUP": share_group,
             "HTTP_PORT": str(settings.http.port + index) if settings.http.port else "0",
         })
-        children.append(subprocess.Popen(_child_argv(argv), env=env))  # noqa: S603 - our own command
+        children.append(subprocess.Popen(_child_argv(argv), env=env,  # noqa: S603 - our own command
+                                         preexec_fn=_die_with_parent))  # noqa: PLW1509 - no threads here
 
     def forward(signum: int, _frame: Any) -> None:
         for child in children:

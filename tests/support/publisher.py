@@ -29,6 +29,9 @@ def welder_payload(seq: int) -> bytes:
     return json.dumps({**WELDER, "name": f"device{seq % 7}", "seq": seq}).encode()
 
 
+_MAX_OUTSTANDING = 30_000
+
+
 class Publisher:
     """paho (VERSION2) client with its own loop thread; `acked` holds the seqs the broker PUBACKed."""
 
@@ -107,6 +110,10 @@ class Publisher:
                 delay = start + i / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
+            # MQTT packet ids are 16 bits: with 65,535 publishes outstanding paho would reuse the id
+            # of one still queued and lose track of it. Keep well below that.
+            while len(self._mid_to_seq) >= _MAX_OUTSTANDING:
+                time.sleep(0.005)
             self.publish(seq)
 
     def publish_in_background(self, seqs: Iterable[int] | int,
