@@ -1,4 +1,4 @@
-"""Fault-suite plumbing shared by the test modules: seed, scale switch, rig, serialising proxy.
+"""Fault-suite plumbing shared by the test modules: seed, scale switch, rig.
 
 Why a seed: the kill points and partial-failure draws are random so that repeated CI runs cover
 different instants, yet a failing run must be replayable. The seed comes from FAULT_SEED or the
@@ -9,13 +9,9 @@ Why two scales: reliability.md §10 states the long variants (50k messages, 5-mi
 pass criteria with shorter durations, so a regression shows in CI and the long run only adds
 confidence.
 
-Why a serialising proxy in front of moto: moto 5.2.5's `Shard.put_record` computes the next
-sequence number as max(existing)+1 without a lock, and its server is threaded, so two PutRecords
-to one shard at the same moment overwrite each other's records. Measured here: 10k messages, the
-gateway's 4 requests in flight, moto acknowledged all 10,000 entries and returned 9,920-9,944 on
-read-back. The gateway did nothing wrong, so every fault test sends through `SerialFaultProxy`,
-which forwards one request to moto at a time (delay and stall still act per request, outside the
-lock), and the oracle then reads moto itself.
+The fixtures' moto server serialises each shard's writes (moto 5.2.5 numbers records
+max(existing)+1 without a lock and loses some under concurrent PutRecords; see
+tests/support/services.py), so the oracle can trust what it reads back.
 
 This is a plain module (not the conftest) so that test modules import one instance of it.
 """
