@@ -79,6 +79,7 @@ class MqttSettings:
     tls_insecure: bool
     reconnect_min_s: float
     reconnect_max_s: float
+    read_interval_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +245,7 @@ def _mqtt(src: Source) -> MqttSettings:
         tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
         tls_insecure=src.boolean("MQTT_TLS_INSECURE", default=False),
         reconnect_min_s=reconnect_min, reconnect_max_s=reconnect_max,
+        read_interval_s=src.millis("MQTT_READ_INTERVAL_MS", default=100, lo=0),
     )
 
 
@@ -326,7 +328,7 @@ def _kinesis(src: Source) -> KinesisSettings:
         raise src.error(session_value, "expected 2-64 of A-Z a-z 0-9 + = , . @ _ -")
     return KinesisSettings(
         max_in_flight=src.integer("KINESIS_MAX_IN_FLIGHT", "KIN_MAXCONN", default=4, lo=1, hi=256),
-        linger_s=src.millis("KINESIS_LINGER_MS", default=50, lo=0),
+        linger_s=src.millis("KINESIS_LINGER_MS", default=200, lo=0),
         batch_records=src.integer("KINESIS_BATCH_RECORDS", default=500, lo=1, hi=500),
         batch_bytes=batch_bytes, max_record_bytes=max_record,
         retry_base_s=retry_base, retry_cap_s=retry_cap,

@@ -113,6 +113,10 @@ class KinesisSink:
         self._pending = 0
         self._force = 0
         self._drainers = 0
+        # One idle worker at a time waits with a timeout (the linger or backoff deadline); the
+        # others wait for a notify. Otherwise every worker wakes at every deadline, and at low
+        # rates those wake-ups cost more CPU than the requests.
+        self._timer_at: float | None = None
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._trouble: dict[str, str] = {}
@@ -289,8 +293,20 @@ class KinesisSink:
                     cfg.max_batch_records, cfg.max_batch_bytes, self._force > 0,
                 )
                 if job is not None or not block:
+                    if job is not None and self._timer_at is None and self._queued():
+                        self._cond.notify()   # hand the timer to an idle worker
                     return job, wake
-                self._cond.wait(None if wake is None else max(0.0, wake - self._clock()))
+                if wake is None or (self._timer_at is not None and self._timer_at <= wake):
+                    self._cond.wait()         # another worker wakes by then, and notifies
+                    continue
+                self._timer_at = wake
+                self._cond.wait(max(0.0, wake - self._clock()))
+                if self._timer_at == wake:
+                    self._timer_at = None
+
+    def _queued(self) -> bool:
+        """Work waits that some worker must wake for (under the lock)."""
+        return any(s.pending or s.agg or s.delayed or s.splits for s in self._order)
 
     def _run(self, job: tuple) -> None:
         kind = job[0]

@@ -53,6 +53,7 @@ class MqttConfig:
     tls_insecure: bool = False
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    read_interval_s: float = 0.0         # see MqttSource: at most one read of a drained socket per interval
 
     def __post_init__(self) -> None:
         problems = []
@@ -68,6 +69,8 @@ class MqttConfig:
             problems.append("a persistent v5 session needs session_expiry_s > 0")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             problems.append("reconnect delays must satisfy 0 < reconnect_min_s <= reconnect_max_s")
+        if self.read_interval_s < 0:
+            problems.append(f"read_interval_s must be >= 0, got {self.read_interval_s}")
         if not self.client_id and self.persistent:
             problems.append("a persistent session needs a client id")
         if problems:

@@ -98,6 +98,7 @@ class MqttSource:
         self._attempt = 0
         self._last_error = ""
         self._next_paused_read = 0.0
+        self._next_read = 0.0
         self._received = 0
         self._stats = dict.fromkeys(("connects", "connect_failures", "disconnects", "session_lost",
                                      "callback_errors", "loop_errors", "invalid_topic",
@@ -435,6 +436,9 @@ class MqttSource:
         now = time.monotonic()
         paused = self._connected and self.paused     # CONNACK is always read at once
         may_read = not self._intake_stopped and (not paused or now >= self._next_paused_read)
+        pacing = may_read and not paused and now < self._next_read
+        if pacing:
+            may_read = False
         pending = getattr(sock, "pending", None)
         buffered = may_read and pending is not None and pending() > 0
         rlist: list[Any] = [self._wake_r, sock] if may_read else [self._wake_r]
@@ -442,6 +446,8 @@ class MqttSource:
         timeout = 0.0 if buffered else min(max_wait, self._keepalive() / 4)
         if paused:
             timeout = min(timeout, _PAUSED_POLL_S)
+        if pacing:
+            timeout = min(timeout, self._next_read - now)
         readable, _, _ = select.select(rlist, [sock] if wants_write else [], [], timeout)
         if self._wake_r in readable:
             try:
@@ -471,6 +477,7 @@ class MqttSource:
             if client.loop_read() != 0 or client.socket() is None:
                 return
             if self._received == before or self.paused:
+                self._next_read = time.monotonic() + self.config.read_interval_s
                 return
 
     def _keepalive(self) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -365,6 +366,32 @@ def test_worker_threads_deliver_concurrent_puts_exactly_once() -> None:
     finally:
         sink.close()
     assert len(settled) == 200 and len(dict(settled)) == 200
+    assert {s for _, s in settled} == {PUT}
+
+
+def test_lingering_batches_go_out_on_their_own_with_idle_workers_waiting() -> None:
+    """One idle worker holds the linger timer and hands it on; no deadline may be missed
+    (nothing here forces a send: a lost timer would leave records queued forever)."""
+    client = FakeKinesis(fail_entries(0))
+    settled: list[tuple[Any, Any]] = []
+    done = threading.Event()
+
+    def on_settled(batch: list[tuple[Any, Any]]) -> None:
+        settled.extend(batch)
+        if len(settled) >= 30:
+            done.set()
+
+    sink = KinesisSink(client, SinkConfig(linger_s=0.03, max_in_flight=4, backoff_base_s=0.01,
+                                          backoff_cap_s=0.02), on_settled)
+    sink.start()
+    try:
+        for i in range(30):
+            sink.put([(rec(b"%d" % i, stream=f"s{i % 3}"), i)])
+            time.sleep(0.005 * (i % 4))
+        assert done.wait(10.0), f"only {len(settled)} of 30 settled"
+    finally:
+        sink.close()
+    assert sorted(t for t, _ in settled) == list(range(30))
     assert {s for _, s in settled} == {PUT}
 
 

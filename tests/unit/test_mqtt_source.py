@@ -421,6 +421,32 @@ def test_paused_source_reads_one_packet_per_quarter_keepalive(fake: Any) -> None
     assert client.reads == 3                              # a burst stops when no PUBLISH came in
 
 
+def test_drained_socket_is_read_again_only_after_the_read_interval(fake: Any) -> None:
+    source, client, pipeline = fake(MqttConfig(read_interval_s=60))
+    client.fire_connect()
+    client.fire_message(b"t", b"x", mid=4)
+    client._peer.sendall(b"more publishes")               # the socket stays readable
+    source._iterate(max_wait=0)
+    assert client.reads == 1                              # read until drained...
+    source._iterate(max_wait=0)
+    assert client.reads == 1                              # ...then not again within the interval
+    source.acks.settle(pipeline.tickets)
+    source._iterate(max_wait=0)
+    assert ("ack", 4, 1) in client.wire                   # acks do not wait for it
+    source._next_read = 0
+    source._iterate(max_wait=0)
+    assert client.reads == 2
+
+
+def test_read_interval_zero_reads_whenever_the_socket_is_readable(fake: Any) -> None:
+    source, client, _ = fake(MqttConfig(read_interval_s=0))
+    client.fire_connect()
+    client._peer.sendall(b"pending publishes")
+    for _ in range(3):
+        source._iterate(max_wait=0)
+    assert client.reads == 3
+
+
 def test_acks_and_pings_still_go_out_while_paused(fake: Any) -> None:
     source, client, pipeline = fake()
     client.fire_connect()

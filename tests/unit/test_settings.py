@@ -270,7 +270,8 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (mqtt.protocol, mqtt.keepalive_s, mqtt.session_expiry_s, mqtt.receive_maximum) == (
         "5", 30, 86400, 1000)
     assert (mqtt.reconnect_min_s, mqtt.reconnect_max_s, mqtt.share_group) == (1, 30, None)
-    assert (kinesis.max_in_flight, kinesis.linger_s, kinesis.batch_records) == (4, 0.05, 500)
+    assert mqtt.read_interval_s == 0.1
+    assert (kinesis.max_in_flight, kinesis.linger_s, kinesis.batch_records) == (4, 0.2, 500)
     assert (kinesis.batch_bytes, kinesis.max_record_bytes) == (5 * 2**20, 2**20)
     assert (kinesis.retry_base_s, kinesis.retry_cap_s, kinesis.record_ttl_s) == (0.1, 10, 0)
     assert (settings.http.host, settings.http.port) == ("0.0.0.0", 8081)
