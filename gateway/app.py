@@ -17,12 +17,10 @@ import time
 from typing import Any
 
 from gateway import __version__
-from gateway.config.loader import load_routes
 from gateway.config.reload import ActiveTable, Reloader, TableDiff
 from gateway.config.settings import Settings
 from gateway.config.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.ops.http import HealthServer
-from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.routing.table import RouteTable
@@ -31,41 +29,11 @@ from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource
 
-__all__ = ["run", "Gateway"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "Gateway"]
 
 log = logging.getLogger("gateway")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-def run(settings: Settings) -> int:
-    """Run one gateway process until SIGTERM/SIGINT; returns the process exit code."""
-    configure_logging(settings.logging.format, settings.logging.level)
-    log_uncaught_exceptions()
-    for secret in settings.secret_values:
-        register_secret(secret)
-    table = _initial_table(settings)
-    if table is None:
-        return EXIT_CONFIG
-    gateway = Gateway(settings, table)
-    return gateway.run_until_stopped()
-
-
-def _initial_table(settings: Settings) -> RouteTable | None:
-    if settings.routes_file:
-        result = load_routes(settings.routes_file)
-        for finding in result.findings:
-            if finding.severity == "error":
-                log.error("%s", finding.format_text())
-        if result.table is None:
-            log.error("route file %s is invalid; not starting", settings.routes_file)
-            return None
-        return result.table
-    legacy = settings.legacy_route
-    if legacy is None:  # load_settings guarantees one or the other
-        log.error("no route file (GATEWAY_ROUTES) and no TOPIC/KIN_STREAM_NAME")
-        return None
-    return RouteTable.legacy(legacy.topic, legacy.stream, legacy.partition_key, legacy.qos)
 
 
 def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import sys
 import time
@@ -23,8 +24,9 @@ from typing import Any, TextIO
 
 from gateway import __version__
 from gateway.config.findings import REPORTERS, FileReport, report_text
-from gateway.config.loader import LoadResult, load_routes, read_yaml
-from gateway.config.settings import SettingsError, find_env_file, load_settings
+from gateway.config.loader import LoadResult, check_schema_in_child, load_routes, read_yaml
+from gateway.config.settings import Settings, SettingsError, find_env_file, load_settings
+from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.routing.table import Message, Outcome, Record, Rejected, RouteTable
 from gateway.routing.topics import topic_name_error
 
@@ -32,6 +34,8 @@ __all__ = ["main", "build_parser"]
 
 PROG = "mqtt-kinesis-gateway"
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("gateway")
 
 
 class _UsageError(Exception):
@@ -293,9 +297,41 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         from gateway.workers import supervise
 
         return supervise(workers, settings, sys.argv)
-    from gateway.app import run  # lazy: boto3 and paho are imported only to run
+    return _run_gateway(settings)
 
-    return int(run(settings) or 0)
+
+def _run_gateway(settings: Settings) -> int:
+    """One gateway process until SIGTERM/SIGINT. The route file is loaded before boto3 and paho
+    are imported, and its schema is checked in a child process (gateway.config.schema), so the
+    child runs while this process is still small and jsonschema never enters it."""
+    configure_logging(settings.logging.format, settings.logging.level)
+    log_uncaught_exceptions()
+    for secret in settings.secret_values:
+        register_secret(secret)
+    check_schema_in_child()
+    table = _initial_table(settings)
+    if table is None:
+        return EXIT_USAGE
+    from gateway.app import Gateway  # lazy: boto3 and paho are imported only to run
+
+    return int(Gateway(settings, table).run_until_stopped() or 0)
+
+
+def _initial_table(settings: Settings) -> RouteTable | None:
+    if settings.routes_file:
+        result = load_routes(settings.routes_file)
+        for finding in result.findings:
+            if finding.severity == "error":
+                log.error("%s", finding.format_text())
+        if result.table is None:
+            log.error("route file %s is invalid; not starting", settings.routes_file)
+            return None
+        return result.table
+    legacy = settings.legacy_route
+    if legacy is None:  # load_settings guarantees one or the other
+        log.error("no route file (GATEWAY_ROUTES) and no TOPIC/KIN_STREAM_NAME")
+        return None
+    return RouteTable.legacy(legacy.topic, legacy.stream, legacy.partition_key, legacy.qos)
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ The pipeline collects every finding before giving up, so one run of ``validate``
 problem of a file. Each finding carries a 1-based line and column found by walking the composed
 YAML nodes (never by searching the text): PyYAML composes nodes with marks, and this module
 constructs plain JSON-shaped data from those same nodes, remembering which node each value came
-from (as Home Assistant's loader does).
+from (as Home Assistant's loader does). The JSON Schema step lives in ``schema.py``.
 
 The YAML is read as YAML 1.2 reads it, like the editors do: only ``true``/``false`` are booleans,
 ``yes``/``no``/``on``/``off`` and bare dates stay strings, and an unquoted ``yes`` where a boolean
@@ -13,24 +13,26 @@ is expected is an error rather than a silent surprise.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
+import logging
 import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import yaml
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
-
 from gateway.config import checks
 from gateway.config.findings import Finding, format_path
 from gateway.routing.table import RouteTable
 
-__all__ = ["LoadResult", "load_routes", "load_routes_text", "load_schema", "read_yaml", "Located"]
+__all__ = ["LoadResult", "Located", "check_schema_in_child", "load_routes", "load_routes_text", "load_schema",
+           "read_yaml"]
+
+log = logging.getLogger(__name__)
 
 _MAX_NODES = 100_000
 _MAX_DEPTH = 64
@@ -237,11 +239,6 @@ def read_yaml(text: str, filename: str) -> YamlDocument:
 
 # --- JSON Schema ------------------------------------------------------------------------------
 
-_SCHEMA_VALIDATOR: Draft202012Validator | None = None
-_TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
-               "array": "a list", "object": "a mapping", "null": "null"}
-_STREAM_HELP = ("a stream name is 1 to 128 letters, digits, '_', '.' or '-', or a stream ARN "
-                "arn:aws:kinesis:<region>:<12-digit account>:stream/<name>")
 QOS2_REASON = ("QoS 2 is not supported: acknowledgement waits for Kinesis, and after a crash the broker "
                "resends only PUBREL, so the message would be lost; use qos 1")
 
@@ -252,120 +249,46 @@ def load_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _validator() -> Draft202012Validator:
-    global _SCHEMA_VALIDATOR
-    if _SCHEMA_VALIDATOR is None:
-        _SCHEMA_VALIDATOR = Draft202012Validator(load_schema())
-    return _SCHEMA_VALIDATOR
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "a mapping"
-
-
-def _field(path: Path) -> str:
-    named = [p for p in path if isinstance(p, str)]
-    return named[-1] if named else "the document"
-
-
-class _SchemaMapper:
-    """Turns jsonschema errors into findings placed on the key or value they are about."""
-
-    def __init__(self, doc: YamlDocument, filename: str) -> None:
-        self.doc = doc
-        self.filename = filename
-        self.findings: list[Finding] = []
-
-    def _at(self, node: yaml.Node | None, path: Path, rule: str, message: str) -> None:
-        line, col = _pos(node) if node is not None else (1, 1)
-        self.findings.append(Finding(self.filename, line, col, format_path(path), rule, "error", message))
-
-    def _value_node(self, path: Path) -> yaml.Node | None:
-        for cut in range(len(path), -1, -1):  # the nearest annotated ancestor (Home Assistant)
-            located = self.doc.where.get(path[:cut])
-            if located is not None:
-                return located.value
-        return None
-
-    def add(self, error: ValidationError) -> None:
-        path: Path = tuple(error.absolute_path)
-        kind, value, node = error.validator, error.instance, self._value_node(path)
-        name = _field(path)
-        if kind == "additionalProperties" and isinstance(value, dict):
-            allowed = list(error.schema.get("properties", {}))
-            for key in value:
-                if key not in allowed:
-                    located = self.doc.where.get(path + (key,))
-                    hint = difflib.get_close_matches(key, allowed, n=1)
-                    suggestion = f"; did you mean '{hint[0]}'?" if hint else f" (allowed: {', '.join(allowed)})"
-                    where = located.key if located is not None else node
-                    self._at(where, path + (key,), "schema", f"unknown key '{key}'{suggestion}")
-        elif kind == "required" and isinstance(value, dict):
-            for key in error.validator_value:
-                if key not in value:
-                    self._at(node, path + (key,), "missing-key", f"missing required key '{key}'")
-        elif kind == "type":
-            expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-            if ("boolean" in expected and isinstance(value, str) and value in _AMBIGUOUS
-                    and isinstance(node, yaml.ScalarNode) and node.style is None):
-                self._at(node, path, "yaml-ambiguous-scalar",
-                         f"{name}: '{value}' is read as the string \"{value}\" (YAML 1.2), not a boolean;"
-                         " write true or false")
-                return
-            wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in expected)
-            self._at(node, path, "schema", f"{name}: expected {wanted}, got {_type_name(value)}")
-        elif kind == "enum" and name == "qos" and value == 2 and not isinstance(value, bool):
-            self._at(node, path, "qos2-refused", QOS2_REASON)
-        elif kind == "enum":
-            choices = ", ".join(json.dumps(c) if not isinstance(c, str) else c for c in error.validator_value)
-            self._at(node, path, "schema", f"{name}: must be one of {choices}; got {json.dumps(value, default=str)}")
-        elif kind == "const":
-            self._at(node, path, "schema", f"{name}: must be {json.dumps(error.validator_value)}")
-        elif kind == "pattern" and name == "stream":
-            self._at(node, path, "stream-name", f"stream '{value}' is not valid: {_STREAM_HELP}")
-        elif kind == "pattern" and name == "name":
-            self._at(node, path, "schema",
-                     f"route name '{value}' is not valid: 1 to 64 letters, digits, '_', '.' or '-'")
-        elif kind == "minItems":
-            self._at(node, path, "schema", f"{name}: must not be an empty list")
-        elif kind == "minLength":
-            self._at(node, path, "schema", f"{name}: must not be empty")
-        elif kind in ("minProperties", "maxProperties") and name == "dead_letter":
-            self._at(node, path, "schema", "dead_letter: give exactly one of 'stream' or 'topic'")
-        else:
-            self._at(node, path, "schema", f"{name}: {error.message}")
-
-
-def _schema_findings(doc: YamlDocument, filename: str) -> list[Finding]:
-    mapper = _SchemaMapper(doc, filename)
-    try:
-        errors = list(_validator().iter_errors(doc.data))
-        typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
-        for error in errors:  # a value of the wrong type: say that, not also "not one of ..."
-            if error.validator == "type" or tuple(error.absolute_path) not in typed:
-                mapper.add(error)
-    except RecursionError:
-        mapper._at(None, (), "schema", "the document is nested too deeply to validate")
-    return mapper.findings
-
-
 # --- Entry points -----------------------------------------------------------------------------
 
 
 def _ordered(findings: list[Finding]) -> tuple[Finding, ...]:
     return tuple(sorted(findings, key=lambda f: (f.line, f.column)))
+
+
+_schema_in_child = False
+
+
+def check_schema_in_child(enabled: bool = True) -> None:
+    """Run the JSON Schema step in a child process from now on (see gateway.config.schema)."""
+    global _schema_in_child
+    _schema_in_child = enabled
+
+
+def _schema_findings(doc: YamlDocument, text: str, filename: str) -> list[Finding]:
+    if _schema_in_child:
+        found = _schema_findings_from_child(text, filename)
+        if found is not None:
+            return found
+    from gateway.config.schema import schema_findings  # noqa: PLC0415 - kept out of the gateway's memory
+    return schema_findings(doc, filename)
+
+
+def _schema_findings_from_child(text: str, filename: str) -> list[Finding] | None:
+    """The child's findings, or None (and one warning) when it could not say."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "gateway.config.schema", filename],
+                              input=text.encode("utf-8", "surrogatepass"), capture_output=True,
+                              env=env, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.decode(errors='replace').strip()[-300:]}")
+        return [Finding(**item) for item in json.loads(done.stdout)]
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError, TypeError) as exc:
+        log.warning("schema check in a child process failed (%s); checking in this process",
+                    " ".join(str(exc).split()))
+        return None
 
 
 def load_routes_text(text: str, filename: str) -> LoadResult:
@@ -374,7 +297,7 @@ def load_routes_text(text: str, filename: str) -> LoadResult:
     findings = list(doc.findings)
     if doc.data is None:
         return LoadResult(None, _ordered(findings))
-    findings.extend(_schema_findings(doc, filename))
+    findings.extend(_schema_findings(doc, text, filename))
     if isinstance(doc.data, dict):
         result = checks.check_routes(doc.data, doc.where, text, filename,
                                      build=not any(f.is_error for f in findings))

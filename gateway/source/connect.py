@@ -20,6 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.source import fastpath
+
 __all__ = ["MqttConfig", "MqttSourceError", "build_client", "describe_error"]
 
 log = logging.getLogger("gateway.source.mqtt")
@@ -104,15 +106,16 @@ def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) 
     }
     if not v5:
         kwargs["clean_session"] = not c.persistent
+    fastpath.install()
     client = factory(CallbackAPIVersion.VERSION2, **kwargs)
     client.suppress_exceptions = True       # a second net under our own callback guards
     # paho repeats a connection error on every retry ("failed to receive on socket"); the source
     # logs each connection state change itself, once, with the likely cause. paho's own lines are
-    # kept for LOG_LEVEL=DEBUG.
+    # kept for LOG_LEVEL=DEBUG; otherwise paho gets no logger, since it formats two lines for
+    # every message it handles.
     paho_log = logging.getLogger("gateway.source.paho")
-    if not paho_log.isEnabledFor(logging.DEBUG):
-        paho_log.setLevel(logging.CRITICAL)
-    client.enable_logger(paho_log)
+    if paho_log.isEnabledFor(logging.DEBUG):
+        client.enable_logger(paho_log)
     if c.transport == "websockets":
         client.ws_set_options(path=c.ws_path)
     if c.tls or c.ca_file:

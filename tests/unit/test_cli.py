@@ -8,10 +8,12 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from gateway import cli
 from gateway.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -277,20 +279,42 @@ def test_python_dash_m_gateway_schema_works() -> None:
     assert json.loads(done.stdout)["$id"]
 
 
-def test_run_loads_settings_and_hands_them_to_the_app_lazily(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def quiet_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` in-process without touching the test run's logging or the loader's mode."""
+    for name in ("configure_logging", "log_uncaught_exceptions", "check_schema_in_child"):
+        monkeypatch.setattr(cli, name, lambda *args, **kwargs: None)
+
+
+def test_run_loads_routes_then_hands_them_to_the_app_lazily(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, quiet_run: None) -> None:
     seen = {}
 
-    def fake_run(settings: object) -> int:
-        seen["settings"] = settings
-        return 0
+    class FakeGateway:
+        def __init__(self, settings: object, table: object) -> None:
+            seen["settings"], seen["table"] = settings, table
 
-    monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(run=fake_run))
+        def run_until_stopped(self) -> int:
+            return 0
+
+    monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(Gateway=FakeGateway))
     monkeypatch.setenv("MQTT_HOST", "broker.example")
     monkeypatch.delenv("GATEWAY_ROUTES", raising=False)
-    code, _, _ = run(capsys, "run", "--routes", "r.yaml")
+    code, _, _ = run(capsys, "run", "--routes", str(EXAMPLE))
     assert code == 0
-    assert seen["settings"].routes_file == "r.yaml"  # type: ignore[attr-defined]
+    assert seen["settings"].routes_file == str(EXAMPLE)  # type: ignore[attr-defined]
+    assert [r.name for r in seen["table"].routes]  # type: ignore[attr-defined]
+
+
+def test_run_with_an_invalid_route_file_never_starts_the_app(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, quiet_run: None,
+        tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("version: 1\nroutes: []\n")
+    monkeypatch.setitem(sys.modules, "gateway.app", None)   # importing it would fail the test
+    monkeypatch.setenv("MQTT_HOST", "broker.example")
+    code, _, _ = run(capsys, "run", "--routes", str(routes))
+    assert code == 2
 
 
 def test_run_with_bad_settings_is_one_line_and_exit_2(
@@ -301,13 +325,14 @@ def test_run_with_bad_settings_is_one_line_and_exit_2(
     assert code == 2 and err.count("\n") == 1 and "MQTT_PORT" in err
 
 
-def test_unexpected_exception_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(args: object) -> int:
+def test_unexpected_exception_is_one_line_and_exit_2(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, quiet_run: None) -> None:
+    def broken(settings: object, table: object) -> Any:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(run=broken))
+    monkeypatch.setitem(sys.modules, "gateway.app", types.SimpleNamespace(Gateway=broken))
     monkeypatch.setenv("MQTT_HOST", "broker.example")
-    code, _, err = run(capsys, "run", "--routes", "r.yaml")
+    code, _, err = run(capsys, "run", "--routes", str(EXAMPLE))
     assert code == 2
     assert err.count("\n") == 1 and "internal error: RuntimeError: boom" in err
 

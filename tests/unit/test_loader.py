@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
+from gateway.config import loader
 from gateway.config.loader import QOS2_REASON, LoadResult, load_routes, load_routes_text
 from gateway.routing.table import DeadLetter, Message, Record
 
@@ -284,3 +288,43 @@ def test_thousands_of_routes_load_and_overlaps_are_found_without_pairwise_scans(
     result = load("\n".join(lines) + "\n")
     assert result.table is not None and len(result.table.routes) == 3001
     assert [f.rule for f in result.findings] == ["overlap"] * 3000
+
+
+# --- the schema step in a child process (what the running gateway does) ----------------------
+
+
+@pytest.fixture
+def schema_in_child() -> Iterator[None]:
+    loader.check_schema_in_child(True)
+    try:
+        yield
+    finally:
+        loader.check_schema_in_child(False)
+
+
+def test_schema_checked_in_a_child_finds_exactly_what_the_cli_finds(schema_in_child: None) -> None:
+    cases = [*INVALID, *VALID]
+    in_child = [load_routes(path).findings for path in cases]
+    loader.check_schema_in_child(False)
+    assert in_child == [load_routes(path).findings for path in cases]
+
+
+def test_a_child_that_cannot_run_falls_back_to_this_process(
+        schema_in_child: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError(2, "No such file or directory")
+
+    monkeypatch.setattr(loader.subprocess, "run", broken)
+    result = load_routes(INVALID[0])
+    assert errors(result)[0] == expectation(INVALID[0])
+    assert "schema check in a child process failed" in caplog.text
+
+
+def test_the_running_gateway_never_imports_jsonschema(tmp_path: Path) -> None:
+    code = ("import sys; import gateway.app; from gateway.config import loader; "
+            "loader.check_schema_in_child(); "
+            f"assert loader.load_routes({str(VALID[0])!r}).ok; "
+            "print('jsonschema' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
