@@ -84,10 +84,15 @@ def naive(qos: int, cap_s: float | None) -> Subject:
                    stream=NAIVE_STREAM, ready_line=True, cap_s=cap_s, info={"kind": "naive bridge"})
 
 
-def bare(qos: int, expect: int) -> Subject:
-    return Subject("bare", [PY, "bench/baselines/bare_receive.py", "--port", "{port}", "--topic", FILTER,
-                            "--qos", str(qos), "--expect", str(expect), "--idle-s", "5"],
-                   info={"kind": "paho bare receive", "protocol": "5", "receive_maximum": 1000})
+def bare(qos: int, expect: int, fast_path: bool = False) -> Subject:
+    argv = [PY, "bench/baselines/bare_receive.py", "--port", "{port}", "--topic", FILTER,
+            "--qos", str(qos), "--expect", str(expect), "--idle-s", "5"]
+    kind = "paho bare receive"
+    if fast_path:
+        argv.append("--fast-path")
+        kind += " + the gateway's paho fast path"
+    return Subject("bare-fast" if fast_path else "bare", argv,
+                   info={"kind": kind, "protocol": "5", "receive_maximum": 1000})
 
 
 def check(name: str, target: str, value: float | None, ok: bool | None) -> Row:
@@ -163,10 +168,11 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
     kw = _burst_kw(sizes, ep, qos)
     env = {"GATEWAY_BACKLOG": str(backlog)} if backlog else {}
     b = _median_of(sizes, lambda: bare(qos, sizes.burst), where, kw)
+    bf = _median_of(sizes, lambda: bare(qos, sizes.burst, fast_path=True), where, kw)
     nv = run_group([naive(qos, sizes.naive_cap_s)], workdir=where / "naive", **kw)["naive"]
     g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 20000}),
                    where, kw)
-    rows = [dict(b, scenario=tag), dict(nv, scenario=tag), dict(g, scenario=tag)]
+    rows = [dict(b, scenario=tag), dict(bf, scenario=tag), dict(nv, scenario=tag), dict(g, scenario=tag)]
     if qos == 0 and sizes.small_backlog:
         small_env = {"GATEWAY_BACKLOG": str(sizes.small_backlog)}
         small = run_group([gateway("gateway-backlog", routes, env=small_env,
@@ -180,6 +186,8 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
                     ratio is not None and ratio >= target),
               check(f"b: QoS{qos} same, from CPU per message (bare ÷ gateway)", f"≥ {target:.0%}", cost,
                     cost is not None and cost >= target),
+              check(f"b: QoS{qos} gateway / bare rate of paho with the gateway's fast path", "report",
+                    _ratio(g["msg_per_s"], bf["msg_per_s"]), None),
               check(f"b: QoS{qos} lost", "0", g["lost"], g["lost"] == 0)]
     if qos:
         checks.append(check("b: QoS1 duplicated (no fault injected)", "0", g["duplicates"],

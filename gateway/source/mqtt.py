@@ -39,6 +39,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.routing.table import Message
 from gateway.source.acks import AckTracker, Ticket
 from gateway.source.connect import MqttConfig, MqttSourceError, build_client, describe_error
+from gateway.source.fastpath import BufferedClient
 from gateway.source.subscriptions import SubscriptionBook
 
 __all__ = ["MqttConfig", "MqttSource", "MqttSourceError"]
@@ -62,7 +63,7 @@ class MqttSource:
                  on_fatal: Callable[[BaseException], None] | None = None,
                  paused_read_packets: int = 1,
                  metrics: Any = None,
-                 client_factory: Callable[..., Any] = paho.Client) -> None:
+                 client_factory: Callable[..., Any] = BufferedClient) -> None:
         """`intake(message, mid, qos)` runs on the loop thread for every PUBLISH, in arrival order;
         it must call `self.acks.arrived(mid, qos, parts)` exactly once and must not block.
         `backlog_full()` is polled by the loop; while True, reading stops (see module docstring).
@@ -113,7 +114,7 @@ class MqttSource:
         client.on_subscribe = self._cb(self._on_subscribe)
         client.on_unsubscribe = self._cb(self._on_unsubscribe)
         client.on_publish = self._cb(self._on_publish)
-        client.on_socket_register_write = self._cb(lambda *_: self._wake())
+        client.on_socket_register_write = self._cb(lambda *_: self._wake_from_elsewhere())
 
     # ---------------------------------------------------------------- public surface
 
@@ -439,8 +440,7 @@ class MqttSource:
         pacing = may_read and not paused and now < self._next_read
         if pacing:
             may_read = False
-        pending = getattr(sock, "pending", None)
-        buffered = may_read and pending is not None and pending() > 0
+        buffered = may_read and self._buffered(client, sock)
         rlist: list[Any] = [self._wake_r, sock] if may_read else [self._wake_r]
         wants_write = client.want_write() or (self._connected and bool(self._ack_out))
         timeout = 0.0 if buffered else min(max_wait, self._keepalive() / 4)
@@ -463,6 +463,15 @@ class MqttSource:
                 client.loop_write()
         if client.socket() is not None:
             client.loop_misc()
+
+    @staticmethod
+    def _buffered(client: Any, sock: Any) -> bool:
+        """Bytes already taken off the socket (by BufferedClient, or inside TLS) wait to be parsed."""
+        in_client = getattr(client, "buffered", None)
+        if in_client is not None and in_client() > 0:
+            return True
+        in_tls = getattr(sock, "pending", None)
+        return in_tls is not None and in_tls() > 0
 
     def _read(self, paused: bool) -> None:
         client = self._client
@@ -552,6 +561,11 @@ class MqttSource:
             sock.close()
 
     # ---------------------------------------------------------------- helpers
+
+    def _wake_from_elsewhere(self) -> None:
+        """Wake the loop for a write queued by another thread; the loop writes after every round."""
+        if threading.get_ident() != self._thread_ident:
+            self._wake()
 
     def _wake(self) -> None:
         try:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gatewayproc import GatewayProcess, write_routes
 from tests.support.oracle import emit, wait_delivered, wait_until
+from tests.support.services import free_port_range
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -45,7 +46,8 @@ routes:
     partition_key: name
     qos: 1
 """)
-    gw = gateway_process(routes, args=["run", "--routes", str(routes), "--workers", "2"])
+    gw = gateway_process(routes, args=["run", "--routes", str(routes), "--workers", "2"],
+                         http_port=free_port_range(2))
     # gateway_process waits for worker 0; the broker shares only among members already subscribed
     assert wait_until(lambda: _ready(gw.http_port + 1), 30), gw.output_tail()
     pub = publisher()
