@@ -71,8 +71,9 @@ class Gateway:
         self.acks = AckTracker(self.source.ack)
         self.source.set_ack_tracker(self.acks)
         self.pipeline = Pipeline(self.active, self.sink, self.acks, self.metrics, settings.backlog,
-                                 dead_letter_mqtt=self.source, echo=settings.stdout)
+                                 dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True)
         self.source.set_backlog_full(self.pipeline.backlog_full)
+        self.source.set_after_read(self.pipeline.hand_over)
         self.metrics.before_render(self.pipeline.flush_counts)
         self.source.set_subscriptions(list(table.subscriptions))
         self.reloader: Reloader | None = None

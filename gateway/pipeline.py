@@ -117,7 +117,10 @@ class Pipeline:
 
     def __init__(self, active: ActiveTableReader, sink: Any, acks: AckTracker, metrics: Any,
                  backlog_capacity: int, dead_letter_mqtt: DeadLetterPublisher | None = None,
-                 echo: bool = False) -> None:
+                 echo: bool = False, hand_over_in_bulk: bool = False) -> None:
+        """With `hand_over_in_bulk`, records wait in an outbox until `hand_over()` (the MQTT
+        source calls it after each read round): one sink lock round-trip per round, not per
+        message."""
         self._active = active
         self._sink = sink
         self._acks = acks
@@ -127,6 +130,8 @@ class Pipeline:
         self._held_lock = threading.Lock()
         self._mqtt_dead_letter = dead_letter_mqtt
         self._echo = echo
+        self._in_bulk = hand_over_in_bulk
+        self._outbox: list[tuple[Record, _Token]] = []
         self._rate_limited = _RateLimitedLog()
         # Per-message counts are plain running totals written only by the MQTT thread;
         # ``flush_counts`` hands the increase to the metrics registry in bulk (a prometheus
@@ -151,7 +156,8 @@ class Pipeline:
     # -- MQTT network thread ------------------------------------------------------------------
 
     def intake(self, message: Message, mid: int, qos: int) -> None:
-        """Route one message and hand its records to the sink; never blocks, never raises."""
+        """Route one message and pass its records on (to the sink, or to the outbox until
+        `hand_over` in bulk mode); never blocks, never raises."""
         if self._echo:
             _echo(message)
         table = self._active.current
@@ -175,10 +181,14 @@ class Pipeline:
         ticket = self._acks.arrived(mid, qos, parts, message.received_ms)
         if not parts:
             return
-        with self._held_lock:
-            self._held += parts
         if records:
-            self._sink.put([(record, _Token(ticket, message, route)) for record, route in records])
+            self._outbox.extend([(record, _Token(ticket, message, route)) for record, route in records])
+            if not self._in_bulk:
+                self.hand_over()
+        if not rejected:
+            return
+        with self._held_lock:
+            self._held += len(rejected)
         for rejection, route in rejected:
             code = reason_code(rejection.reason)
             self._rate_limited.warning(
@@ -186,6 +196,16 @@ class Pipeline:
                 topic=_shown(message.topic),
             )
             self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
+
+    def hand_over(self) -> None:
+        """Give the sink every record routed since the last call (MQTT thread)."""
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox = []
+        with self._held_lock:
+            self._held += len(outbox)
+        self._sink.put(outbox)
 
     # -- sink threads -------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class MqttSource:
         self.config = config
         self._intake = intake
         self._backlog_full = backlog_full
+        self._after_read: Callable[[], None] | None = None
         self._on_fatal = on_fatal
         self._metrics = metrics
         self._paused_read_packets = max(1, paused_read_packets)
@@ -181,6 +182,11 @@ class MqttSource:
     def set_ack_tracker(self, tracker: AckTracker) -> None:
         """Use a tracker built outside (its send_ack must be `self.ack`); call before start()."""
         self.acks = tracker
+
+    def set_after_read(self, after_read: Callable[[], None] | None) -> None:
+        """Called on the loop thread after every read round that may have taken in messages
+        (the pipeline hands its records to the sink there, in bulk); call before start()."""
+        self._after_read = after_read
 
     def set_backlog_full(self, backlog_full: Callable[[], bool] | None) -> None:
         self._backlog_full = backlog_full
@@ -474,6 +480,13 @@ class MqttSource:
         return in_tls is not None and in_tls() > 0
 
     def _read(self, paused: bool) -> None:
+        try:
+            self._read_packets(paused)
+        finally:
+            if self._after_read is not None:
+                self._guarded("after_read", self._after_read)
+
+    def _read_packets(self, paused: bool) -> None:
         client = self._client
         if paused:      # just enough to keep paho's keepalive happy; the rest waits in the socket
             self._next_paused_read = time.monotonic() + self._keepalive() / 4

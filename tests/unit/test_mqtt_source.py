@@ -438,6 +438,19 @@ def test_drained_socket_is_read_again_only_after_the_read_interval(fake: Any) ->
     assert client.reads == 2
 
 
+def test_every_read_round_ends_with_after_read_even_when_intake_fails(fake: Any) -> None:
+    source, client, _ = fake()
+    rounds: list[int] = []
+    source.set_after_read(lambda: rounds.append(client.reads))
+    client.fire_connect()
+    client._peer.sendall(b"pending publishes")
+    source._iterate(max_wait=0)
+    client.loop_read = lambda: (_ for _ in ()).throw(RuntimeError("paho bug"))  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        source._read(paused=False)
+    assert rounds == [1, 1]
+
+
 def test_read_interval_zero_reads_whenever_the_socket_is_readable(fake: Any) -> None:
     source, client, _ = fake(MqttConfig(read_interval_s=0))
     client.fire_connect()

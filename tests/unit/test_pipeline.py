@@ -22,8 +22,10 @@ class Active:
 class FakeSink:
     def __init__(self) -> None:
         self.entries: list[tuple[Record, Any]] = []
+        self.puts = 0
 
     def put(self, entries: Any) -> None:
+        self.puts += 1
         self.entries.extend(entries)
 
 
@@ -98,6 +100,22 @@ def test_without_a_dead_letter_a_rejection_is_dropped_counted_logged_and_acked(c
     assert any("'a'" in line and "t/1" in line and "not valid UTF-8 JSON" in line for line in lines)
     assert any(line.startswith("2 more message(s) of route 'a'") for line in lines)
     assert not any("not json" in line for line in lines)  # never the payload
+
+
+def test_in_bulk_mode_records_reach_the_sink_in_one_put_per_hand_over() -> None:
+    acked: list[int] = []
+    sink = FakeSink()
+    acks = AckTracker(lambda mid, qos: acked.append(mid))
+    pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))), sink, acks,
+                        CountingMetrics(), backlog_capacity=10, hand_over_in_bulk=True)
+    for mid in (1, 2, 3):
+        pipeline.intake(message(), mid=mid, qos=1)
+    assert sink.puts == 0 and pipeline.held == 0        # nothing is held before the sink has it
+    pipeline.hand_over()
+    pipeline.hand_over()                                  # an empty outbox is not a put
+    assert sink.puts == 1 and len(sink.entries) == 3 and pipeline.held == 3
+    pipeline.settled([(token, PUT) for _, token in sink.entries])
+    assert acked == [1, 2, 3] and pipeline.held == 0
 
 
 def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
