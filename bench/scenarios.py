@@ -204,9 +204,23 @@ def workers(sizes: Sizes, ep: Endpoint, wd: Path) -> tuple[Rows, Checks]:
                          wd / "workers", kw) for w in (1, 2)}
     ratio = _ratio(out[2]["msg_per_s"], out[1]["msg_per_s"])
     bad = sum(out[w]["lost"] + out[w]["duplicates"] for w in (1, 2))
+    cores = os.cpu_count() or 1
     return [dict(out[w], scenario="c workers QoS1") for w in (1, 2)], [
         check("c: throughput 2 workers / 1 worker", "≥ 1.7×", ratio, ratio is not None and ratio >= 1.7),
-        check("c: lost + duplicated (both runs)", "0", bad, bad == 0)]
+        check("c: lost + duplicated (both runs)", "0", bad, bad == 0),
+        *(check(f"c: machine busy during the {w}-worker run (gateway + broker + publisher + endpoint, "
+                f"% of {cores} cores)", "report", _machine_busy_pct(out[w], cores), None) for w in (1, 2))]
+
+
+def _machine_busy_pct(row: Row, cores: int) -> float | None:
+    """How much of the machine the run used: when this nears 100 %, more workers cannot help."""
+    run = row.get("run") or {}
+    window = run.get("window_s")
+    if not window or row.get("cpu_s") is None:
+        return None
+    used_s = row["cpu_s"] + (run.get("broker_cpu_s") or 0) + (run.get("endpoint_cpu_s") or 0) \
+        + ((run.get("publisher") or {}).get("cpu") or 0)
+    return 100 * used_s / window / cores
 
 
 def many_routes(sizes: Sizes, ep: Endpoint, wd: Path, one_route: Row | None) -> tuple[Rows, Checks]:

@@ -9,6 +9,13 @@ whenever bytes arrived), so while paused we read one packet every keepalive/4 s:
 messages per keepalive slip past the backlog bound, and a slow Kinesis never starves the keepalive
 (reliability.md §0.7, test 20).
 
+Why a read interval (`read_interval_s`, MQTT_READ_INTERVAL_MS): at low rates a message wakes an
+idle process, and that wake-up costs several times the work the message needs. Once a read has
+drained the socket, the next read waits for the interval, so a trickle is handled a few times a
+second in small groups; acks queued meanwhile wait for that round unless the loop sleeps longer.
+A busy socket is never paced (a read that stops at its packet budget reads again at once), nor is
+any read while more than _PACE_BELOW_RATE messages a second arrive.
+
 Invariants held here:
 - paho types never leave this module: every PUBLISH becomes a `Message` at once.
 - every paho call that touches the connection runs on the loop thread; other threads only queue
@@ -47,6 +54,7 @@ __all__ = ["MqttConfig", "MqttSource", "MqttSourceError"]
 log = logging.getLogger(__name__)
 
 _BURST_PACKETS = 64          # packets read per wake-up while not paused, before selecting again
+_PACE_BELOW_RATE = 1000      # msg/s under which reads of a drained socket are paced
 _PAUSED_POLL_S = 0.05        # how often a paused loop re-checks the backlog
 
 
@@ -83,6 +91,7 @@ class MqttSource:
         self._changed = threading.Condition(self._lock)
         self._ack_out: deque[tuple[int, int]] = deque()
         self._ack_wake_sent = False   # one wake-up per drain of _ack_out, not one per ack
+        self._round_due = 0.0         # when the loop's current select returns at the latest
         self._pub_callbacks: dict[int, Callable[[bool, str], None]] = {}
         self._pub_early: dict[int, tuple[bool, str]] = {}
         self._publishing = 0
@@ -101,6 +110,9 @@ class MqttSource:
         self._last_error = ""
         self._next_paused_read = 0.0
         self._next_read = 0.0
+        self._slow = True             # the message rate is below _PACE_BELOW_RATE (see _pace)
+        self._rate_since = 0.0
+        self._rate_base = 0
         self._received = 0
         self._stats = dict.fromkeys(("connects", "connect_failures", "disconnects", "session_lost",
                                      "callback_errors", "loop_errors", "invalid_topic",
@@ -214,9 +226,12 @@ class MqttSource:
     def ack(self, mid: int, qos: int) -> None:
         """Queue an ack for the loop thread (AckTracker calls this, under its lock: never blocks)."""
         self._ack_out.append((mid, qos))
-        if not self._ack_wake_sent and threading.get_ident() != self._thread_ident:
-            self._ack_wake_sent = True
-            self._wake()
+        if self._ack_wake_sent or threading.get_ident() == self._thread_ident:
+            return
+        if self._round_due - time.monotonic() <= self.config.read_interval_s:
+            return   # the loop's next round comes about as soon as a wake-up would make it
+        self._ack_wake_sent = True
+        self._wake()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1,
                 on_delivered: Callable[[bool, str], None] | None = None) -> paho.MQTTMessageInfo:
@@ -448,13 +463,17 @@ class MqttSource:
             may_read = False
         buffered = may_read and self._buffered(client, sock)
         rlist: list[Any] = [self._wake_r, sock] if may_read else [self._wake_r]
-        wants_write = client.want_write() or (self._connected and bool(self._ack_out))
         timeout = 0.0 if buffered else min(max_wait, self._keepalive() / 4)
         if paused:
             timeout = min(timeout, _PAUSED_POLL_S)
         if pacing:
             timeout = min(timeout, self._next_read - now)
+        # Publish the deadline before looking at the ack queue: an ack queued after this line
+        # sees it (and wakes us if it is far), one queued before it is seen here.
+        self._round_due = now + timeout
+        wants_write = client.want_write() or (self._connected and bool(self._ack_out))
         readable, _, _ = select.select(rlist, [sock] if wants_write else [], [], timeout)
+        self._round_due = 0.0
         if self._wake_r in readable:
             try:
                 self._wake_r.recv(4096)
@@ -469,6 +488,17 @@ class MqttSource:
                 client.loop_write()
         if client.socket() is not None:
             client.loop_misc()
+
+    def _pace(self) -> None:
+        """After a drained read, wait out the read interval, but only while the rate is low: a QoS 1
+        stream is bounded by Receive Maximum per round trip, and pacing would lengthen the trip."""
+        now = time.monotonic()
+        elapsed = now - self._rate_since
+        if elapsed >= 1.0:
+            self._slow = (self._received - self._rate_base) < _PACE_BELOW_RATE * elapsed
+            self._rate_since, self._rate_base = now, self._received
+        if self._slow:
+            self._next_read = now + self.config.read_interval_s
 
     @staticmethod
     def _buffered(client: Any, sock: Any) -> bool:
@@ -498,8 +528,10 @@ class MqttSource:
             before = self._received
             if client.loop_read() != 0 or client.socket() is None:
                 return
-            if self._received == before or self.paused:
-                self._next_read = time.monotonic() + self.config.read_interval_s
+            if self._received == before:       # drained: what the broker sent is all read
+                self._pace()
+                return
+            if self.paused:
                 return
 
     def _keepalive(self) -> float:

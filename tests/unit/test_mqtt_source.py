@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import time
 import ssl
 from typing import Any
 
@@ -449,6 +450,40 @@ def test_every_read_round_ends_with_after_read_even_when_intake_fails(fake: Any)
     with pytest.raises(RuntimeError):
         source._read(paused=False)
     assert rounds == [1, 1]
+
+
+def test_an_ack_wakes_the_loop_only_when_its_next_round_is_far_off(fake: Any) -> None:
+    source, client, _ = fake(MqttConfig(read_interval_s=0.1))
+    client.fire_connect()
+
+    def woken() -> bool:
+        source._wake_r.setblocking(False)
+        try:
+            return bool(source._wake_r.recv(64))
+        except BlockingIOError:
+            return False
+        finally:
+            source._ack_wake_sent = False
+
+    woken()
+    source._round_due = time.monotonic() + 0.05          # a paced select ends soon: no wake-up
+    source.ack(1, 1)
+    assert not woken()
+    source._round_due = time.monotonic() + 15            # a long keepalive select: wake it
+    source.ack(2, 1)
+    assert woken()
+    source._iterate(max_wait=0)
+    assert ("ack", 1, 1) in client.wire and ("ack", 2, 1) in client.wire
+
+
+def test_reads_are_not_paced_while_messages_arrive_fast(fake: Any) -> None:
+    source, client, _ = fake(MqttConfig(read_interval_s=60))
+    client.fire_connect()
+    client._peer.sendall(b"pending publishes")
+    source._rate_since, source._received = time.monotonic() - 1.0, 5000   # 5,000 msg/s so far
+    source._iterate(max_wait=0)
+    source._iterate(max_wait=0)
+    assert client.reads == 2
 
 
 def test_read_interval_zero_reads_whenever_the_socket_is_readable(fake: Any) -> None:
