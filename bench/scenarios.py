@@ -95,6 +95,27 @@ def bare(qos: int, expect: int, fast_path: bool = False) -> Subject:
                    info={"kind": kind, "protocol": "5", "receive_maximum": 1000})
 
 
+def bare_shared(qos: int, members: int) -> list[Subject]:
+    """`members` bare receivers in one shared-subscription group: the broker's ceiling for workers."""
+    return [Subject(f"bare-share{i}", [PY, "bench/baselines/bare_receive.py", "--port", "{port}",
+                                       "--topic", f"$share/bare/{FILTER}", "--qos", str(qos),
+                                       "--client-id", f"bare-share-{i}", "--idle-s", "2"],
+                    info={"kind": f"paho bare receive ×{members}, one share group"})
+            for i in range(members)]
+
+
+def _combined(rows: list[Row]) -> Row:
+    """Several receivers of one load as one subject: messages summed, span the longest."""
+    delivered = sum(r["delivered"] for r in rows)
+    span = max(r["span_s"] or 0 for r in rows)
+    cpu = sum(r["cpu_s"] for r in rows)
+    return {**rows[0], "subject": "bare-share", "delivered": delivered, "lost": rows[0]["count"] - delivered,
+            "span_s": span, "msg_per_s": delivered / span if span else 0.0, "cpu_s": cpu,
+            "cpu_s_per_1k": cpu / delivered * 1000 if delivered else None,
+            "cpu_pct": 100 * cpu / span if span else None,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
+
+
 def check(name: str, target: str, value: float | None, ok: bool | None) -> Row:
     return {"check": name, "target": target, "value": value, "pass": ok}
 
@@ -202,10 +223,15 @@ def workers(sizes: Sizes, ep: Endpoint, wd: Path) -> tuple[Rows, Checks]:
     out = {w: _median_of(sizes, lambda w=w: gateway(f"workers{w}", routes, workers=w,  # type: ignore[misc]
                                                       env={"MQTT_SHARE_GROUP": "bench"}),
                          wd / "workers", kw) for w in (1, 2)}
+    shared = run_group(bare_shared(1, 2), workdir=wd / "workers" / "bare-share", **kw)
+    ceiling = _combined([shared["bare-share0"], shared["bare-share1"]])
     ratio = _ratio(out[2]["msg_per_s"], out[1]["msg_per_s"])
     bad = sum(out[w]["lost"] + out[w]["duplicates"] for w in (1, 2))
     cores = os.cpu_count() or 1
-    return [dict(out[w], scenario="c workers QoS1") for w in (1, 2)], [
+    rows = [dict(ceiling, scenario="c workers QoS1")] + [dict(out[w], scenario="c workers QoS1") for w in (1, 2)]
+    return rows, [
+        check("c: 2 workers / 2 bare paho receivers in one share group (the broker's ceiling here)", "report",
+              _ratio(out[2]["msg_per_s"], ceiling["msg_per_s"]), None),
         check("c: throughput 2 workers / 1 worker", "≥ 1.7×", ratio, ratio is not None and ratio >= 1.7),
         check("c: lost + duplicated (both runs)", "0", bad, bad == 0),
         *(check(f"c: machine busy during the {w}-worker run (gateway + broker + publisher + endpoint, "

@@ -494,8 +494,12 @@ class MqttSource:
         stream is bounded by Receive Maximum per round trip, and pacing would lengthen the trip."""
         now = time.monotonic()
         elapsed = now - self._rate_since
-        if elapsed >= 1.0:
-            self._slow = (self._received - self._rate_base) < _PACE_BELOW_RATE * elapsed
+        count = self._received - self._rate_base
+        if count >= _PACE_BELOW_RATE * max(elapsed, self.config.read_interval_s):
+            self._slow = False           # a burst shows at once...
+            self._rate_since, self._rate_base = now, self._received
+        elif elapsed >= 1.0:
+            self._slow = True            # ...its end after a second below the rate
             self._rate_since, self._rate_base = now, self._received
         if self._slow:
             self._next_read = now + self.config.read_interval_s

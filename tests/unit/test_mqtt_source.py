@@ -477,7 +477,7 @@ def test_an_ack_wakes_the_loop_only_when_its_next_round_is_far_off(fake: Any) ->
 
 
 def test_reads_are_not_paced_while_messages_arrive_fast(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(read_interval_s=60))
+    source, client, _ = fake(MqttConfig(read_interval_s=0.5))
     client.fire_connect()
     client._peer.sendall(b"pending publishes")
     source._rate_since, source._received = time.monotonic() - 1.0, 5000   # 5,000 msg/s so far
