@@ -74,6 +74,7 @@ class Gateway:
                                  dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True)
         self.source.set_backlog_full(self.pipeline.backlog_full)
         self.source.set_after_read(self.pipeline.hand_over)
+        self.pipeline.set_on_backlog_freed(self.source.backlog_freed)
         self.metrics.before_render(self.pipeline.flush_counts)
         self.source.set_subscriptions(list(table.subscriptions))
         self.reloader: Reloader | None = None

@@ -131,6 +131,7 @@ class Pipeline:
         self._mqtt_dead_letter = dead_letter_mqtt
         self._echo = echo
         self._in_bulk = hand_over_in_bulk
+        self._on_backlog_freed: Callable[[], None] | None = None
         self._outbox: list[tuple[Record, _Token]] = []
         self._rate_limited = _RateLimitedLog()
         # Per-message counts are plain running totals written only by the MQTT thread;
@@ -149,6 +150,11 @@ class Pipeline:
 
     def backlog_full(self) -> bool:
         return self._held >= self.backlog_capacity
+
+    def set_on_backlog_freed(self, callback: Callable[[], None] | None) -> None:
+        """Told (on a sink thread) when a full backlog has room again: the source resumes reading
+        at once instead of at its next poll."""
+        self._on_backlog_freed = callback
 
     def set_dead_letter_publisher(self, publisher: DeadLetterPublisher) -> None:
         self._mqtt_dead_letter = publisher
@@ -238,9 +244,14 @@ class Pipeline:
     def _release(self, tickets: list[Ticket]) -> None:
         if not tickets:
             return
+        capacity = self.backlog_capacity
         with self._held_lock:
+            was_full = self._held >= capacity
             self._held -= len(tickets)
+            freed = was_full and self._held < capacity
         self._acks.settle(tickets)
+        if freed and self._on_backlog_freed is not None:
+            self._on_backlog_freed()
 
     # -- dead letters -------------------------------------------------------------------------
 

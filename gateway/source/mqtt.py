@@ -204,6 +204,10 @@ class MqttSource:
         self._backlog_full = backlog_full
         self._wake()
 
+    def backlog_freed(self) -> None:
+        """The backlog that paused reading has room again: read now, not at the next poll."""
+        self._wake()
+
     def pause(self) -> None:
         self._paused = True
 

@@ -120,11 +120,15 @@ def test_in_bulk_mode_records_reach_the_sink_in_one_put_per_hand_over() -> None:
 
 def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
     pipeline, sink, _, _ = build(Route("a", ("t/#",), "s", expr("name")))
+    freed: list[int] = []
+    pipeline.set_on_backlog_freed(lambda: freed.append(pipeline.held))
     for mid in range(3):
         pipeline.intake(message(), mid=mid, qos=1)
     assert pipeline.backlog_full()
-    pipeline.settled([(token, PUT) for _, token in sink.entries])
+    pipeline.settled([(sink.entries[0][1], PUT)])
+    pipeline.settled([(token, PUT) for _, token in sink.entries[1:]])
     assert not pipeline.backlog_full()
+    assert freed == [2]          # told once, when the full backlog first had room
 
 
 @pytest.mark.parametrize(("reason", "code"), [("payload is not valid UTF-8 JSON", "not_json"),
