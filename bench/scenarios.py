@@ -37,7 +37,7 @@ class Sizes:
     burst: int = 100_000
     naive_cap_s: float = 20.0
     extra_routes: int = 10_000
-    large_backlog: int = 20000
+    small_backlog: int = 2000
     repeat: int = 1
 
     @classmethod
@@ -191,14 +191,14 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
     b = _median_of(sizes, lambda: bare(qos, sizes.burst), where, kw)
     bf = _median_of(sizes, lambda: bare(qos, sizes.burst, fast_path=True), where, kw)
     nv = run_group([naive(qos, sizes.naive_cap_s)], workdir=where / "naive", **kw)["naive"]
-    g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 2000}),
+    g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 20000}),
                    where, kw)
     rows = [dict(b, scenario=tag), dict(bf, scenario=tag), dict(nv, scenario=tag), dict(g, scenario=tag)]
-    if qos == 0 and sizes.large_backlog:
-        large_env = {"GATEWAY_BACKLOG": str(sizes.large_backlog)}
-        small = run_group([gateway("gateway-backlog", routes, env=large_env,
-                                   info={"backlog": sizes.large_backlog})],
-                          workdir=where / "large-backlog", **kw)["gateway-backlog"]
+    if qos == 0 and sizes.small_backlog:
+        small_env = {"GATEWAY_BACKLOG": str(sizes.small_backlog)}
+        small = run_group([gateway("gateway-backlog", routes, env=small_env,
+                                   info={"backlog": sizes.small_backlog})],
+                          workdir=where / "small-backlog", **kw)["gateway-backlog"]
         rows.append(dict(small, scenario=tag))
     ratio = _ratio(g["msg_per_s"], b["msg_per_s"])
     cost = _ratio(b["cpu_s_per_1k"], g["cpu_s_per_1k"])

@@ -211,7 +211,10 @@ class Pipeline:
         self._outbox = []
         with self._held_lock:
             self._held += len(outbox)
+            full = self._held >= self.backlog_capacity
         self._sink.put(outbox)
+        if full:
+            self._sink.send_now()
 
     # -- sink threads -------------------------------------------------------------------------
 

@@ -117,6 +117,8 @@ class KinesisSink:
         # others wait for a notify. Otherwise every worker wakes at every deadline, and at low
         # rates those wake-ups cost more CPU than the requests.
         self._timer_at: float | None = None
+        self._urgent = False
+        self._sending = 0             # PutRecords requests in flight
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._trouble: dict[str, str] = {}
@@ -184,6 +186,15 @@ class KinesisSink:
                     wake = wake or len(s.pending) >= max_records or s.pending_bytes >= max_bytes
             if wake:
                 self._cond.notify()
+
+    def send_now(self) -> None:
+        """Send what is queued without waiting out the linger, once no request is in flight. The
+        pipeline calls it when its backlog is full: then no more records come until some are
+        sent, and with nothing in flight to free the backlog, waiting would only stall. (With
+        requests in flight, their answers free it, and batches keep filling up.)"""
+        with self._cond:
+            self._urgent = True
+            self._cond.notify()
 
     def start(self) -> None:
         """Start the sender threads (daemons: a hung request must not block process exit)."""
@@ -290,8 +301,13 @@ class KinesisSink:
                     return ("rejected", rejected), None
                 job, self._rr, wake = find_job(
                     self._order, self._rr, self._clock(), cfg.linger_s,
-                    cfg.max_batch_records, cfg.max_batch_bytes, self._force > 0,
+                    cfg.max_batch_records, cfg.max_batch_bytes,
+                    self._force > 0 or (self._urgent and self._sending == 0),
                 )
+                if job is None:
+                    self._urgent = self._urgent and self._sending > 0
+                elif job[0] == "send":
+                    self._sending += 1
                 if job is not None or not block:
                     if job is not None and self._timer_at is None and self._queued():
                         self._cond.notify()   # hand the timer to an idle worker
@@ -311,7 +327,11 @@ class KinesisSink:
     def _run(self, job: tuple) -> None:
         kind = job[0]
         if kind == "send":
-            self._send(job[1], job[2])
+            try:
+                self._send(job[1], job[2])
+            finally:
+                with self._cond:
+                    self._sending -= 1
         elif kind == "rejected":
             out = Outcome()
             for entry, failed, _ in job[1]:

@@ -186,6 +186,25 @@ def test_batch_waits_for_linger_before_sending() -> None:
     assert h.after(0.011) == 1
 
 
+def test_send_now_skips_the_linger_once() -> None:
+    h = Harness(FakeKinesis(), linger_s=10.0)
+    h.put([rec(b"a"), rec(b"b", stream="other")])
+    assert h.sink.step() == 0
+    h.sink.send_now()                          # the pipeline's backlog is full
+    assert h.sink.step() == 2                  # every stream's partial batch goes at once
+    h.put([rec(b"c")])
+    assert h.sink.step() == 0                  # later records wait for the linger again
+    assert h.after(10.0) == 1
+
+
+def test_send_now_skips_the_linger_of_aggregates_too() -> None:
+    h = Harness(FakeKinesis(), linger_s=10.0, aggregate_routes=frozenset({"r"}))
+    h.put([rec(b"a"), rec(b"b")])
+    h.sink.send_now()
+    h.sink.step()
+    assert len(h.settled) == 2
+
+
 def test_stream_arn_goes_in_stream_arn_and_name_in_stream_name() -> None:
     arn = "arn:aws:kinesis:us-east-1:123456789012:stream/telemetry"
     h = Harness(FakeKinesis())

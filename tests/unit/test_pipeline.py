@@ -23,10 +23,14 @@ class FakeSink:
     def __init__(self) -> None:
         self.entries: list[tuple[Record, Any]] = []
         self.puts = 0
+        self.urgent = 0
 
     def put(self, entries: Any) -> None:
         self.puts += 1
         self.entries.extend(entries)
+
+    def send_now(self) -> None:
+        self.urgent += 1
 
 
 class CountingMetrics:
@@ -125,6 +129,7 @@ def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
     for mid in range(3):
         pipeline.intake(message(), mid=mid, qos=1)
     assert pipeline.backlog_full()
+    assert sink.urgent == 1      # a full backlog asks the sink not to wait out its linger
     pipeline.settled([(sink.entries[0][1], PUT)])
     pipeline.settled([(token, PUT) for _, token in sink.entries[1:]])
     assert not pipeline.backlog_full()

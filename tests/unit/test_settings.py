@@ -278,7 +278,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert (settings.logging.format, settings.logging.level) == ("auto", "INFO")
     assert (settings.reload.mode, settings.reload.debounce_s, settings.reload.rescan_s) == (
         "inotify", 0.2, 30)
-    assert (settings.backlog, settings.workers, settings.shutdown_timeout_s) == (2000, 1, 20)
+    assert (settings.backlog, settings.workers, settings.shutdown_timeout_s) == (20000, 1, 20)
     assert settings.stdout is False
 
 
