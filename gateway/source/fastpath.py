@@ -3,8 +3,9 @@ buffered reads.
 
 Why the first: on MQTT 5, paho builds a new `Properties` for every incoming PUBLISH, and its constructor
 re-derives the same three lookup tables each time (27 names, 27 `list.index` calls), then
-`unpack` walks all 27 names again to clear attributes the fresh object cannot have. That is about
-a third of paho's time per message, spent before our code sees the message. Devices rarely send
+`unpack` walks all 27 names again to clear attributes the fresh object cannot have. Measured here
+(timeit, the welder payload): 11 µs to decode one PUBLISH with paho's class, 2.4 µs with shared
+tables, where bare paho spends about 24 µs of CPU per message in a burst. Devices rarely send
 PUBLISH properties at all.
 
 What changes: the PUBLISH decoder (`paho.mqtt._packet`) gets a subclass whose instances share
