@@ -1,7 +1,7 @@
 """JSON Schema validation of a route file, with findings placed on the YAML key or value.
 
-Why a module of its own: jsonschema with its dependencies takes about 3.5 MB of resident memory,
-a tenth of a gateway process, for a check that runs once per load. The ``validate`` CLI imports it
+Why a module of its own: jsonschema with its dependencies takes 3.5 MB of resident memory (measured
+on top of boto3 and paho), 7 % of a running gateway's 52 MB, for a check that runs once per load. The ``validate`` CLI imports it
 here; the running gateway asks a short-lived child process (``python -m gateway.config.schema``)
 for the same findings, so its own memory never holds jsonschema. The child reads the route file
 text on stdin, the file name is its argument, and it prints the findings as a JSON list.
