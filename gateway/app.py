@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from gateway import __version__
-from gateway.config.reload import ActiveTable, Reloader, TableDiff
-from gateway.config.settings import Settings
-from gateway.config.watch import DirectoryWatcher, install_sighup, mount_warning
+from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
+from gateway.settings.settings import Settings
+from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline

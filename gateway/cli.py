@@ -23,11 +23,12 @@ from importlib import resources
 from typing import Any, TextIO
 
 from gateway import __version__
-from gateway.config.findings import REPORTERS, FileReport, report_text
-from gateway.config.loader import LoadResult, check_schema_in_child, load_routes, read_yaml
-from gateway.config.settings import Settings, SettingsError, find_env_file, load_settings
+from gateway.routefile.findings import REPORTERS, FileReport, report_text
+from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes, read_yaml
+from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
-from gateway.routing.table import Message, Outcome, Record, Rejected, RouteTable
+from gateway.model import Message, Record, Rejected, RoutingOutcome
+from gateway.routing.table import RouteTable
 from gateway.routing.topics import topic_name_error
 
 __all__ = ["main", "build_parser"]
@@ -110,7 +111,7 @@ def _load_table(path: str, err: TextIO) -> RouteTable:
     return result.table
 
 
-def _outcome_json(outcome: Outcome) -> dict[str, Any]:
+def _outcome_json(outcome: RoutingOutcome) -> dict[str, Any]:
     if isinstance(outcome, Record):
         item: dict[str, Any] = {"route": outcome.route, "stream": outcome.stream, "partition_key": outcome.partition_key}
         if outcome.explicit_hash_key is not None:
@@ -279,7 +280,7 @@ def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    out.write(resources.files("gateway.config").joinpath("routes.schema.json").read_text(encoding="utf-8"))
+    out.write(resources.files("gateway.routefile").joinpath("routes.schema.json").read_text(encoding="utf-8"))
     return EXIT_OK
 
 
@@ -302,7 +303,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _run_gateway(settings: Settings) -> int:
     """One gateway process until SIGTERM/SIGINT. The route file is loaded before boto3 and paho
-    are imported, and its schema is checked in a child process (gateway.config.schema), so the
+    are imported, and its schema is checked in a child process (gateway.routefile.schema), so the
     child runs while this process is still small and jsonschema never enters it."""
     configure_logging(settings.logging.format, settings.logging.level)
     log_uncaught_exceptions()

@@ -20,11 +20,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.routing.table import Message, Record, Rejected, Route, RouteTable
-from gateway.sink.kinesis import PUT, Failed
+from gateway.model import Message, Record, Rejected
+from gateway.routing.table import Route, RouteTable
+from gateway.model import Failed, PUT
 from gateway.source.acks import AckTracker, Ticket
 
-__all__ = ["Pipeline", "reason_code"]
+__all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,6 @@ class ActiveTableReader(Protocol):
 
 class DeadLetterPublisher(Protocol):
     def publish_dead_letter(self, topic: str, payload: bytes, done: Callable[[bool], None]) -> None: ...
-
-
-def reason_code(reason: str) -> str:
-    """A bounded label for a reason text (metrics must not grow with free text)."""
-    for fragment, code in _REASON_CODES:
-        if fragment in reason:
-            return code
-    return "other"
-
-
-_REASON_CODES = (
-    ("not valid UTF-8 JSON", "not_json"),
-    ("partition key is null", "key_missing"),
-    ("partition key is empty", "key_empty"),
-    ("partition key is an", "key_type"),
-    ("characters, over the limit", "key_too_long"),
-    ("explicit hash key", "hash_key"),
-    ("too large", "too_large"),
-    ("time budget", "ttl_exceeded"),
-    ("dead letter", "dead_letter_failed"),
-    ("expression failed", "expression_error"),
-)
 
 
 class _Token:
@@ -196,7 +175,7 @@ class Pipeline:
         with self._held_lock:
             self._held += len(rejected)
         for rejection, route in rejected:
-            code = reason_code(rejection.reason)
+            code = rejection.code
             self._rate_limited.warning(
                 route.name, code, f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
                 topic=_shown(message.topic),
@@ -235,7 +214,7 @@ class Pipeline:
                     self._drop(token, f"dead letter stream refused the record: {settlement.reason}", "dead_letter_failed")
                     tickets.append(token.ticket)
                 else:
-                    code = reason_code(settlement.reason)
+                    code = settlement.code
                     self._rate_limited.warning(
                         token.route.name, code,
                         f"record of route {token.route.name!r} for stream {token.route.stream!r} not delivered: "

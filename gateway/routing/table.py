@@ -11,58 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import orjson
 
+from gateway.model import (
+    MAX_PARTITION_KEY_CHARS, Message, Record, Rejected, RoutingOutcome, Skipped, is_hash_key, record_size,
+)
 from gateway.routing.expressions import CONTEXT, Expression, compile_expression
 from gateway.routing.topics import TopicTrie, minimal_subscriptions
 
-__all__ = [
-    "Message", "Record", "Rejected", "Skipped", "Outcome", "DeadLetter", "Route", "RouteTable",
-    "MAX_PARTITION_KEY_CHARS",
-]
+__all__ = ["DeadLetter", "Route", "RouteTable"]
 
-MAX_PARTITION_KEY_CHARS = 256
-_MAX_HASH_KEY = 2**128 - 1
 _TOPIC_CACHE_SIZE = 4096
-
-
-class Message(NamedTuple):
-    """One MQTT message as the gateway sees it: paho's types never travel past the source."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    received_ms: int
-
-
-class Record(NamedTuple):
-    """One Kinesis record. ``size`` is what Kinesis counts: data plus the key's UTF-8 bytes."""
-
-    route: str
-    stream: str
-    partition_key: str
-    data: bytes
-    explicit_hash_key: str | None = None
-    size: int = 0
-
-
-class Rejected(NamedTuple):
-    """The route matched, but no record can be made; ``reason`` never quotes the payload."""
-
-    route: str
-    reason: str
-
-
-class Skipped(NamedTuple):
-    """The route's ``filter`` expression was falsy for this message."""
-
-    route: str
-    reason: str = "filter"
-
-
-Outcome = Record | Rejected | Skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,25 +67,23 @@ def _key_text(value: Any) -> str | None:
     return None
 
 
-def _key_problem(value: Any, text: str | None) -> str | None:
+def _key_problem(value: Any, text: str | None) -> tuple[str, str] | None:
+    """(reason, code) when the evaluated key cannot be a partition key, else None."""
     if text is None:
         if value is None:
-            return "partition key is null (missing field?)"
-        return f"partition key is {'an object' if isinstance(value, dict) else 'an array'}, not a string or number"
+            return "partition key is null (missing field?)", "key_missing"
+        kind = "an object" if isinstance(value, dict) else "an array"
+        return f"partition key is {kind}, not a string or number", "key_type"
     if not text:
-        return "partition key is empty"
+        return "partition key is empty", "key_empty"
     if len(text) > MAX_PARTITION_KEY_CHARS:
-        return f"partition key is {len(text)} characters, over the limit of {MAX_PARTITION_KEY_CHARS}"
+        return f"partition key is {len(text)} characters, over the limit of {MAX_PARTITION_KEY_CHARS}", "key_too_long"
     return None
 
 
 def _hash_key_text(value: Any) -> str | None:
-    if type(value) is int and 0 <= value <= _MAX_HASH_KEY:
-        return str(value)
-    if type(value) is str and value.isdecimal() and value.isascii() and (value == "0" or value[0] != "0"):
-        if int(value) <= _MAX_HASH_KEY:
-            return value
-    return None
+    text = str(value) if type(value) is int and value >= 0 else value
+    return text if is_hash_key(text) else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,28 +115,28 @@ class Route:
                 text(self.filter), text(self.transform), self.format, self.append_newline,
                 self.dead_letter, self.aggregate)
 
-    def apply(self, message: Message, document: Any) -> Outcome:
+    def apply(self, message: Message, document: Any) -> RoutingOutcome:
         """Make this route's record from ``message``; ``document`` is the parsed payload."""
         if self.format == "json" and document is _BAD_JSON:
-            return Rejected(self.name, "payload is not valid UTF-8 JSON")
+            return Rejected(self.name, "payload is not valid UTF-8 JSON", "not_json")
         if self.filter is not None and not _truthy(self.filter.evaluate(document)):
             return Skipped(self.name)
         raw_key = self.partition_key.evaluate(document)
         key = _key_text(raw_key)
         problem = _key_problem(raw_key, key)
         if problem is not None:
-            return Rejected(self.name, problem)
+            return Rejected(self.name, *problem)
         hash_key = None
         if self.explicit_hash_key is not None:
             hash_value = self.explicit_hash_key.evaluate(document)
             hash_key = _hash_key_text(hash_value)
             if hash_key is None:
-                return Rejected(self.name, "explicit hash key is not a decimal integer in 0..2^128-1")
+                return Rejected(self.name, "explicit hash key is not a decimal integer in 0..2^128-1", "hash_key")
         data = message.payload if self.transform is None else _encode(self.transform.evaluate(document))
         if self.append_newline and not data.endswith(b"\n"):
             data += b"\n"
-        return Record(self.name, self.stream, key, data, hash_key,  # type: ignore[arg-type]
-                      len(data) + (len(key) if key.isascii() else len(key.encode())))  # type: ignore[union-attr]
+        assert key is not None  # _key_problem returned None
+        return Record(self.name, self.stream, key, data, hash_key, record_size(key, data))
 
 
 def _truthy(value: Any) -> bool:
@@ -224,14 +183,14 @@ class RouteTable:
         self._cache[topic] = found
         return found
 
-    def route(self, message: Message) -> list[Outcome]:
+    def route(self, message: Message) -> list[RoutingOutcome]:
         """Every outcome for ``message``: one per matching route, in file order."""
         routes = self.matching(message.topic)
         if not routes:
             return []
         CONTEXT.set(message.topic, message.received_ms)
         document = _NOT_PARSED
-        outcomes: list[Outcome] = []
+        outcomes: list[RoutingOutcome] = []
         for route in routes:
             if route.format == "json" and document is _NOT_PARSED:
                 document = _decode(message.payload)
@@ -239,7 +198,8 @@ class RouteTable:
                 outcomes.append(route.apply(message, document if route.format == "json" else None))
             except Exception as error:  # noqa: BLE001 - one poison message must not stop the rest
                 # The class name only: jmespath's messages quote the offending payload value.
-                outcomes.append(Rejected(route.name, f"expression failed on this payload ({type(error).__name__})"))
+                outcomes.append(Rejected(route.name, f"expression failed on this payload ({type(error).__name__})",
+                                         "expression_error"))
         return outcomes
 
     @classmethod

@@ -23,6 +23,8 @@ from botocore.credentials import (
 )
 from botocore.exceptions import ClientError
 
+from gateway.model import stream_target
+
 __all__ = ["ROLE_DURATION_S", "describe_max_record_bytes", "make_kinesis_client"]
 
 log = logging.getLogger(__name__)
@@ -104,9 +106,8 @@ def describe_max_record_bytes(client: Any, stream: str) -> int | None:
     gateway) or the service does not report the field; the caller then keeps the 1 MiB
     default. Other errors (missing stream, network) propagate.
     """
-    target = "StreamARN" if stream.startswith("arn:") else "StreamName"
     try:
-        summary = client.describe_stream_summary(**{target: stream})["StreamDescriptionSummary"]
+        summary = client.describe_stream_summary(**stream_target(stream))["StreamDescriptionSummary"]
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in {"AccessDeniedException", "AccessDenied"}:
             log.info("no permission to describe stream %s; assuming the default record limit", stream)

@@ -16,40 +16,12 @@ import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
-__all__ = [
-    "MAX_HASH_KEY",
-    "MAX_KEY_CHARS",
-    "PUT",
-    "Entry",
-    "Failed",
-    "Outcome",
-    "Settlement",
-    "StreamState",
-    "check_record",
-    "find_job",
-]
+from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Settlement, is_hash_key
 
-PUT = "put"
+__all__ = ["Entry", "Outcome", "StreamState", "check_record", "find_job"]
 
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """A record the sink gives up on; the pipeline routes it to the dead letter.
-
-    Defined here with the other sink values and re-exported by gateway.sink.kinesis.
-    """
-
-    reason: str
-    permanent: bool
-
-
-Settlement = Union[str, Failed]
-
-MAX_KEY_CHARS = 256
-MAX_HASH_KEY = 2**128 - 1
-_MAX_HASH_KEY_DIGITS = len(str(MAX_HASH_KEY))
 
 _seq = itertools.count()
 
@@ -111,39 +83,30 @@ class Entry:
         return {"Data": self.data, "PartitionKey": self.pk, "ExplicitHashKey": self.ehk}
 
 
-def check_record(
-    pk: Any, data: Any, ehk: Any, max_record_bytes: int
-) -> tuple[int, str | None]:
-    """Return (size, None) for a sendable record, or (0, reason) for one that never can be.
+_INVALID_KEY = Failed("invalid partition key", permanent=True, code="key_type")
+_NOT_BYTES = Failed("record data is not bytes", permanent=True, code="other")
+_TOO_LARGE = Failed("record too large", permanent=True, code="too_large")
+_INVALID_HASH_KEY = Failed("invalid explicit hash key", permanent=True, code="hash_key")
 
-    Reasons are a small fixed set so they can label metrics.
-    """
-    if not isinstance(pk, str) or not 0 < len(pk) <= MAX_KEY_CHARS:
-        return 0, "invalid partition key"
+
+def check_record(pk: Any, data: Any, ehk: Any, max_record_bytes: int) -> tuple[int, Failed | None]:
+    """Return (size, None) for a sendable record, or (0, why) for one that never can be."""
+    if not isinstance(pk, str) or not 0 < len(pk) <= MAX_PARTITION_KEY_CHARS:
+        return 0, _INVALID_KEY
     if not isinstance(data, (bytes, bytearray)):
-        return 0, "record data is not bytes"
+        return 0, _NOT_BYTES
     if pk.isascii():
         size = len(data) + len(pk)
     else:
         try:
             size = len(data) + len(pk.encode("utf-8"))
         except UnicodeEncodeError:
-            return 0, "invalid partition key"
+            return 0, _INVALID_KEY
     if size > max_record_bytes:
-        return 0, "record too large"
-    if ehk is not None and not _valid_hash_key(ehk):
-        return 0, "invalid explicit hash key"
+        return 0, _TOO_LARGE
+    if ehk is not None and not is_hash_key(ehk):
+        return 0, _INVALID_HASH_KEY
     return size, None
-
-
-def _valid_hash_key(ehk: Any) -> bool:
-    return (
-        isinstance(ehk, str)
-        and 0 < len(ehk) <= _MAX_HASH_KEY_DIGITS
-        and ehk.isascii()
-        and ehk.isdigit()
-        and int(ehk) <= MAX_HASH_KEY
-    )
 
 
 class StreamState:
@@ -186,9 +149,6 @@ class StreamState:
         self.map_stale = True
         self.map_loading = False
 
-    @property
-    def is_arn(self) -> bool:
-        return self.name.startswith("arn:")
 
     def append(self, entry: Entry) -> None:
         self.pending.append(entry)

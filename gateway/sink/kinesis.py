@@ -23,23 +23,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from gateway.model import PUT, Failed, Settlement, stream_target
 from gateway.sink import kpl
-from gateway.sink.batching import (
-    PUT,
-    Entry,
-    Failed,
-    Outcome,
-    Settlement,
-    StreamState,
-    check_record,
-    find_job,
-)
+from gateway.sink.batching import Entry, Outcome, StreamState, check_record, find_job
 from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
 
 if TYPE_CHECKING:
-    from gateway.routing.table import Record
+    from gateway.model import Record
 
-__all__ = ["PUT", "Failed", "KinesisSink", "SinkConfig", "SinkMetrics", "Settlement"]
+__all__ = ["KinesisSink", "SinkConfig", "SinkMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +116,6 @@ class KinesisSink:
         self._trouble: dict[str, str] = {}
         self._last_error: str | None = None
         self._agg_routes = frozenset(config.aggregate_routes)
-        self._failed_cache: dict[str, Failed] = {}
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -164,11 +155,11 @@ class KinesisSink:
             streams = self._streams
             for record, token in entries:
                 pk, data, stream = record.partition_key, record.data, record.stream
-                size, reason = check_record(pk, data, record.explicit_hash_key, max_record)
+                size, problem = check_record(pk, data, record.explicit_hash_key, max_record)
                 entry = Entry(pk, data, record.explicit_hash_key, size, record.route, token, now)
                 self._pending += 1
-                if reason is not None:
-                    self._rejected.append((entry, self._failed(reason), stream))
+                if problem is not None:
+                    self._rejected.append((entry, problem, stream))
                     wake = True
                     continue
                 s = streams.get(stream)
@@ -259,12 +250,6 @@ class KinesisSink:
         self._streams[name] = s
         self._order.append(s)
         return s
-
-    def _failed(self, reason: str, permanent: bool = True) -> Failed:
-        cached = self._failed_cache.get(reason)
-        if cached is None:
-            cached = self._failed_cache[reason] = Failed(reason, permanent)
-        return cached
 
     def _worker(self) -> None:
         while True:
@@ -366,8 +351,7 @@ class KinesisSink:
     # ---- requests and responses -----------------------------------------------------------
 
     def _send(self, s: StreamState, batch: list[Entry]) -> None:
-        target = "StreamARN" if s.is_arn else "StreamName"
-        request = {target: s.name, "Records": [entry.request_entry() for entry in batch]}
+        request: dict[str, Any] = {**stream_target(s.name), "Records": [entry.request_entry() for entry in batch]}
         started = self._clock()
         response: Any = None
         error: BaseException | None = None

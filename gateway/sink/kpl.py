@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.model import stream_target
 from gateway.sink.batching import Entry
 
 __all__ = ["MAGIC", "ShardMap", "aggregate", "encode_aggregate", "hash_key", "load_shard_map"]
@@ -72,7 +73,7 @@ class ShardMap:
 
 def load_shard_map(client: Any, stream: str) -> ShardMap:
     """Read the open shards with ListShards (paginated); closed parents take no writes."""
-    kwargs: dict[str, Any] = {"StreamARN" if stream.startswith("arn:") else "StreamName": stream}
+    kwargs: dict[str, Any] = stream_target(stream)
     shards: list[dict[str, Any]] = []
     while True:
         response = client.list_shards(**kwargs)

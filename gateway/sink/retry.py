@@ -24,7 +24,8 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from gateway.sink.batching import PUT, Entry, Failed, Outcome, StreamState
+from gateway.model import Failed, PUT
+from gateway.sink.batching import Entry, Outcome, StreamState
 
 __all__ = [
     "EXPIRED",
@@ -38,7 +39,7 @@ __all__ = [
     "settle_response",
 ]
 
-EXPIRED = Failed("delivery time budget exceeded", permanent=False)
+EXPIRED = Failed("delivery time budget exceeded", permanent=False, code="ttl_exceeded")
 # A stream whose requests fail as a whole this many times in a row is reported unhealthy.
 UNHEALTHY_AFTER = 5
 
@@ -202,7 +203,7 @@ def settle_response(
     action, code = classify(error)
     if action is Action.BISECT:
         if len(batch) == 1:
-            out.add(batch[0], Failed(f"rejected by Kinesis ({code})", permanent=True))
+            out.add(batch[0], Failed(f"rejected by Kinesis ({code})", permanent=True, code="rejected_by_kinesis"))
         else:
             half = len(batch) // 2
             s.splits.appendleft(batch[half:])

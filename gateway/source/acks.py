@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+
+from gateway.model import now_ms
 
 __all__ = ["AckTracker", "Ticket"]
 
 log = logging.getLogger(__name__)
 
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Ticket:
@@ -73,7 +71,7 @@ class AckTracker:
 
     def __init__(self, send_ack: Callable[[int, int], None], *,
                  on_done: Callable[[Sequence[Ticket]], None] | None = None,
-                 clock_ms: Callable[[], int] = _now_ms) -> None:
+                 clock_ms: Callable[[], int] = now_ms) -> None:
         """`send_ack(mid, qos)` puts the ack on the wire (see module docstring: quick, no re-entry).
 
         `on_done(tickets)` is told, outside the lock, about tickets that finished in one call: acked

@@ -33,7 +33,7 @@ class MqttSourceError(Exception):
 
 @dataclass(frozen=True)
 class MqttConfig:
-    """Plain connection values; `gateway.config.settings` maps the environment onto them."""
+    """Plain connection values; `gateway.settings.settings` maps the environment onto them."""
 
     host: str = "localhost"
     port: int = 1883

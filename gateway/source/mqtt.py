@@ -43,7 +43,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gateway.routing.table import Message
+from gateway.model import Message, now_ms
 from gateway.source.acks import AckTracker, Ticket
 from gateway.source.connect import MqttConfig, MqttSourceError, build_client, describe_error
 from gateway.source.fastpath import BufferedClient
@@ -57,9 +57,6 @@ _BURST_PACKETS = 64          # packets read per wake-up while not paused, before
 _PACE_BELOW_RATE = 1000      # msg/s under which reads of a drained socket are paced
 _PAUSED_POLL_S = 0.05        # how often a paused loop re-checks the backlog
 
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class MqttSource:
@@ -361,7 +358,7 @@ class MqttSource:
             self.acks.arrived(mid, qos, 0)
             return
         self._intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos,
-                             received_ms=_now_ms()), mid, qos)
+                             received_ms=now_ms()), mid, qos)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         results = self.subscriptions.suback(mid, [(int(rc.value), str(rc)) for rc in codes])

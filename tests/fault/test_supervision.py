@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from gateway.app import EXIT_FAILED, Gateway
-from gateway.config.loader import load_routes
-from gateway.config.settings import load_settings
+from gateway.routefile.loader import load_routes
+from gateway.settings.settings import load_settings
 from tests.fault.helpers import BASE_ENV, Rig
 from tests.support.services import FAKE_AWS_ENV, HOST
 

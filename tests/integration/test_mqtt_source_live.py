@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from gateway.routing.table import Message
+from gateway.model import Message
 from gateway.source.mqtt import MqttConfig, MqttSource
 from tests.support.publisher import Publisher
 from tests.support.certs import make_test_pki

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.loader import load_routes
-from gateway.config.reload import ActiveTable, ReloadOutcome, Reloader
-from gateway.config.watch import DirectoryWatcher
+from gateway.routefile.loader import load_routes
+from gateway.routefile.reload import ActiveTable, ReloadOutcome, Reloader
+from gateway.routefile.watch import DirectoryWatcher
 from tests.support.atomic_writer import AtomicWriter
 
 pytestmark = pytest.mark.timeout(30)

@@ -24,8 +24,8 @@ from unittest import mock
 
 import pytest
 
-from gateway.config.loader import load_routes_text
-from gateway.config.settings import SettingsError, load_settings
+from gateway.routefile.loader import load_routes_text
+from gateway.settings.settings import SettingsError, load_settings
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.services import Mosquitto, wait_for_records
 

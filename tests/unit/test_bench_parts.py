@@ -75,7 +75,7 @@ def test_published_packet_is_a_well_formed_mqtt_publish() -> None:
 
 @pytest.mark.parametrize("extra, aggregate", [(0, False), (3, True)])
 def test_bench_route_files_pass_the_gateways_own_loader(tmp_path: Path, extra: int, aggregate: bool) -> None:
-    loader = pytest.importorskip("gateway.config.loader")
+    loader = pytest.importorskip("gateway.routefile.loader")
     result = loader.load_routes(route_file(tmp_path / "routes.yaml", qos=1, extra_routes=extra,
                                            aggregate=aggregate))
     assert result.table is not None, [f.format_text() for f in result.findings]

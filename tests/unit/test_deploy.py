@@ -26,8 +26,8 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from gateway.cli import build_parser
-from gateway.config.loader import load_routes_text
-from gateway.config.settings import load_settings
+from gateway.routefile.loader import load_routes_text
+from gateway.settings.settings import load_settings
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import METRIC_NAMES
 

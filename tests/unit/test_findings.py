@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from gateway.config.findings import REPORTERS, FileReport, Finding
+from gateway.routefile.findings import REPORTERS, FileReport, Finding
 
 
 def _finding(message: str = "unknown key 'strem'", severity: str = "error", rule: str = "schema") -> Finding:

@@ -33,9 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.config.loader import load_routes_text
+from gateway.routefile.loader import load_routes_text
 from gateway.pipeline import Pipeline
-from gateway.routing.table import Message, Record, Rejected, RouteTable
+from gateway.model import Message, Record, Rejected
+from gateway.routing.table import RouteTable
 from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.source.acks import AckTracker
 

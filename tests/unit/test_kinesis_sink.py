@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from gateway.routing.table import Record
-from gateway.sink.kinesis import PUT, Failed, KinesisSink, SinkConfig
+from gateway.model import Record
+from gateway.model import Failed, PUT
+from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.sink.retry import Action, classify
 
 MiB = 1024 * 1024

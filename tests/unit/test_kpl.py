@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from gateway.routing.table import Record
+from gateway.model import Record
 from gateway.sink.batching import Entry
-from gateway.sink.kinesis import PUT, KinesisSink, SinkConfig
+from gateway.model import PUT
+from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.sink.kpl import MAGIC, ShardMap, aggregate, encode_aggregate, hash_key, load_shard_map
 
 STREAM = "agg"

@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from gateway.config import loader
-from gateway.config.loader import QOS2_REASON, LoadResult, load_routes, load_routes_text
-from gateway.routing.table import DeadLetter, Message, Record
+from gateway.routefile import loader
+from gateway.routefile.loader import QOS2_REASON, LoadResult, load_routes, load_routes_text
+from gateway.model import Message, Record
+from gateway.routing.table import DeadLetter
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "routes"
 VALID = sorted((FIXTURES / "valid").glob("*.yaml"))
@@ -321,7 +322,7 @@ def test_a_child_that_cannot_run_falls_back_to_this_process(
 
 
 def test_the_running_gateway_never_imports_jsonschema(tmp_path: Path) -> None:
-    code = ("import sys; import gateway.app; from gateway.config import loader; "
+    code = ("import sys; import gateway.app; from gateway.routefile import loader; "
             "loader.check_schema_in_child(); "
             f"assert loader.load_routes({str(VALID[0])!r}).ok; "
             "print('jsonschema' in sys.modules)")

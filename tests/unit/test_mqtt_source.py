@@ -20,7 +20,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.routing.table import Message
+from gateway.model import Message
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource, MqttSourceError
 from gateway.source.subscriptions import SubscriptionBook

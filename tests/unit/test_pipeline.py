@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from gateway.pipeline import Pipeline, reason_code
+from gateway.pipeline import Pipeline
 from gateway.routing.expressions import compile_expression as expr
-from gateway.routing.table import DeadLetter, Message, Record, Route, RouteTable
-from gateway.sink.kinesis import PUT, Failed
+from gateway.model import REASON_CODES, Message, Record
+from gateway.routing.table import DeadLetter, Route, RouteTable
+from gateway.model import Failed, PUT
 from gateway.source.acks import AckTracker
 
 
@@ -136,8 +137,12 @@ def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
     assert freed == [2]          # told once, when the full backlog first had room
 
 
-@pytest.mark.parametrize(("reason", "code"), [("payload is not valid UTF-8 JSON", "not_json"),
-                                              ("partition key is 300 characters, over the limit of 256", "key_too_long"),
-                                              ("something new", "other")])
-def test_reasons_map_to_a_bounded_set_of_metric_labels(reason: str, code: str) -> None:
-    assert reason_code(reason) == code
+@pytest.mark.parametrize(("payload", "code"), [(b"not json", "not_json"),
+                                               (b'{"name": "' + b"k" * 300 + b'"}', "key_too_long"),
+                                               (b'{"name": null}', "key_missing"),
+                                               (b'{"name": ""}', "key_empty"),
+                                               (b'{"name": [1]}', "key_type")])
+def test_rejections_carry_a_bounded_metric_code_whatever_their_wording(payload: bytes, code: str) -> None:
+    table = RouteTable((Route("a", ("t/#",), "s", expr("name")),))
+    (outcome,) = table.route(Message("t/1", payload, 1, 0))
+    assert outcome.code == code and code in REASON_CODES

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config.loader import load_routes
-from gateway.config.reload import ActiveTable, Reloader, TableDiff, diff_tables
-from gateway.config.watch import Debouncer, DirectoryWatcher, install_sighup, mount_warning
+from gateway.routefile.loader import load_routes
+from gateway.routefile.reload import ActiveTable, Reloader, TableDiff, diff_tables
+from gateway.routefile.watch import Debouncer, DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.expressions import compile_expression
 from gateway.routing.table import DeadLetter, Route, RouteTable
 from tests.support.atomic_writer import AtomicWriter
@@ -221,7 +221,7 @@ def test_valid_change_swaps_and_reports_what_changed(tmp_path: Path,
     rig = Rig(tmp_path)
     old = rig.active.current
     rig.writer.write({"routes.yaml": V2})
-    with caplog.at_level(logging.INFO, logger="gateway.config.reload"):
+    with caplog.at_level(logging.INFO, logger="gateway.routefile.reload"):
         outcome = rig.reloader.reload("watch")
     assert outcome.status == "applied"
     new = rig.active.current
@@ -242,7 +242,7 @@ def test_invalid_file_keeps_old_table_and_logs_each_finding_on_one_line(
     rig = Rig(tmp_path)
     old = rig.active.current
     rig.writer.write({"routes.yaml": INVALID})
-    with caplog.at_level(logging.INFO, logger="gateway.config.reload"):
+    with caplog.at_level(logging.INFO, logger="gateway.routefile.reload"):
         outcome = rig.reloader.reload("watch")
     assert outcome.status == "invalid" and rig.active.current is old and rig.swaps == []
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

@@ -9,7 +9,8 @@ import pytest
 
 from gateway.routing import table as table_module
 from gateway.routing.expressions import compile_expression as expr
-from gateway.routing.table import Message, Record, Rejected, Route, RouteTable, Skipped
+from gateway.model import Message, Record, Rejected, Skipped
+from gateway.routing.table import Route, RouteTable
 
 SEED = (b'{"name": "device123", "model": "welder", "status": "running", "sensor_1": 24.5, '
         b'"sensor_2": 98.3, "sensor_3": 16.1, "sensor_4": 0.9, "sensor_5": 5.5, "sensor_6": 100.32}')

@@ -10,11 +10,11 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from gateway.config.loader import load_schema
+from gateway.routefile.loader import load_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "schema" / "routes.schema.json"
-SHIPPED = ROOT / "gateway" / "config" / "routes.schema.json"
+SHIPPED = ROOT / "gateway" / "routefile" / "routes.schema.json"
 
 
 def _schema() -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.settings import LegacyRoute, SettingsError, find_env_file, load_settings
+from gateway.settings.settings import LegacyRoute, SettingsError, find_env_file, load_settings
 
 # The seed's documented .env, written as its users write it: a leading space on every line.
 SEED_ENV = """\

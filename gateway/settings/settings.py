@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, cast
 from urllib.parse import urlsplit
 
-from gateway.config.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
+from gateway.model import MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS
+from gateway.settings.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
 
 __all__ = [
     "HttpSettings", "KinesisSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
@@ -302,8 +303,8 @@ def _legacy_route(src: Source) -> LegacyRoute:
                         " stream ARN")
     key_value = src.get("KIN_PARTITION_KEY")
     key = key_value.text.strip() if key_value else None
-    if key_value and len(key_value.text.strip()) > 256:
-        raise src.error(key_value, "a partition key is at most 256 characters", show=False)
+    if key_value and len(key_value.text.strip()) > MAX_PARTITION_KEY_CHARS:
+        raise src.error(key_value, f"a partition key is at most {MAX_PARTITION_KEY_CHARS} characters", show=False)
     qos = src.integer("QOS", default=0, lo=0, hi=2)
     if qos == 2:
         raise SettingsError("QOS: QoS 2 is not supported; use 0 or 1 (1 for at-least-once)")
@@ -311,8 +312,8 @@ def _legacy_route(src: Source) -> LegacyRoute:
 
 
 def _kinesis(src: Source) -> KinesisSettings:
-    batch_bytes = src.integer("KINESIS_BATCH_BYTES", default=5 * _MIB, lo=1, hi=10 * _MIB)
-    max_record = src.integer("KINESIS_MAX_RECORD_BYTES", default=_MIB, lo=1, hi=10 * _MIB)
+    batch_bytes = src.integer("KINESIS_BATCH_BYTES", default=MAX_REQUEST_BYTES, lo=1, hi=10 * _MIB)
+    max_record = src.integer("KINESIS_MAX_RECORD_BYTES", default=MAX_RECORD_BYTES, lo=1, hi=10 * _MIB)
     if max_record > batch_bytes:
         raise SettingsError(f"KINESIS_MAX_RECORD_BYTES: {max_record} exceeds KINESIS_BATCH_BYTES"
                             f" {batch_bytes}")
@@ -329,7 +330,7 @@ def _kinesis(src: Source) -> KinesisSettings:
     return KinesisSettings(
         max_in_flight=src.integer("KINESIS_MAX_IN_FLIGHT", "KIN_MAXCONN", default=4, lo=1, hi=256),
         linger_s=src.millis("KINESIS_LINGER_MS", default=200, lo=0),
-        batch_records=src.integer("KINESIS_BATCH_RECORDS", default=500, lo=1, hi=500),
+        batch_records=src.integer("KINESIS_BATCH_RECORDS", default=MAX_REQUEST_RECORDS, lo=1, hi=MAX_REQUEST_RECORDS),
         batch_bytes=batch_bytes, max_record_bytes=max_record,
         retry_base_s=retry_base, retry_cap_s=retry_cap,
         record_ttl_s=src.number("KINESIS_RECORD_TTL_S", default=0, lo=0),

@@ -25,8 +25,8 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from gateway.config import checks
-from gateway.config.findings import Finding, format_path
+from gateway.routefile import checks
+from gateway.routefile.findings import Finding, format_path
 from gateway.routing.table import RouteTable
 
 __all__ = ["LoadResult", "Located", "check_schema_in_child", "load_routes", "load_routes_text", "load_schema",
@@ -245,7 +245,7 @@ QOS2_REASON = ("QoS 2 is not supported: acknowledgement waits for Kinesis, and a
 
 def load_schema() -> dict[str, Any]:
     """The route file schema shipped inside the package (identical to schema/routes.schema.json)."""
-    text = resources.files("gateway.config").joinpath("routes.schema.json").read_text(encoding="utf-8")
+    text = resources.files("gateway.routefile").joinpath("routes.schema.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -260,7 +260,7 @@ _schema_in_child = False
 
 
 def check_schema_in_child(enabled: bool = True) -> None:
-    """Run the JSON Schema step in a child process from now on (see gateway.config.schema)."""
+    """Run the JSON Schema step in a child process from now on (see gateway.routefile.schema)."""
     global _schema_in_child
     _schema_in_child = enabled
 
@@ -270,7 +270,7 @@ def _schema_findings(doc: YamlDocument, text: str, filename: str) -> list[Findin
         found = _schema_findings_from_child(text, filename)
         if found is not None:
             return found
-    from gateway.config.schema import schema_findings  # noqa: PLC0415 - kept out of the gateway's memory
+    from gateway.routefile.schema import schema_findings  # noqa: PLC0415 - kept out of the gateway's memory
     return schema_findings(doc, filename)
 
 
@@ -279,7 +279,7 @@ def _schema_findings_from_child(text: str, filename: str) -> list[Finding] | Non
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        done = subprocess.run([sys.executable, "-m", "gateway.config.schema", filename],
+        done = subprocess.run([sys.executable, "-m", "gateway.routefile.schema", filename],
                               input=text.encode("utf-8", "surrogatepass"), capture_output=True,
                               env=env, timeout=60, check=False)
         if done.returncode != 0:

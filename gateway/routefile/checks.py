@@ -24,9 +24,10 @@ from typing import Any
 
 import yaml
 
-from gateway.config.findings import Finding, format_path
+from gateway.routefile.findings import Finding, format_path
 from gateway.routing.expressions import Expression, ExpressionError, compile_expression
-from gateway.routing.table import MAX_PARTITION_KEY_CHARS, DeadLetter, Route
+from gateway.model import MAX_PARTITION_KEY_CHARS, is_hash_key
+from gateway.routing.table import DeadLetter, Route
 from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
 
 __all__ = ["SemanticResult", "check_routes"]
@@ -34,7 +35,6 @@ __all__ = ["SemanticResult", "check_routes"]
 Path = tuple[str | int, ...]
 _REQUIRED = ("topic", "stream", "partition_key")
 _EXPRESSIONS = ("partition_key", "explicit_hash_key", "filter", "transform")
-_MAX_HASH_KEY = 2**128 - 1
 
 
 @dataclass
@@ -125,9 +125,8 @@ def _check_literals(ctx: _Ctx, path: Path, key: str, expression: Expression) -> 
         elif isinstance(value, str) and not 1 <= len(value) <= MAX_PARTITION_KEY_CHARS:
             ctx.add(path, "partition-key", f"partition_key: a key is 1 to {MAX_PARTITION_KEY_CHARS} characters")
     elif key == "explicit_hash_key":
-        text = str(value) if type(value) is int else value if isinstance(value, str) else ""
-        canonical = text == "0" or not text.startswith("0")
-        if not (text.isascii() and text.isdecimal() and canonical and int(text) <= _MAX_HASH_KEY):
+        text = str(value) if type(value) is int else value
+        if not is_hash_key(text):
             ctx.add(path, "explicit-hash-key", "explicit_hash_key: must be a decimal integer in 0..2^128-1")
 
 

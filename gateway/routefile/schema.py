@@ -2,7 +2,7 @@
 
 Why a module of its own: jsonschema with its dependencies takes 3.5 MB of resident memory (measured
 on top of boto3 and paho), 7 % of a running gateway's 52 MB, for a check that runs once per load. The ``validate`` CLI imports it
-here; the running gateway asks a short-lived child process (``python -m gateway.config.schema``)
+here; the running gateway asks a short-lived child process (``python -m gateway.routefile.schema``)
 for the same findings, so its own memory never holds jsonschema. The child reads the route file
 text on stdin, the file name is its argument, and it prints the findings as a JSON list.
 """
@@ -18,8 +18,8 @@ import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from gateway.config.findings import Finding, format_path
-from gateway.config.loader import _AMBIGUOUS, QOS2_REASON, Path, YamlDocument, _pos, load_schema, read_yaml
+from gateway.routefile.findings import Finding, format_path
+from gateway.routefile.loader import _AMBIGUOUS, QOS2_REASON, Path, YamlDocument, _pos, load_schema, read_yaml
 
 __all__ = ["main", "schema_findings"]
 

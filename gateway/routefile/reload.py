@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.config.findings import Finding
-from gateway.config.loader import LoadResult, load_routes
+from gateway.routefile.findings import Finding
+from gateway.routefile.loader import LoadResult, load_routes
 from gateway.routing.table import RouteTable
 
 __all__ = ["ActiveTable", "ReloadOutcome", "Reloader", "TableDiff", "diff_tables"]

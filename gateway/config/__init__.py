@@ -1,1 +1,0 @@
-"""Configuration: process settings, the route file loader, findings and reload."""

@@ -1,0 +1,1 @@
+"""The route file: YAML with positions, schema, semantic checks, findings, load, reload, watch."""

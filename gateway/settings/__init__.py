@@ -1,0 +1,1 @@
+"""Process settings: the environment and an optional .env file, read once at start-up."""
