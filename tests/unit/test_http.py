@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -161,3 +164,165 @@ def test_stop_is_safe_before_start_and_twice() -> None:
 def test_metrics_can_be_given_as_a_render_callable() -> None:
     srv = HealthServer("127.0.0.1", 0, render_metrics=lambda: b"x 1\n")
     assert srv.answer("/metrics")[2] == b"x 1\n"
+
+
+# -- bounded concurrency: a deadline per connection, a cap on open sockets, one loop thread ------
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def stalled(port: int) -> socket.socket:
+    """A connection that sent one byte of its request and then nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"G")
+    return sock
+
+
+def test_every_answer_closes_the_connection(server: HealthServer) -> None:
+    assert request(server, "GET", "/healthz")[1]["Connection"] == "close"
+    assert raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_client_that_stalls_mid_request_is_cut_at_the_deadline() -> None:
+    srv = HealthServer("127.0.0.1", 0, NoMetrics(), request_timeout_s=0.2)
+    srv.start()
+    try:
+        with stalled(srv.port) as sock:
+            assert read_until_closed(sock) == b""  # closed by the server, with no answer
+    finally:
+        srv.stop()
+
+
+def test_at_the_cap_the_oldest_unfinished_request_makes_room_for_a_new_one() -> None:
+    srv = HealthServer("127.0.0.1", 0, NoMetrics(), max_connections=2)
+    srv.start()
+    try:
+        with stalled(srv.port) as oldest, stalled(srv.port) as younger:
+            assert raw_exchange(srv.port, b"GET /readyz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+            assert read_until_closed(oldest) == b""
+            younger.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still open: nothing to read, no end of stream
+                younger.recv(1)
+    finally:
+        srv.stop()
+
+
+def test_at_the_cap_with_every_connection_being_answered_a_new_one_is_closed_at_once() -> None:
+    rendering, release = threading.Event(), threading.Event()
+
+    def slow_render() -> bytes:
+        rendering.set()
+        release.wait(5)
+        return b"x 1\n"
+
+    srv = HealthServer("127.0.0.1", 0, render_metrics=slow_render, max_connections=1)
+    srv.start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as scrape:
+            scrape.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert rendering.wait(5)
+            try:
+                assert raw_exchange(srv.port, b"GET /healthz HTTP/1.1\r\n\r\n") == b""
+            except ConnectionResetError:
+                pass  # closed before our request arrived: the same refusal
+            release.set()
+            assert read_until_closed(scrape).endswith(b"\r\n\r\nx 1\n")
+    finally:
+        release.set()
+        srv.stop()
+
+
+def test_a_request_head_over_the_limit_is_431(server: HealthServer) -> None:
+    answer = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nX-Filler: " + b"a" * 8200)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_over_the_limit_is_413_and_a_small_one_is_read_and_dropped(server: HealthServer) -> None:
+    big = raw_exchange(server.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+    assert big.startswith(b"HTTP/1.1 413 ")
+    small = raw_exchange(server.port, b"POST /metrics HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+    assert small.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: GET, HEAD\r\n" in small
+
+
+@pytest.mark.parametrize("head", [b"NONSENSE\r\n\r\n", b"GET /healthz HTTP/2.0\r\n\r\n",
+                                  b"GET /healthz HTTP/1.1\r\nno colon\r\n\r\n",
+                                  b"GET /healthz HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                                  b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"])
+def test_a_malformed_request_is_400(server: HealthServer, head: bytes) -> None:
+    assert raw_exchange(server.port, head).startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_client_that_leaves_mid_request_does_not_disturb_the_next(server: HealthServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /hea")
+    assert request(server, "GET", "/healthz")[0] == 200
+
+
+def test_a_raising_metrics_render_is_500_with_one_log_line_and_the_server_keeps_serving(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> bytes:
+        raise RuntimeError("registry on fire")
+
+    srv = HealthServer("127.0.0.1", 0, render_metrics=broken)
+    srv.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="gateway.ops.http"):
+            status, _, body = request(srv, "GET", "/metrics")
+        assert status == 500 and json.loads(body) == {"error": "metrics unavailable"}
+        assert [r.getMessage() for r in caplog.records] == ["rendering metrics failed"]
+        assert request(srv, "GET", "/healthz")[0] == 200 and srv.alive
+    finally:
+        srv.stop()
+
+
+def test_a_raising_probe_leaves_the_server_serving(probe: Probe) -> None:
+    def boom() -> bool:
+        raise RuntimeError("thread table gone")
+
+    srv = HealthServer("127.0.0.1", 0, NoMetrics(), boom, probe.readiness)
+    srv.start()
+    try:
+        assert request(srv, "GET", "/healthz")[0] == 503
+        assert request(srv, "GET", "/readyz")[0] == 200 and srv.alive
+    finally:
+        srv.stop()
+
+
+def test_alive_from_start_until_stop() -> None:
+    srv = HealthServer("127.0.0.1", 0, NoMetrics())
+    assert not srv.alive
+    srv.start()
+    assert srv.alive
+    srv.stop()
+    assert not srv.alive
+
+
+def test_stop_closes_connections_still_sending_their_request() -> None:
+    srv = HealthServer("127.0.0.1", 0, NoMetrics())
+    srv.start()
+    sock = stalled(srv.port)
+    try:
+        assert request(srv, "GET", "/healthz")[0] == 200  # the stalled one was accepted before this
+        srv.stop()
+        assert read_until_closed(sock) == b""
+    finally:
+        sock.close()
+        srv.stop()
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_connections"):
+        HealthServer("127.0.0.1", 0, max_connections=0)
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        HealthServer("127.0.0.1", 0, request_timeout_s=0)
