@@ -50,7 +50,7 @@ class Gateway:
     def __init__(self, settings: Settings, table: RouteTable) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.metrics.declare_routes((r.name, r.stream) for r in table.routes)
+        self.metrics.declare_routes((r.name, r.stream, r.drop_codes) for r in table.routes)
         self.metrics.reload_result(True, table.digest)  # startup load; else the reload alert fires at once
         self.active = ActiveTable(table)
         self._stop = threading.Event()
@@ -97,7 +97,7 @@ class Gateway:
 
     def _swapped(self, old: RouteTable, new: RouteTable, diff: TableDiff) -> None:
         """Runs on the reload worker after the swap: subscriptions follow the new table."""
-        self.metrics.declare_routes((r.name, r.stream) for r in new.routes)
+        self.metrics.declare_routes((r.name, r.stream, r.drop_codes) for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
         self.source.set_subscriptions(list(new.subscriptions))
 

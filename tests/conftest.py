@@ -14,24 +14,36 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if str(Path(__file__).resolve().parent.parent) not in sys.path:  # plain `pytest` from anywhere
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.certs import Pki, make_test_pki  # noqa: E402
-from tests.support.faultproxy import FaultProxy  # noqa: E402
-from tests.support.gatewayproc import GatewayProcess  # noqa: E402
-from tests.support.publisher import Publisher  # noqa: E402
-from tests.support.services import Mosquitto, MotoServer, create_stream, kinesis_client  # noqa: E402
-from tests.support.tcpproxy import TcpProxy  # noqa: E402
+if TYPE_CHECKING:  # the live support needs moto, cryptography and psutil: imported only by live fixtures
+    from tests.support.certs import Pki
+    from tests.support.faultproxy import FaultProxy
+    from tests.support.gatewayproc import GatewayProcess
+    from tests.support.publisher import Publisher
+    from tests.support.services import Mosquitto, MotoServer
+    from tests.support.tcpproxy import TcpProxy
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/integration and tests/fault carries its marker, whatever its module says."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        for folder in ("integration", "fault"):
+            if folder in parts and item.get_closest_marker(folder) is None:
+                item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture(scope="session")
 def kinesis_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """The session's moto server (`.url`, `.client()`, `.reset()`)."""
+    from tests.support.services import MotoServer
+
     with MotoServer(tmp_path_factory.mktemp("moto")) as server:
         yield server
 
@@ -39,12 +51,16 @@ def kinesis_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS
 @pytest.fixture
 def kinesis(kinesis_endpoint: MotoServer) -> Any:
     """A boto3 Kinesis client on the moto server (fake credentials, us-east-1)."""
+    from tests.support.services import kinesis_client
+
     return kinesis_client(kinesis_endpoint.url)
 
 
 @pytest.fixture
 def make_stream(kinesis: Any, request: pytest.FixtureRequest) -> Callable[..., str]:
     """make_stream(shards=1, suffix="") -> a new ACTIVE stream named after the test."""
+    from tests.support.services import create_stream
+
     base = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:60]
 
     def make(shards: int = 1, suffix: str = "") -> str:
@@ -64,6 +80,8 @@ def kinesis_stream(make_stream: Callable[..., str]) -> str:
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """mosquitto_factory(**Mosquitto kwargs) -> a started broker, stopped after the test."""
+    from tests.support.services import Mosquitto
+
     brokers: list[Mosquitto] = []
 
     def make(**kw: Any) -> Mosquitto:
@@ -85,6 +103,8 @@ def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
 @pytest.fixture
 def fault_proxy(kinesis_endpoint: MotoServer) -> Iterator[FaultProxy]:
     """An HTTP fault proxy in front of the moto server; aim the gateway at `fault_proxy.url`."""
+    from tests.support.faultproxy import FaultProxy
+
     with FaultProxy(kinesis_endpoint.url) as proxy:
         yield proxy
 
@@ -92,6 +112,8 @@ def fault_proxy(kinesis_endpoint: MotoServer) -> Iterator[FaultProxy]:
 @pytest.fixture
 def tcp_proxy(mosquitto: Mosquitto) -> Iterator[TcpProxy]:
     """A TCP proxy to the default broker; aim the gateway at `tcp_proxy.port`."""
+    from tests.support.tcpproxy import TcpProxy
+
     with TcpProxy(mosquitto.port) as proxy:
         yield proxy
 
@@ -103,6 +125,8 @@ def gateway_process(tmp_path: Path, request: pytest.FixtureRequest
 
     MQTT defaults to the `mosquitto` fixture and Kinesis to `kinesis_endpoint` unless mqtt_port /
     kinesis_url are given. Killed (SIGKILL) at teardown if still running after the test."""
+    from tests.support.gatewayproc import GatewayProcess
+
     procs: list[GatewayProcess] = []
 
     def make(routes: str | Path | None = None, *, start: bool = True, ready: bool = True,
@@ -128,6 +152,8 @@ def gateway_process(tmp_path: Path, request: pytest.FixtureRequest
 @pytest.fixture
 def publisher(request: pytest.FixtureRequest) -> Iterator[Callable[..., Publisher]]:
     """publisher(port=None, **Publisher kwargs) -> a connected Publisher (default: `mosquitto`)."""
+    from tests.support.publisher import Publisher
+
     pubs: list[Publisher] = []
 
     def make(port: int | None = None, **kw: Any) -> Publisher:
@@ -143,4 +169,6 @@ def publisher(request: pytest.FixtureRequest) -> Iterator[Callable[..., Publishe
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """CA, server, expired server, unrelated CA and client certificates (see certs.Pki)."""
+    from tests.support.certs import make_test_pki
+
     return make_test_pki(tmp_path_factory.mktemp("pki"))

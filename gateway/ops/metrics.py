@@ -24,6 +24,8 @@ from gateway import __version__
 __all__ = ["CONTENT_TYPE", "METRIC_NAMES", "PREFIX", "Metrics"]
 
 PREFIX = "mqtt_kinesis_gateway_"
+FAILURE_CODES = ("too_large", "rejected_by_kinesis", "ttl_exceeded")
+"""The reasons the sink gives up on a record (``records_failed``), declared at 0 per route."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500)
@@ -183,9 +185,14 @@ class Metrics:
                 time.time() if now is None else now)
             self._m["config"].info({"sha256": digest})
 
-    def declare_routes(self, pairs: Iterable[tuple[str, str]]) -> None:
-        """Create the (route, stream) series at 0, so rates and alerts work before any traffic."""
-        for route, stream in pairs:
+    def declare_routes(self, routes: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+        """Create every (route, stream) series at 0, and each drop and failure reason a route can
+        have, so rates and ``increase() > 0`` alerts see the very first event, not only the second."""
+        for route, stream, drop_codes in routes:
+            for code in drop_codes:
+                self._child("records_dropped", route, code)
+            for code in FAILURE_CODES:
+                self._child("records_failed", route, stream, code)
             self._child("messages_received", route)
             self._child("records_put", route, stream)
             self._child("records_dead_lettered", route)

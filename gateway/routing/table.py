@@ -115,6 +115,26 @@ class Route:
                 text(self.filter), text(self.transform), self.format, self.append_newline,
                 self.dead_letter, self.aggregate)
 
+    @property
+    def drop_codes(self) -> tuple[str, ...]:
+        """Every reason code a record of this route can be dropped for, so metrics can show each at 0.
+
+        With a dead letter, only a failing dead letter drops; without, whatever rejects or fails.
+        """
+        if self.dead_letter is not None:
+            return ("dead_letter_failed",)
+        codes = ["too_large", "rejected_by_kinesis", "ttl_exceeded"]
+        if self.format == "json":
+            codes.append("not_json")
+        if not self.partition_key.is_constant:
+            codes += ["key_missing", "key_empty", "key_type", "key_too_long"]
+        if self.explicit_hash_key is not None:
+            codes.append("hash_key")
+        expressions = (self.partition_key, self.explicit_hash_key, self.filter, self.transform)
+        if any(e is not None and not e.is_constant for e in expressions):
+            codes.append("expression_error")
+        return tuple(codes)
+
     def apply(self, message: Message, document: Any) -> RoutingOutcome:
         """Make this route's record from ``message``; ``document`` is the parsed payload."""
         if self.format == "json" and document is _BAD_JSON:

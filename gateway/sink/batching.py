@@ -224,7 +224,7 @@ class Outcome:
             self.settled.extend((token, settlement) for _, token in entry.members)
             routes = [route for route, _ in entry.members]
         if isinstance(settlement, Failed):
-            failed, reason = self.failed, settlement.reason
+            failed, reason = self.failed, settlement.code
             for route in routes:
                 failed[(route, reason)] = failed.get((route, reason), 0) + 1
                 self.count += 1

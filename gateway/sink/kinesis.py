@@ -402,7 +402,7 @@ class KinesisSink:
         if metrics is not None:
             if rejected is not None:
                 for entry, failed, name in rejected:
-                    metrics.records_failed(entry.route, name, failed.reason, 1)
+                    metrics.records_failed(entry.route, name, failed.code, 1)
             elif stream is not None:
                 for route, n in out.put.items():
                     metrics.records_put(route, stream, n)

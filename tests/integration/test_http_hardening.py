@@ -51,7 +51,7 @@ class Counted:
 
     def __init__(self) -> None:
         self.metrics = Metrics()
-        self.metrics.declare_routes((f"route-{i}", f"stream-{i}") for i in range(20))
+        self.metrics.declare_routes((f"route-{i}", f"stream-{i}", ()) for i in range(20))
         self.renders = 0
 
     def render(self) -> bytes:

@@ -6,7 +6,10 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from gateway.ops.metrics import METRIC_NAMES, PREFIX, Metrics
+from gateway.model import REASON_CODES
+from gateway.routing.expressions import compile_expression
+from gateway.routing.table import DeadLetter, Route
+from gateway.ops.metrics import FAILURE_CODES, METRIC_NAMES, PREFIX, Metrics
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -98,10 +101,26 @@ def test_disconnect_also_clears_subscriptions_granted() -> None:
 
 def test_declared_routes_export_zero_series_before_traffic() -> None:
     metrics = Metrics()
-    metrics.declare_routes([("r1", "s1")])
+    metrics.declare_routes([("r1", "s1", ())])
     got = samples(metrics)
     assert got[(PREFIX + "records_put_total", (("route", "r1"), ("stream", "s1")))] == 0
     assert got[(PREFIX + "messages_received_total", (("route", "r1"),))] == 0
+
+
+def test_every_drop_and_failure_reason_a_route_can_have_exists_at_zero_before_the_first_event() -> None:
+    metrics = Metrics()
+    route = Route("r1", ("t/#",), "s1", compile_expression("name"))
+    metrics.declare_routes([(route.name, route.stream, route.drop_codes)])
+    got = samples(metrics)
+    dropped = {dict(labels)["reason"] for (name, labels) in got if name == PREFIX + "records_dropped_total"}
+    failed = {dict(labels)["reason"] for (name, labels) in got if name == PREFIX + "records_failed_total"}
+    assert {"not_json", "key_missing", "too_large"} <= dropped and dropped <= REASON_CODES
+    assert failed == set(FAILURE_CODES)
+    assert all(got[key] == 0 for key in got if key[0] in (PREFIX + "records_dropped_total",
+                                                          PREFIX + "records_failed_total"))
+    with_dead_letter = Route("r2", ("t/#",), "s1", compile_expression("name"),
+                             dead_letter=DeadLetter("kinesis", "dlq"))
+    assert with_dead_letter.drop_codes == ("dead_letter_failed",)
 
 
 def test_build_info_carries_the_version_and_the_global_registry_is_untouched() -> None:
