@@ -16,9 +16,11 @@ import threading
 import time
 from typing import Any
 
+from botocore.exceptions import NoRegionError
+
 from gateway import __version__
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
-from gateway.settings.settings import Settings
+from gateway.settings.settings import Settings, SettingsError
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import Metrics
@@ -29,11 +31,15 @@ from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "Gateway"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
 log = logging.getLogger("gateway")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class StartupError(SettingsError):
+    """What keeps the gateway from starting, in one line that names the setting to change."""
 
 
 def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:
@@ -42,6 +48,27 @@ def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:
     fields = {name: getattr(mqtt, name) for name in MqttConfig.__dataclass_fields__ if hasattr(mqtt, name)}
     fields["persistent"] = persistent
     return MqttConfig(**fields)
+
+
+def _undelivered_fate(qos_levels: set[int]) -> str:
+    """What becomes of undelivered messages at shutdown, by the QoS they were subscribed at."""
+    qos1 = "the broker redelivers the QoS 1 ones to the next process with this client id"
+    qos0 = "QoS 0 messages are lost (a broker never redelivers QoS 0)"
+    if qos_levels == {0}:
+        return qos0
+    if 0 in qos_levels:
+        return f"{qos1}; {qos0}"
+    return qos1
+
+
+def qos0_warning(table: RouteTable) -> str | None:
+    """A start-up line when any route subscribes at QoS 0: such messages are not redelivered."""
+    names = [r.name for r in table.routes if r.qos == 0]
+    if not names:
+        return None
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"route(s) {shown} subscribe at QoS 0: a message lost in a crash, a Kinesis outage past the "
+            "backlog or an undelivered shutdown is not redelivered; use qos: 1 (QOS=1) for at-least-once")
 
 
 class Gateway:
@@ -57,9 +84,13 @@ class Gateway:
         self._exit_code = EXIT_OK
         os.environ.update(settings.aws_env_overrides)
         kinesis = settings.kinesis
-        client = make_kinesis_client(region=kinesis.region, assume_role_arn=kinesis.assume_role_arn,
-                                     session_name=kinesis.session_name,
-                                     max_pool_connections=kinesis.max_in_flight + 2)
+        try:
+            client = make_kinesis_client(region=kinesis.region, assume_role_arn=kinesis.assume_role_arn,
+                                         session_name=kinesis.session_name,
+                                         max_pool_connections=kinesis.max_in_flight + 2)
+        except NoRegionError:
+            raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
+                               " (e.g. us-east-1) to the region of the streams") from None
         self.sink = KinesisSink(client, SinkConfig(
             max_batch_records=kinesis.batch_records, max_batch_bytes=kinesis.batch_bytes,
             max_record_bytes=kinesis.max_record_bytes, linger_s=kinesis.linger_s,
@@ -128,8 +159,16 @@ class Gateway:
         table = self.active.current
         log.info("mqtt-kinesis-gateway %s starting: %d route(s), subscriptions %s", __version__,
                  len(table.routes), ", ".join(f"{f}@{q}" for f, q in table.subscriptions))
+        warning = qos0_warning(table)
+        if warning:
+            log.warning("%s", warning)
         if self.http is not None:
-            self.http.start()
+            try:
+                self.http.start()
+            except OSError as error:
+                raise StartupError(f"HTTP_PORT: cannot listen on {self.settings.http.host}:"
+                                   f"{self.settings.http.port}: {error.strerror or error} (set HTTP_PORT to"
+                                   " a free port, or 0 for no HTTP listener)") from None
         self.sink.start()
         if self.watcher is not None:
             warning = mount_warning(self.settings.routes_file or "")
@@ -160,6 +199,6 @@ class Gateway:
         if drained:
             log.info("stopped: everything delivered was acknowledged")
         else:
-            log.warning("stopped at the deadline with %d record(s) undelivered; the broker redelivers "
-                        "their messages to the next process with this client id", self.pipeline.held)
+            log.warning("stopped at the deadline with %d record(s) undelivered; %s", self.pipeline.held,
+                        _undelivered_fate({q for _, q in self.active.current.subscriptions}))
         return self._exit_code

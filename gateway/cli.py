@@ -291,7 +291,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         settings = load_settings(environ, env_file=args.env_file or find_env_file(environ))
     except SettingsError as error:
-        err.write(f"{PROG}: {error}\n")
+        _log_startup_failure(environ, str(error))
         return EXIT_USAGE
     workers = args.workers or settings.workers
     if workers > 1:  # the supervisor never imports boto3 or paho: it only starts processes
@@ -299,6 +299,14 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
         return supervise(workers, settings, sys.argv)
     return _run_gateway(settings)
+
+
+def _log_startup_failure(environ: dict[str, str], line: str) -> None:
+    """A start-up failure is one line in the log format in force, on the log's channel, like every
+    later line; the format itself may be what is wrong, so fall back to ``auto``."""
+    fmt = environ.get("LOG_FORMAT", "auto").strip().lower()
+    configure_logging(fmt if fmt in ("auto", "json", "text") else "auto")  # type: ignore[arg-type]
+    log.error("not starting: %s", line)
 
 
 def _run_gateway(settings: Settings) -> int:
@@ -309,13 +317,21 @@ def _run_gateway(settings: Settings) -> int:
     log_uncaught_exceptions()
     for secret in settings.secret_values:
         register_secret(secret)
+    log.info("settings read from the environment%s",
+             f" and {settings.env_file}" if settings.env_file else " (no .env file)")
+    for line in settings.ignored:
+        log.warning("%s", line)
     check_schema_in_child()
     table = _initial_table(settings)
     if table is None:
         return EXIT_USAGE
     from gateway.app import Gateway  # lazy: boto3 and paho are imported only to run
 
-    return int(Gateway(settings, table).run_until_stopped() or 0)
+    try:
+        return int(Gateway(settings, table).run_until_stopped() or 0)
+    except SettingsError as error:  # e.g. no region, HTTP port taken: named like a bad setting
+        log.error("not starting: %s", error)
+        return EXIT_USAGE
 
 
 def _initial_table(settings: Settings) -> RouteTable | None:

@@ -138,6 +138,8 @@ class Settings:
     aws_env_overrides: Mapping[str, str] = field(repr=False, compare=False, hash=False)
     secret_values: tuple[str, ...] = field(repr=False, compare=False)
     """MQTT password, AWS secret key and session token: register them with the log redaction."""
+    ignored: tuple[str, ...] = ()
+    """One line per setting that is set but has no effect here, for a start-up warning."""
 
 
 def load_settings(environ: Mapping[str, str] | None = None,
@@ -154,7 +156,9 @@ def load_settings(environ: Mapping[str, str] | None = None,
     if legacy is not None:
         mqtt = replace(mqtt, persistent=legacy.qos >= 1)
     kinesis = _kinesis(src)
+    ignored = _ignored(src, routes_file is not None, mqtt.transport)
     return Settings(
+        ignored=ignored,
         routes_file=routes_file,
         legacy_route=legacy,
         mqtt=mqtt,
@@ -250,6 +254,22 @@ def _mqtt(src: Source) -> MqttSettings:
     )
 
 
+_SINGLE_ROUTE_NAMES = ("TOPIC", "KIN_STREAM_NAME", "KIN_PARTITION_KEY", "QOS")
+
+
+def _ignored(src: Source, have_route_file: bool, transport: str) -> tuple[str, ...]:
+    """Settings that are set but do nothing with the rest of the configuration."""
+    lines = []
+    if have_route_file:
+        lines += [f"{name} is ignored: GATEWAY_ROUTES names a route file, which decides topics, streams,"
+                  " keys and QoS" for name in _SINGLE_ROUTE_NAMES if src.get(name) is not None]
+    if transport != "websockets" and src.get("WEBSOCKET") is not None:
+        lines.append("WEBSOCKET is ignored: the transport is tcp (set MQTT_TRANSPORT=websockets to use it)")
+    if transport != "websockets" and src.get("MQTT_WS_PATH") is not None:
+        lines.append("MQTT_WS_PATH is ignored: the transport is tcp")
+    return tuple(lines)
+
+
 def _parse_broker(src: Source, value: Value
                   ) -> tuple[str, int | None, str | None, bool, str | None]:
     """host, port, transport, tls, ws path of ``host``, ``host:port``, ``scheme://host[:port]``."""
@@ -305,9 +325,12 @@ def _legacy_route(src: Source) -> LegacyRoute:
     key = key_value.text.strip() if key_value else None
     if key_value and len(key_value.text.strip()) > MAX_PARTITION_KEY_CHARS:
         raise src.error(key_value, f"a partition key is at most {MAX_PARTITION_KEY_CHARS} characters", show=False)
-    qos = src.integer("QOS", default=0, lo=0, hi=2)
-    if qos == 2:
-        raise SettingsError("QOS: QoS 2 is not supported; use 0 or 1 (1 for at-least-once)")
+    qos_value = src.get("QOS")
+    qos = 0 if qos_value is None else {"0": 0, "1": 1}.get(qos_value.text.strip(), -1)
+    if qos_value is not None and qos < 0:
+        reason = ("QoS 2 is not supported; use 0 or 1 (1 for at-least-once)" if qos_value.text.strip() == "2"
+                  else "expected 0 or 1 (1 for at-least-once)")
+        raise src.error(qos_value, reason)
     return LegacyRoute(topic, stream, key, qos)
 
 

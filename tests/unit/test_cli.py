@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -317,12 +318,16 @@ def test_run_with_an_invalid_route_file_never_starts_the_app(
     assert code == 2
 
 
-def test_run_with_bad_settings_is_one_line_and_exit_2(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MQTT_HOST", "broker.example")
-    monkeypatch.setenv("MQTT_PORT", "abc")
-    code, _, err = run(capsys, "run", "--routes", "r.yaml")
-    assert code == 2 and err.count("\n") == 1 and "MQTT_PORT" in err
+@pytest.mark.parametrize(("env", "named"), [({"MQTT_PORT": "abc"}, "MQTT_PORT"), ({"LOG_FORMAT": "yaml"}, "LOG_FORMAT")])
+def test_run_with_bad_settings_is_one_log_line_on_the_log_channel_and_exit_2(env: dict[str, str], named: str) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "GATEWAY_", "LOG_", "AWS_"))}
+    environ.update({"MQTT_HOST": "broker.example", "LOG_FORMAT": "json", **env})
+    done = subprocess.run([sys.executable, "-m", "gateway", "run", "--routes", "r.yaml"], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and done.stderr == ""
+    (line,) = done.stdout.splitlines()
+    record = json.loads(line)  # the log format in force (json here; auto when the format is what is wrong)
+    assert record["level"] == "ERROR" and named in record["message"] and "not starting" in record["message"]
 
 
 def test_unexpected_exception_is_one_line_and_exit_2(
