@@ -102,7 +102,8 @@ class Gateway:
         self.acks = AckTracker(self.source.ack)
         self.source.set_ack_tracker(self.acks)
         self.pipeline = Pipeline(self.active, self.sink, self.acks, self.metrics, settings.backlog,
-                                 dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True)
+                                 dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True,
+                                 backlog_capacity_bytes=settings.backlog_bytes)
         self.source.set_backlog_full(self.pipeline.backlog_full)
         self.source.set_after_read(self.pipeline.hand_over)
         self.pipeline.set_on_backlog_freed(self.source.backlog_freed)
@@ -144,6 +145,7 @@ class Gateway:
             "broker_connected": self.source.connected,
             "subscriptions_granted": self.source.subscriptions_granted,
             "kinesis_reachable": self.sink.healthy,
+            "intake_working": not self.pipeline.intake_failing,
         }
         return all(checks.values()), checks
 

@@ -36,6 +36,7 @@ _DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
 _DEAD_LETTER_TOPIC_CHARS = 4096
 _LOGGED_TOPIC_CHARS = 200
 _LOG_EVERY_S = 10.0
+_INTAKE_ERRORS_UNREADY = 100   # consecutive failing messages before readiness fails
 
 
 class ActiveTableReader(Protocol):
@@ -47,15 +48,25 @@ class DeadLetterPublisher(Protocol):
 
 
 class _Token:
-    """What travels with a record through the sink and comes back with its settlement."""
+    """What travels with a record through the sink and comes back with its settlement.
 
-    __slots__ = ("ticket", "message", "route", "is_dead_letter")
+    ``size`` is the memory it holds: the record's bytes, plus the message's payload when the record
+    carries a copy of it rather than the payload itself (a transform, an appended newline).
+    """
 
-    def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False) -> None:
+    __slots__ = ("ticket", "message", "route", "is_dead_letter", "size")
+
+    def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False,
+                 size: int = 0) -> None:
         self.ticket = ticket
         self.message = message
         self.route = route
         self.is_dead_letter = is_dead_letter
+        self.size = size
+
+
+def _held_bytes(record: Record, message: Message) -> int:
+    return record.size if record.data is message.payload else record.size + len(message.payload)
 
 
 class _RateLimitedLog:
@@ -96,7 +107,8 @@ class Pipeline:
 
     def __init__(self, active: ActiveTableReader, sink: Any, acks: AckTracker, metrics: Any,
                  backlog_capacity: int, dead_letter_mqtt: DeadLetterPublisher | None = None,
-                 echo: bool = False, hand_over_in_bulk: bool = False) -> None:
+                 echo: bool = False, hand_over_in_bulk: bool = False,
+                 backlog_capacity_bytes: int = 64 * 1024 * 1024) -> None:
         """With `hand_over_in_bulk`, records wait in an outbox until `hand_over()` (the MQTT
         source calls it after each read round): one sink lock round-trip per round, not per
         message."""
@@ -105,7 +117,11 @@ class Pipeline:
         self._acks = acks
         self._metrics = metrics
         self.backlog_capacity = backlog_capacity
+        self.backlog_capacity_bytes = backlog_capacity_bytes
         self._held = 0
+        self._held_size = 0
+        self._intake_errors = 0   # consecutive messages whose intake raised; reset by a clean one
+        self._arrivals = 0        # messages the ack tracker was told about (MQTT thread only)
         self._held_lock = threading.Lock()
         self._mqtt_dead_letter = dead_letter_mqtt
         self._echo = echo
@@ -127,8 +143,21 @@ class Pipeline:
         """Records (and dead letters) in memory, waiting for Kinesis."""
         return self._held
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of records (and dead letters) in memory, waiting for Kinesis."""
+        return self._held_size
+
+    @property
+    def intake_failing(self) -> bool:
+        """True while message after message fails in intake: readiness says so."""
+        return self._intake_errors >= _INTAKE_ERRORS_UNREADY
+
     def backlog_full(self) -> bool:
-        return self._held >= self.backlog_capacity
+        return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
+
+    def _is_full(self) -> bool:  # under _held_lock
+        return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
 
     def set_on_backlog_freed(self, callback: Callable[[], None] | None) -> None:
         """Told (on a sink thread) when a full backlog has room again: the source resumes reading
@@ -142,13 +171,37 @@ class Pipeline:
 
     def intake(self, message: Message, mid: int, qos: int) -> None:
         """Route one message and pass its records on (to the sink, or to the outbox until
-        `hand_over` in bulk mode); never blocks, never raises."""
+        `hand_over` in bulk mode); never blocks, never raises.
+
+        Whatever raises, the message is settled: a message the ack tracker never heard of would
+        hold one slot of the broker's in-flight window for ever (docs/delivery.md#backpressure).
+        """
+        arrived_before = self._arrivals
+        try:
+            self._intake(message, mid, qos)
+        except Exception as error:  # noqa: BLE001 - one line, counted, the message settled
+            self._intake_errors += 1
+            self._metrics.callback_error()
+            self._rate_limited.warning("-", "intake_error", f"could not handle a message on topic "
+                                       f"{_shown(message.topic)!r} ({type(error).__name__}: {error}); "
+                                       "it is dropped and acknowledged", topic=_shown(message.topic))
+            if self._arrivals == arrived_before:
+                self._acks.arrived(mid, qos, 0, message.received_ms)
+            return
+        self._intake_errors = 0
+
+    def _intake(self, message: Message, mid: int, qos: int) -> None:
         if self._echo:
-            _echo(message)
+            try:
+                _echo(message)
+            except (OSError, ValueError) as error:  # a closed stdout must not stop delivery
+                self._echo = False
+                log.warning("STDOUT=true, but stdout cannot be written (%s): echo turned off", error)
         table = self._active.current
         outcomes = table.route(message)
         if not outcomes:
             self._unrouted += 1
+            self._arrivals += 1
             self._acks.arrived(mid, qos, 0, message.received_ms)
             return
         routes = table.matching(message.topic)  # memoised: the same tuple route() just used
@@ -163,24 +216,27 @@ class Pipeline:
             elif kind is Rejected:
                 rejected.append((outcome, route))  # type: ignore[arg-type]
         parts = len(records) + len(rejected)
+        self._arrivals += 1
         ticket = self._acks.arrived(mid, qos, parts, message.received_ms)
         if not parts:
             return
         if records:
-            self._outbox.extend([(record, _Token(ticket, message, route)) for record, route in records])
+            self._outbox.extend([(record, _Token(ticket, message, route, size=_held_bytes(record, message)))
+                                 for record, route in records])
             if not self._in_bulk:
                 self.hand_over()
         if not rejected:
             return
         with self._held_lock:
             self._held += len(rejected)
+            self._held_size += len(message.payload) * len(rejected)
         for rejection, route in rejected:
             code = rejection.code
             self._rate_limited.warning(
                 route.name, code, f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
                 topic=_shown(message.topic),
             )
-            self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
+            self._dead_letter(_Token(ticket, message, route, size=len(message.payload)), rejection.reason, code)
 
     def hand_over(self) -> None:
         """Give the sink every record routed since the last call (MQTT thread)."""
@@ -188,9 +244,11 @@ class Pipeline:
         if not outbox:
             return
         self._outbox = []
+        size = sum(token.size for _, token in outbox)
         with self._held_lock:
             self._held += len(outbox)
-            full = self._held >= self.backlog_capacity
+            self._held_size += size
+            full = self._is_full()
         self._sink.put(outbox)
         if full:
             self._sink.send_now()
@@ -199,7 +257,7 @@ class Pipeline:
 
     def settled(self, results: Sequence[tuple[Any, Any]]) -> None:
         """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
-        tickets: list[Ticket] = []
+        tickets: list[_Token] = []
         now_ms = time.time_ns() // 1_000_000
         delivered = self._metrics.delivered
         for token, settlement in results:
@@ -208,11 +266,11 @@ class Pipeline:
                     self._metrics.records_dead_lettered(token.route.name, 1)
                 else:
                     delivered(token.route.name, max(0, now_ms - token.message.received_ms) / 1000)
-                tickets.append(token.ticket)
+                tickets.append(token)
             elif isinstance(settlement, Failed):
                 if token.is_dead_letter:
                     self._drop(token, f"dead letter stream refused the record: {settlement.reason}", "dead_letter_failed")
-                    tickets.append(token.ticket)
+                    tickets.append(token)
                 else:
                     code = settlement.code
                     self._rate_limited.warning(
@@ -223,15 +281,16 @@ class Pipeline:
                     self._dead_letter(token, settlement.reason, code)
         self._release(tickets)
 
-    def _release(self, tickets: list[Ticket]) -> None:
-        if not tickets:
+    def _release(self, tokens: list[_Token]) -> None:
+        if not tokens:
             return
-        capacity = self.backlog_capacity
+        size = sum(token.size for token in tokens)
         with self._held_lock:
-            was_full = self._held >= capacity
-            self._held -= len(tickets)
-            freed = was_full and self._held < capacity
-        self._acks.settle(tickets)
+            was_full = self._is_full()
+            self._held -= len(tokens)
+            self._held_size -= size
+            freed = was_full and not self._is_full()
+        self._acks.settle([token.ticket for token in tokens])
         if freed and self._on_backlog_freed is not None:
             self._on_backlog_freed()
 
@@ -242,18 +301,19 @@ class Pipeline:
         target = token.route.dead_letter
         if target is None:
             self._drop(token, reason, code)
-            self._release([token.ticket])
+            self._release([token])
             return
         envelope = _envelope(token.message, token.route.name, reason)
         if target.kind == "kinesis":
             key = token.message.topic[:256]
             record = Record(token.route.name, target.target, key, envelope, None, len(envelope) + len(key.encode()))
-            self._sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True))])
+            self._sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True,
+                                            size=token.size))])
             return
         publisher = self._mqtt_dead_letter
         if publisher is None:
             self._drop(token, reason, code)
-            self._release([token.ticket])
+            self._release([token])
             return
 
         def done(ok: bool) -> None:
@@ -261,7 +321,7 @@ class Pipeline:
                 self._metrics.records_dead_lettered(token.route.name, 1)
             else:
                 self._drop(token, f"dead letter topic publish failed: {reason}", "dead_letter_failed")
-            self._release([token.ticket])
+            self._release([token])
 
         publisher.publish_dead_letter(target.target, envelope, done)
 
@@ -293,7 +353,8 @@ class Pipeline:
             if unrouted != self._flushed_unrouted:
                 self._metrics.unrouted(unrouted - self._flushed_unrouted)
                 self._flushed_unrouted = unrouted
-            self._metrics.set_backlog(self._held, self.backlog_capacity)
+            self._metrics.set_backlog(self._held, self.backlog_capacity, self._held_size,
+                                      self.backlog_capacity_bytes)
 
 
 def _envelope(message: Message, route: str, reason: str) -> bytes:

@@ -49,6 +49,8 @@ _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
                                  "From MQTT receipt to the record being held by Kinesis."),
     "backlog_records": ("gauge", (), "Records held in memory, not yet settled."),
     "backlog_capacity": ("gauge", (), "Records the in-memory backlog may hold."),
+    "backlog_bytes": ("gauge", (), "Bytes of records held in memory, not yet settled."),
+    "backlog_capacity_bytes": ("gauge", (), "Bytes the in-memory backlog may hold (GATEWAY_BACKLOG_BYTES)."),
     "mqtt_connected": ("gauge", (), "1 while connected to the broker."),
     "subscriptions_granted": ("gauge", (), "1 when the broker granted every subscription."),
     "mqtt_sessions_lost": ("counter", (), "Reconnects where the broker had no session."),
@@ -156,10 +158,15 @@ class Metrics:
     def delivered(self, route: str, seconds: float) -> None:
         self._child("delivery_latency_seconds", route).observe(seconds)
 
-    def set_backlog(self, n: int, capacity: int | None = None) -> None:
+    def set_backlog(self, n: int, capacity: int | None = None, n_bytes: int | None = None,
+                    capacity_bytes: int | None = None) -> None:
         self._m["backlog_records"].set(n)
         if capacity is not None:
             self._m["backlog_capacity"].set(capacity)
+        if n_bytes is not None:
+            self._m["backlog_bytes"].set(n_bytes)
+        if capacity_bytes is not None:
+            self._m["backlog_capacity_bytes"].set(capacity_bytes)
 
     # -- connection and configuration ---------------------------------------------------------
     def set_connected(self, connected: bool) -> None:

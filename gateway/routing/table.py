@@ -23,7 +23,9 @@ from gateway.routing.topics import TopicTrie, minimal_subscriptions
 
 __all__ = ["DeadLetter", "Route", "RouteTable"]
 
-_TOPIC_CACHE_SIZE = 4096
+_TOPIC_CACHE_SIZE = 4096        # topics remembered ...
+_TOPIC_CACHE_CHARS = 1 << 20    # ... holding at most this many characters of topic text
+_CACHED_TOPIC_MAX_CHARS = 256   # a longer topic is matched afresh each time: it cannot pin memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,8 @@ class RouteTable:
         if cached is not None:
             return cached
         found = self._trie.match(topic)
+        if len(topic) > _CACHED_TOPIC_MAX_CHARS:
+            return found
         if len(self._cache) >= _TOPIC_CACHE_SIZE:
             self._cache.clear()
         self._cache[topic] = found

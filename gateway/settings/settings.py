@@ -131,6 +131,7 @@ class Settings:
     logging: LoggingSettings
     reload: ReloadSettings
     backlog: int
+    backlog_bytes: int
     workers: int
     shutdown_timeout_s: float
     stdout: bool
@@ -176,6 +177,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
             debounce_s=src.millis("GATEWAY_RELOAD_DEBOUNCE_MS", default=200, lo=0),
             rescan_s=src.number("GATEWAY_RELOAD_RESCAN_S", default=30, lo=0)),
         backlog=src.integer("GATEWAY_BACKLOG", "BACKLOG_COUNT", default=20000, lo=1, hi=10_000_000),
+        backlog_bytes=src.integer("GATEWAY_BACKLOG_BYTES", default=64 * _MIB, lo=_MIB, hi=2**40),
         workers=src.integer("GATEWAY_WORKERS", default=1, lo=1, hi=64),
         shutdown_timeout_s=src.number("GATEWAY_SHUTDOWN_TIMEOUT_S", default=20, lo=0),
         stdout=src.boolean("STDOUT", default=False),
