@@ -1,12 +1,16 @@
 """Kinesis sink: records in, settlements out.
 
+This module is the sink's API, its worker threads and its health; what the workers do next is
+decided by ``gateway.sink.scheduler`` (pure, under this module's lock), and what a response
+means by ``gateway.sink.retry``.
+
 Invariants owned here:
-- Every record handed to `put` is settled exactly once through `on_settled`, as PUT or
-  Failed, or is still counted in `pending_records`: nothing leaves silently. A record is
+- Every record handed to ``put`` is settled exactly once through ``on_settled``, as PUT or
+  Failed, or is still counted in ``pending_records``: nothing leaves silently. A record is
   Failed only when it can never be sent (permanent) or its delivery budget ran out; a
   configuration error (AccessDenied, missing stream, KMS) holds records, it never drops them.
-- `put` runs on the MQTT network thread: it takes one lock per call, checks limits, appends,
-  and never touches the network. Requests are made by `max_in_flight` worker threads.
+- ``put`` runs on the MQTT network thread: it takes one lock per call, checks the size, appends,
+  and never touches the network. Requests are made by ``max_in_flight`` worker threads.
 - The request rate is bounded by backoff while failing: a stream whose request failed as a
   whole is paused, and entries that failed inside a response wait out their own backoff.
 """
@@ -19,23 +23,24 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from gateway.model import PUT, Failed, Settlement, stream_target
+from gateway.model import Record, Settlement, stream_target
 from gateway.sink import kpl
-from gateway.sink.batching import Entry, Outcome, StreamState, check_record, find_job
+from gateway.sink.batching import SettlementBatch, StreamState
 from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
+from gateway.sink.scheduler import Aggregate, Job, LoadShardMap, Refuse, Scheduler, Send
 
-if TYPE_CHECKING:
-    from gateway.model import Record
-
-__all__ = ["KinesisSink", "SinkConfig", "SinkMetrics"]
+__all__ = ["KinesisClient", "KinesisSink", "OnSettled", "SinkConfig", "SinkMetrics"]
 
 log = logging.getLogger(__name__)
 
-OnSettled = Callable[[list[tuple[Any, Settlement]]], None]
+T = TypeVar("T")
+
+OnSettled = Callable[[list[tuple[T, Settlement]]], None]
+"""Receives settlements in bulk, on a sink thread; it must not raise."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,12 @@ class SinkConfig:
             raise ValueError("linger_s >= 0 and 0 < backoff_base_s <= backoff_cap_s required")
 
 
+class KinesisClient(kpl.ShardLister, Protocol):
+    """The slice of boto3's Kinesis client the sink calls."""
+
+    def put_records(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
 class SinkMetrics(Protocol):
     """What the sink reports; gateway.ops.metrics implements it. Counts are user records."""
 
@@ -73,14 +84,17 @@ class SinkMetrics(Protocol):
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None: ...
 
 
-class KinesisSink:
-    """Batches records per stream into PutRecords requests and reports every outcome."""
+class KinesisSink(Generic[T]):
+    """Batches records per stream into PutRecords requests and reports every outcome.
+
+    ``T`` is the caller's token: it travels with its record and comes back with the settlement.
+    """
 
     def __init__(
         self,
-        client: Any,
+        client: KinesisClient,
         config: SinkConfig,
-        on_settled: OnSettled,
+        on_settled: OnSettled[T],
         metrics: SinkMetrics | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -93,29 +107,22 @@ class KinesisSink:
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep  # only used by drain() when no worker threads run (tests, tools)
-        self._rng: Rng = rng if rng is not None else random.Random()
-        self._retry = Retry(
-            config.backoff_base_s, config.backoff_cap_s, config.record_ttl_s, config.linger_s, self._rng
-        )
+        self._retry = Retry(config.backoff_base_s, config.backoff_cap_s, config.record_ttl_s, config.linger_s,
+                            rng if rng is not None else random.Random())
         self._cond = threading.Condition(threading.Lock())
-        self._streams: dict[str, StreamState] = {}
-        self._order: list[StreamState] = []
-        self._rr = 0
-        self._rejected: list[tuple[Entry, Failed, str]] = []
+        self._scheduler: Scheduler[T] = Scheduler(
+            linger_s=config.linger_s, max_records=config.max_batch_records, max_bytes=config.max_batch_bytes,
+            max_record_bytes=config.max_record_bytes, aggregate_routes=config.aggregate_routes)
         self._pending = 0
-        self._force = 0
         self._drainers = 0
         # One idle worker at a time waits with a timeout (the linger or backoff deadline); the
         # others wait for a notify. Otherwise every worker wakes at every deadline, and at low
         # rates those wake-ups cost more CPU than the requests.
         self._timer_at: float | None = None
-        self._urgent = False
-        self._sending = 0             # PutRecords requests in flight
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._trouble: dict[str, str] = {}
         self._last_error: str | None = None
-        self._agg_routes = frozenset(config.aggregate_routes)
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -142,40 +149,14 @@ class KinesisSink:
     def set_aggregate_routes(self, routes: Iterable[str]) -> None:
         """Choose which routes' records are KPL-aggregated (called on route-table reload)."""
         with self._cond:
-            self._agg_routes = frozenset(routes)
+            self._scheduler.set_aggregate_routes(routes)
 
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None:
+    def put(self, entries: Sequence[tuple[Record, T]]) -> None:
         """Accept records for delivery; cheap, thread-safe, never blocks on the network."""
-        cfg = self._config
-        max_record, max_records, max_bytes = cfg.max_record_bytes, cfg.max_batch_records, cfg.max_batch_bytes
         now = self._clock()
-        wake = False
         with self._cond:
-            agg_routes = self._agg_routes
-            streams = self._streams
-            for record, token in entries:
-                pk, data, stream = record.partition_key, record.data, record.stream
-                size, problem = check_record(pk, data, record.explicit_hash_key, max_record)
-                entry = Entry(pk, data, record.explicit_hash_key, size, record.route, token, now)
-                self._pending += 1
-                if problem is not None:
-                    self._rejected.append((entry, problem, stream))
-                    wake = True
-                    continue
-                s = streams.get(stream)
-                if s is None:
-                    s = self._add_stream(stream)
-                if agg_routes and record.route in agg_routes:
-                    wake = wake or not s.agg
-                    s.agg.append(entry)
-                    s.agg_bytes += size
-                    wake = wake or s.agg_bytes >= max_bytes
-                else:
-                    wake = wake or not s.pending
-                    s.pending.append(entry)
-                    s.pending_bytes += size
-                    wake = wake or len(s.pending) >= max_records or s.pending_bytes >= max_bytes
-            if wake:
+            self._pending += len(entries)
+            if self._scheduler.accept(entries, now):
                 self._cond.notify()
 
     def send_now(self) -> None:
@@ -184,7 +165,7 @@ class KinesisSink:
         sent, and with nothing in flight to free the backlog, waiting would only stall. (With
         requests in flight, their answers free it, and batches keep filling up.)"""
         with self._cond:
-            self._urgent = True
+            self._scheduler.send_now()
             self._cond.notify()
 
     def start(self) -> None:
@@ -208,7 +189,7 @@ class KinesisSink:
             job, _ = self._next_job(block=False)
             if job is None:
                 return sent
-            sent += job[0] == "send"
+            sent += isinstance(job, Send)
             self._run(job)
 
     def drain(self, deadline_s: float) -> bool:
@@ -216,7 +197,7 @@ class KinesisSink:
         settlements; True when nothing is left. What is unsettled stays unacked upstream."""
         end = self._clock() + deadline_s
         with self._cond:
-            self._force += 1
+            self._scheduler.begin_drain()
             self._drainers += 1
             self._cond.notify_all()
         try:
@@ -231,7 +212,7 @@ class KinesisSink:
                 return True
         finally:
             with self._cond:
-                self._force -= 1
+                self._scheduler.end_drain()
                 self._drainers -= 1
 
     def close(self, timeout_s: float = 1.0) -> None:
@@ -243,13 +224,7 @@ class KinesisSink:
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
 
-    # ---- scheduling -----------------------------------------------------------------------
-
-    def _add_stream(self, name: str) -> StreamState:
-        s = StreamState(name)
-        self._streams[name] = s
-        self._order.append(s)
-        return s
+    # ---- workers --------------------------------------------------------------------------
 
     def _worker(self) -> None:
         while True:
@@ -274,27 +249,16 @@ class KinesisSink:
                 return False
             self._sleep(max(0.0, min(end, wake if wake is not None else end) - now))
 
-    def _next_job(self, block: bool) -> tuple[tuple | None, float | None]:
+    def _next_job(self, block: bool) -> tuple[Job[T] | None, float | None]:
         """Pick the next due job under the lock; with block, wait until one is due."""
-        cfg = self._config
+        scheduler = self._scheduler
         with self._cond:
             while True:
                 if self._closed and block:
                     return None, None
-                if self._rejected:
-                    rejected, self._rejected = self._rejected, []
-                    return ("rejected", rejected), None
-                job, self._rr, wake = find_job(
-                    self._order, self._rr, self._clock(), cfg.linger_s,
-                    cfg.max_batch_records, cfg.max_batch_bytes,
-                    self._force > 0 or (self._urgent and self._sending == 0),
-                )
-                if job is None:
-                    self._urgent = self._urgent and self._sending > 0
-                elif job[0] == "send":
-                    self._sending += 1
+                job, wake = scheduler.next_job(self._clock())
                 if job is not None or not block:
-                    if job is not None and self._timer_at is None and self._queued():
+                    if job is not None and self._timer_at is None and scheduler.has_work():
                         self._cond.notify()   # hand the timer to an idle worker
                     return job, wake
                 if wake is None or (self._timer_at is not None and self._timer_at <= wake):
@@ -305,52 +269,50 @@ class KinesisSink:
                 if self._timer_at == wake:
                     self._timer_at = None
 
-    def _queued(self) -> bool:
-        """Work waits that some worker must wake for (under the lock)."""
-        return any(s.pending or s.agg or s.delayed or s.splits for s in self._order)
-
-    def _run(self, job: tuple) -> None:
-        kind = job[0]
-        if kind == "send":
-            try:
-                self._send(job[1], job[2])
-            finally:
-                with self._cond:
-                    self._sending -= 1
-        elif kind == "rejected":
-            out = Outcome()
-            for entry, failed, _ in job[1]:
-                out.add(entry, failed)
-            self._finish(None, out, job[1])
-        elif kind == "map":
-            self._load_shard_map(job[1])
-        elif kind == "aggregate":
-            s = job[1]
-            max_bytes = min(self._config.aggregation_max_bytes, self._config.max_record_bytes)
-            try:
-                entries = kpl.aggregate(job[2], s.shard_map, max_bytes)
-            except Exception:  # never strand user records: send them unaggregated instead
-                log.exception("kinesis stream %s: aggregation failed; sending records plain", s.name)
-                entries = job[2]
+    def _run(self, job: Job[T]) -> None:
+        try:
+            if isinstance(job, Send):
+                self._send(job.stream, job)
+            elif isinstance(job, Refuse):
+                out: SettlementBatch[T] = SettlementBatch()
+                for entry, failed, _ in job.refused:
+                    out.add(entry, failed)
+                self._finish(None, out, job)
+            elif isinstance(job, LoadShardMap):
+                self._load_shard_map(job.stream)
+            elif isinstance(job, Aggregate):
+                self._aggregate(job)
+        finally:
             with self._cond:
-                s.requeue_front(entries, self._clock() - self._config.linger_s)
-                self._cond.notify()
+                self._scheduler.done(job)
 
-    def _load_shard_map(self, s: StreamState) -> None:
+    def _aggregate(self, job: Aggregate[T]) -> None:
+        s = job.stream
+        max_bytes = min(self._config.aggregation_max_bytes, self._config.max_record_bytes)
+        try:
+            entries = kpl.aggregate(job.records, s.shard_map, max_bytes)
+        except Exception:  # never strand user records: send them unaggregated instead
+            log.exception("kinesis stream %s: aggregation failed; sending records plain", s.name)
+            entries = job.records
+        with self._cond:
+            self._scheduler.requeue(s, entries, self._clock())
+            self._cond.notify()
+
+    def _load_shard_map(self, s: StreamState[T]) -> None:
+        shard_map: kpl.ShardMap | None
         try:
             shard_map = kpl.load_shard_map(self._client, s.name)
         except Exception as exc:  # fall back to one hash key per aggregate: always correct
-            log.warning(
-                "kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1]
-            )
+            log.warning("kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1])
             shard_map = None
         with self._cond:
-            s.shard_map, s.map_stale, s.map_loading = shard_map, False, False
+            self._scheduler.shard_map_loaded(s, shard_map)
             self._cond.notify_all()
 
     # ---- requests and responses -----------------------------------------------------------
 
-    def _send(self, s: StreamState, batch: list[Entry]) -> None:
+    def _send(self, s: StreamState[T], job: Send[T]) -> None:
+        batch = job.batch
         request: dict[str, Any] = {**stream_target(s.name), "Records": [entry.request_entry() for entry in batch]}
         started = self._clock()
         response: Any = None
@@ -367,7 +329,7 @@ class KinesisSink:
             self._metrics.batch_sent(s.name, len(batch), self._clock() - started)
         self._finish(s.name, out, None)
 
-    def _health(self, s: StreamState, verdict: Verdict) -> None:
+    def _health(self, s: StreamState[T], verdict: Verdict) -> None:
         """Track trouble per stream; log only when a stream's state changes."""
         if verdict.ok:
             if self._trouble.pop(s.name, None) is not None:
@@ -387,11 +349,9 @@ class KinesisSink:
                 exc_info=None if isinstance(verdict.error, (ClientError, BotoCoreError)) else verdict.error,
             )
         else:
-            log.warning(
-                "kinesis stream %s: %s, %d failures in a row; retrying", s.name, verdict.code, s.failures
-            )
+            log.warning("kinesis stream %s: %s, %d failures in a row; retrying", s.name, verdict.code, s.failures)
 
-    def _finish(self, stream: str | None, out: Outcome, rejected: list | None) -> None:
+    def _finish(self, stream: str | None, out: SettlementBatch[T], refused: Refuse[T] | None) -> None:
         """Deliver settlements and metrics outside the lock, then release the pending count."""
         if out.settled:
             try:
@@ -400,14 +360,14 @@ class KinesisSink:
                 log.exception("on_settled callback failed")
         metrics = self._metrics
         if metrics is not None:
-            if rejected is not None:
-                for entry, failed, name in rejected:
-                    metrics.records_failed(entry.route, name, failed.reason, 1)
+            if refused is not None:
+                for entry, failed, name in refused.refused:
+                    metrics.records_failed(entry.route, name, failed.code, 1)
             elif stream is not None:
                 for route, n in out.put.items():
                     metrics.records_put(route, stream, n)
-                for (route, reason), n in out.failed.items():
-                    metrics.records_failed(route, stream, reason, n)
+                for (route, code), n in out.failed.items():
+                    metrics.records_failed(route, stream, code, n)
                 if out.retried:
                     metrics.records_retried(stream, out.retried)
         if out.count:

@@ -7,11 +7,13 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from gateway.model import Record
-from gateway.model import Failed, PUT
+from gateway.model import PUT, Failed, Message, Record, Rejected
+from gateway.routing.expressions import compile_expression as expr
+from gateway.routing.table import Route, RouteTable
 from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.sink.retry import Action, classify
 
@@ -162,20 +164,37 @@ def test_record_exactly_at_1_mib_counting_utf8_key_is_sent_and_one_more_byte_fai
 
 
 @pytest.mark.parametrize(
-    ("record", "reason"),
+    ("key", "hash_key", "code"),
     [
-        (rec(pk="k" * 257), "invalid partition key"),
-        (rec(pk=""), "invalid partition key"),
-        (rec(ehk=str(2**128)), "invalid explicit hash key"),
-        (rec(ehk="-1"), "invalid explicit hash key"),
-        (rec(ehk="12a"), "invalid explicit hash key"),
+        ("k" * 257, None, "key_too_long"),
+        ("", None, "key_empty"),
+        ("k", str(2**128), "hash_key"),
+        ("k", "-1", "hash_key"),
+        ("k", "12a", "hash_key"),
     ],
 )
-def test_unsendable_record_fails_permanently_and_never_joins_a_batch(record: Record, reason: str) -> None:
+def test_the_router_rejects_keys_kinesis_refuses_so_none_reaches_a_batch(
+    key: str, hash_key: str | None, code: str
+) -> None:
+    """The sink trusts a Record (gateway/model.py): keys and hash keys are the router's to check."""
+    route = Route("r", ("#",), "s", expr("k"), explicit_hash_key=expr("h") if hash_key is not None else None)
+    (outcome,) = RouteTable((route,)).route(Message("t", orjson.dumps({"k": key, "h": hash_key}), 1, 0))
+    assert isinstance(outcome, Rejected) and outcome.code == code
+
+
+def test_keys_and_hash_keys_at_their_limits_are_sent_with_their_neighbours() -> None:
     h = Harness(FakeKinesis())
-    h.put([rec(b"good1"), record, rec(b"good2", pk="k" * 256, ehk=str(2**128 - 1))])
+    h.put([rec(b"good1"), rec(b"good2", pk="k" * 256, ehk=str(2**128 - 1)), rec(b"good3", ehk="0")])
     h.sink.drain(1.0)
-    assert h.outcome() == {0: PUT, 1: Failed(reason, permanent=True), 2: PUT}
+    assert h.outcome() == {0: PUT, 1: PUT, 2: PUT}
+    assert h.client.data_sent() == [[b"good1", b"good2", b"good3"]]
+
+
+def test_oversize_record_fails_permanently_and_never_joins_a_batch() -> None:
+    h = Harness(FakeKinesis(), max_record_bytes=1000, max_batch_bytes=10_000)
+    h.put([rec(b"good1"), rec(b"x" * 1000), rec(b"good2")])
+    h.sink.drain(1.0)
+    assert h.outcome() == {0: PUT, 1: Failed("record too large", permanent=True), 2: PUT}
     assert h.client.data_sent() == [[b"good1", b"good2"]]
 
 
@@ -439,9 +458,9 @@ def test_metrics_count_user_records_by_route_and_stream() -> None:
     sink = KinesisSink(
         client, SinkConfig(), lambda _: None, metrics, clock=clock, sleep=clock.sleep, rng=MaxRng()
     )
-    sink.put([(rec(route="a"), 1), (rec(route="b"), 2), (rec(pk=""), 3)])
+    sink.put([(rec(route="a"), 1), (rec(route="b"), 2), (rec(b"x" * MiB), 3)])
     sink.drain(5.0)
-    assert ("failed", "r", "s", "invalid partition key", 1) in metrics.calls
+    assert ("failed", "r", "s", "too_large", 1) in metrics.calls
     assert ("put", "a", "s", 1) in metrics.calls and ("put", "b", "s", 1) in metrics.calls
     assert ("retried", "s", 1) in metrics.calls
     assert [c for c in metrics.calls if c[0] == "batch"] == [("batch", "s", 2), ("batch", "s", 1)]

@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from gateway.model import Record
+from gateway.model import PUT, Record
 from gateway.sink.batching import Entry
-from gateway.model import PUT
 from gateway.sink.kinesis import KinesisSink, SinkConfig
 from gateway.sink.kpl import MAGIC, ShardMap, aggregate, encode_aggregate, hash_key, load_shard_map
 
