@@ -25,7 +25,7 @@ from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.routing.table import RouteTable
 from gateway.sink.aws import make_kinesis_client
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource
 
@@ -56,17 +56,12 @@ class Gateway:
         self._stop = threading.Event()
         self._exit_code = EXIT_OK
         os.environ.update(settings.aws_env_overrides)
-        kinesis = settings.kinesis
-        client = make_kinesis_client(region=kinesis.region, assume_role_arn=kinesis.assume_role_arn,
-                                     session_name=kinesis.session_name,
-                                     max_pool_connections=kinesis.max_in_flight + 2)
-        self.sink = KinesisSink(client, SinkConfig(
-            max_batch_records=kinesis.batch_records, max_batch_bytes=kinesis.batch_bytes,
-            max_record_bytes=kinesis.max_record_bytes, linger_s=kinesis.linger_s,
-            max_in_flight=kinesis.max_in_flight, backoff_base_s=kinesis.retry_base_s,
-            backoff_cap_s=kinesis.retry_cap_s, record_ttl_s=kinesis.record_ttl_s,
-            aggregate_routes=frozenset(r.name for r in table.routes if r.aggregate),
-        ), on_settled=self._settled, metrics=self.metrics)
+        aws = settings.aws
+        client = make_kinesis_client(region=aws.region, assume_role_arn=aws.assume_role_arn,
+                                     session_name=aws.session_name,
+                                     max_pool_connections=settings.kinesis.max_in_flight + 2)
+        self.sink = KinesisSink(client, settings.kinesis, on_settled=self._settled, metrics=self.metrics,
+                                aggregate_routes=(r.name for r in table.routes if r.aggregate))
         self.source = MqttSource(_mqtt_config(settings, table), intake=self._intake, metrics=self.metrics)
         self.acks = AckTracker(self.source.ack)
         self.source.set_ack_tracker(self.acks)

@@ -22,18 +22,18 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from gateway.model import Record, Settlement, stream_target
+from gateway.settings.settings import SinkConfig
 from gateway.sink import kpl
 from gateway.sink.batching import SettlementBatch, StreamState
 from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
 from gateway.sink.scheduler import Aggregate, Job, LoadShardMap, Refuse, Scheduler, Send
 
-__all__ = ["KinesisClient", "KinesisSink", "OnSettled", "SinkConfig", "SinkMetrics"]
+__all__ = ["KinesisClient", "KinesisSink", "OnSettled", "SinkMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +41,6 @@ T = TypeVar("T")
 
 OnSettled = Callable[[list[tuple[T, Settlement]]], None]
 """Receives settlements in bulk, on a sink thread; it must not raise."""
-
-
-@dataclass(frozen=True)
-class SinkConfig:
-    """Batching and retry tunables; defaults are the PutRecords limits and KPL-like timings."""
-
-    max_batch_records: int = 500
-    max_batch_bytes: int = 5 * 1024 * 1024
-    max_record_bytes: int = 1024 * 1024
-    linger_s: float = 0.05
-    max_in_flight: int = 4
-    backoff_base_s: float = 0.1
-    backoff_cap_s: float = 10.0
-    record_ttl_s: float = 0.0
-    aggregate_routes: frozenset[str] = field(default_factory=frozenset)
-    aggregation_max_bytes: int = 51200
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_batch_records <= 500:
-            raise ValueError("max_batch_records: must be 1..500")
-        if self.max_record_bytes < 1 or self.max_batch_bytes < self.max_record_bytes:
-            raise ValueError("max_batch_bytes: must be >= max_record_bytes >= 1")
-        if self.max_in_flight < 1:
-            raise ValueError("max_in_flight: must be >= 1")
-        if self.linger_s < 0 or self.backoff_base_s <= 0 or self.backoff_cap_s < self.backoff_base_s:
-            raise ValueError("linger_s >= 0 and 0 < backoff_base_s <= backoff_cap_s required")
 
 
 class KinesisClient(kpl.ShardLister, Protocol):
@@ -88,6 +62,8 @@ class KinesisSink(Generic[T]):
     """Batches records per stream into PutRecords requests and reports every outcome.
 
     ``T`` is the caller's token: it travels with its record and comes back with the settlement.
+    ``aggregate_routes`` names the routes whose records are KPL-aggregated; it comes from the
+    route table, so ``set_aggregate_routes`` replaces it on reload.
     """
 
     def __init__(
@@ -97,6 +73,7 @@ class KinesisSink(Generic[T]):
         on_settled: OnSettled[T],
         metrics: SinkMetrics | None = None,
         *,
+        aggregate_routes: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Rng | None = None,
@@ -112,7 +89,7 @@ class KinesisSink(Generic[T]):
         self._cond = threading.Condition(threading.Lock())
         self._scheduler: Scheduler[T] = Scheduler(
             linger_s=config.linger_s, max_records=config.max_batch_records, max_bytes=config.max_batch_bytes,
-            max_record_bytes=config.max_record_bytes, aggregate_routes=config.aggregate_routes)
+            max_record_bytes=config.max_record_bytes, aggregate_routes=aggregate_routes)
         self._pending = 0
         self._drainers = 0
         # One idle worker at a time waits with a timeout (the linger or backoff deadline); the

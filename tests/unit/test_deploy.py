@@ -371,7 +371,7 @@ def test_trust_policies_admit_only_the_gateway() -> None:
     (assume,) = _statements(IAM / "trust-policy-assume-role.json")
     assert assume["Action"] == "sts:AssumeRole"
     pattern = assume["Condition"]["StringLike"]["sts:RoleSessionName"]
-    assert fnmatch.fnmatchcase(_default_settings().kinesis.session_name, pattern)
+    assert fnmatch.fnmatchcase(_default_settings().aws.session_name, pattern)
 
 
 # --------------------------------------------------------------------------- dashboard and alerts

@@ -37,7 +37,8 @@ from gateway.routefile.loader import load_routes_text
 from gateway.pipeline import Pipeline
 from gateway.model import Message, Record, Rejected
 from gateway.routing.table import RouteTable
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.settings.settings import SinkConfig
+from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
 
 MIB = 1024 * 1024

@@ -14,7 +14,8 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 from gateway.model import PUT, Failed, Message, Record, Rejected
 from gateway.routing.expressions import compile_expression as expr
 from gateway.routing.table import Route, RouteTable
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.settings.settings import SinkConfig
+from gateway.sink.kinesis import KinesisSink
 from gateway.sink.retry import Action, classify
 
 MiB = 1024 * 1024
@@ -96,7 +97,7 @@ def rec(
 
 
 class Harness:
-    def __init__(self, client: Any, **config: Any) -> None:
+    def __init__(self, client: Any, aggregate_routes: frozenset[str] = frozenset(), **config: Any) -> None:
         self.clock = FakeClock()
         self.rng = MaxRng()
         self.calls: list[list[tuple[Any, Any]]] = []
@@ -105,6 +106,7 @@ class Harness:
             client,
             SinkConfig(**config),
             self.calls.append,
+            aggregate_routes=aggregate_routes,
             clock=self.clock,
             sleep=self.clock.sleep,
             rng=self.rng,
