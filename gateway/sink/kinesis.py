@@ -56,6 +56,7 @@ class SinkMetrics(Protocol):
     def records_failed(self, route: str, stream: str, reason: str, n: int) -> None: ...
     def records_retried(self, stream: str, n: int) -> None: ...
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None: ...
+    def callback_error(self) -> None: ...
 
 
 class KinesisSink(Generic[T]):
@@ -100,6 +101,7 @@ class KinesisSink(Generic[T]):
         self._threads: list[threading.Thread] = []
         self._trouble: dict[str, str] = {}
         self._last_error: str | None = None
+        self._callback_failure: str | None = None  # set once on_settled raised: the sink is dead
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -111,17 +113,21 @@ class KinesisSink(Generic[T]):
     @property
     def healthy(self) -> bool:
         """False while any stream is held on a configuration error or keeps failing."""
-        return not self._trouble
+        return not self._trouble and self._callback_failure is None
 
     @property
     def alive(self) -> bool:
-        """Liveness: every started worker thread still runs (independent of Kinesis itself)."""
+        """Liveness: every started worker thread still runs (independent of Kinesis itself), and
+        ``on_settled`` never raised: after that, acks may be stuck, and only a restart (the broker
+        redelivers what was not acked) is sure to unstick them."""
+        if self._callback_failure is not None:
+            return False
         return self._closed or all(thread.is_alive() for thread in self._threads)
 
     @property
     def last_error(self) -> str | None:
         """Why the sink is unhealthy (one line), or None when healthy."""
-        return self._last_error
+        return self._callback_failure or self._last_error
 
     def set_aggregate_routes(self, routes: Iterable[str]) -> None:
         """Choose which routes' records are KPL-aggregated (called on route-table reload)."""
@@ -330,12 +336,18 @@ class KinesisSink(Generic[T]):
 
     def _finish(self, stream: str | None, out: SettlementBatch[T], refused: Refuse[T] | None) -> None:
         """Deliver settlements and metrics outside the lock, then release the pending count."""
+        metrics = self._metrics
         if out.settled:
             try:
                 self._on_settled(out.settled)
-            except Exception:
-                log.exception("on_settled callback failed")
-        metrics = self._metrics
+            except Exception as exc:  # never silently: count it, log the first, fail liveness
+                if metrics is not None:
+                    metrics.callback_error()
+                if self._callback_failure is None:
+                    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                    self._callback_failure = f"settlement callback failed: {detail}"
+                    log.error("kinesis sink: %s; the sink reports itself dead so that the process restarts",
+                              self._callback_failure)
         if metrics is not None:
             if refused is not None:
                 for entry, failed, name in refused.refused:

@@ -178,7 +178,9 @@ def settle_response(
 ) -> tuple[SettlementBatch[T], Verdict | None]:
     """Apply one PutRecords result to the stream: settle what is done, requeue the rest.
 
-    Partial failures requeue only the failed entries, each after its own backoff; a whole
+    Partial failures requeue only the failed entries, each after its own backoff (an entry
+    fails unless it carries a SequenceNumber and no ErrorCode, whatever FailedRecordCount says;
+    real Kinesis always sends the count, but a wrong guess here would ack unwritten data); a whole
     request that failed pauses the stream (backoff, or the cap while held) and puts the batch
     back at the front; an invalid request is split in halves until the bad entry is alone.
     """
@@ -191,11 +193,13 @@ def settle_response(
     ):
         error = RuntimeError("malformed PutRecords response")
     if error is None:
+        assert isinstance(results, list)  # checked just above
         s.failures = 0
         retried: list[Entry[T]] = []
-        check = response.get("FailedRecordCount")
-        for entry, result in zip(batch, results):
-            if check and result.get("ErrorCode"):
+        # Each entry settles by its own result, never by FailedRecordCount: an entry is held by
+        # Kinesis only when it has a SequenceNumber and no ErrorCode; anything else is retried.
+        for entry, result in zip(batch, results, strict=True):
+            if result.get("ErrorCode") or not result.get("SequenceNumber"):
                 retried.append(entry)
                 continue
             if entry.shard is not None and result.get("ShardId") not in (None, entry.shard):

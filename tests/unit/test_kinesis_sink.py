@@ -324,6 +324,30 @@ def test_unknown_exception_holds_instead_of_dropping() -> None:
     assert h.outcome() == {0: PUT}
 
 
+@pytest.mark.parametrize("failed_record_count", [None, 0, 1])
+def test_each_entry_settles_by_its_own_result_whatever_failed_record_count_says(
+    failed_record_count: int | None,
+) -> None:
+    """An entry is PUT only with a SequenceNumber and no ErrorCode; an entry with neither is retried."""
+
+    def respond(request: dict[str, Any]) -> dict[str, Any]:
+        results = [{"SequenceNumber": "1", "ShardId": "shardId-000000000000"},
+                   {"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "slow down"},
+                   {}]
+        response: dict[str, Any] = {"Records": results}
+        if failed_record_count is not None:
+            response["FailedRecordCount"] = failed_record_count
+        return response
+
+    h = Harness(FakeKinesis(respond), linger_s=0.0)
+    h.put([rec(b"0"), rec(b"1"), rec(b"2")])
+    assert h.sink.step() == 1
+    assert h.outcome() == {0: PUT}
+    assert h.after(1.0) == 1
+    assert h.client.data_sent() == [[b"0", b"1", b"2"], [b"1", b"2"]]
+    assert h.outcome() == {0: PUT, 1: PUT, 2: PUT}
+
+
 def test_malformed_response_holds_the_batch_instead_of_guessing() -> None:
     h = Harness(FakeKinesis(lambda request: {"FailedRecordCount": 0, "Records": []}), linger_s=0.0)
     h.put([rec()])
@@ -451,6 +475,38 @@ class RecordingMetrics:
 
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None:
         self.calls.append(("batch", stream, n_records))
+
+    def callback_error(self) -> None:
+        self.calls.append(("callback_error",))
+
+
+def test_a_raising_settlement_callback_is_logged_in_one_line_counted_and_fails_liveness(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = RecordingMetrics()
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def on_settled(batch: list[tuple[Any, Any]]) -> None:
+        calls.append(len(batch))
+        raise RuntimeError("pipeline bug\nsecond line")
+
+    sink = KinesisSink(FakeKinesis(), SinkConfig(linger_s=0.0), on_settled, metrics,
+                       clock=clock, sleep=clock.sleep, rng=MaxRng())
+    assert sink.alive
+    with caplog.at_level(logging.INFO, logger="gateway.sink"):
+        sink.put([(rec(b"a"), 1)])
+        assert sink.drain(1.0)
+        sink.put([(rec(b"b"), 2)])
+        assert sink.drain(1.0)
+    assert calls == [1, 1]  # later settlements are still handed over
+    assert metrics.calls.count(("callback_error",)) == 2
+    assert not sink.alive and not sink.healthy
+    assert "RuntimeError: pipeline bug" in (sink.last_error or "")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # the first one; the rest are counted
+    assert errors[0].exc_info is None and "\n" not in errors[0].getMessage()
+    assert "pipeline bug" in errors[0].getMessage()
 
 
 def test_metrics_count_user_records_by_route_and_stream() -> None:
