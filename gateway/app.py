@@ -25,6 +25,7 @@ from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.routing.table import RouteTable
 from gateway.sink.aws import make_kinesis_client
+from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource
@@ -44,6 +45,12 @@ def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:
     return MqttConfig(**fields)
 
 
+def _kinesis_streams(table: RouteTable) -> set[str]:
+    """Every stream the table writes to, dead-letter streams included."""
+    return {r.stream for r in table.routes} | {
+        r.dead_letter.target for r in table.routes if r.dead_letter is not None and r.dead_letter.kind == "kinesis"}
+
+
 class Gateway:
     """One process's gateway: source → pipeline → sink, plus reload, health and metrics."""
 
@@ -57,11 +64,14 @@ class Gateway:
         self._exit_code = EXIT_OK
         os.environ.update(settings.aws_env_overrides)
         aws = settings.aws
-        client = make_kinesis_client(region=aws.region, assume_role_arn=aws.assume_role_arn,
-                                     session_name=aws.session_name,
-                                     max_pool_connections=settings.kinesis.max_in_flight + 2)
-        self.sink = KinesisSink(client, settings.kinesis, on_settled=self._settled, metrics=self.metrics,
+        clients = RegionalClients(
+            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
+                                               session_name=aws.session_name,
+                                               max_pool_connections=settings.kinesis.max_in_flight + 2),
+            default_region=aws.region)
+        self.sink = KinesisSink(clients, settings.kinesis, on_settled=self._settled, metrics=self.metrics,
                                 aggregate_routes=(r.name for r in table.routes if r.aggregate))
+        self.sink.check_streams(_kinesis_streams(table))
         self.source = MqttSource(_mqtt_config(settings, table), intake=self._intake, metrics=self.metrics)
         self.acks = AckTracker(self.source.ack)
         self.source.set_ack_tracker(self.acks)
@@ -94,6 +104,7 @@ class Gateway:
         """Runs on the reload worker after the swap: subscriptions follow the new table."""
         self.metrics.declare_routes((r.name, r.stream) for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
+        self.sink.check_streams(_kinesis_streams(new))
         self.source.set_subscriptions(list(new.subscriptions))
 
     # -- health -----------------------------------------------------------------------------

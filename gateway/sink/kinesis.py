@@ -1,8 +1,9 @@
 """Kinesis sink: records in, settlements out.
 
-This module is the sink's API, its worker threads and its health; what the workers do next is
-decided by ``gateway.sink.scheduler`` (pure, under this module's lock), and what a response
-means by ``gateway.sink.retry``.
+This module is the sink's API and its worker threads. What the workers do next is decided by
+``gateway.sink.scheduler`` (pure, under this module's lock), what a response means by
+``gateway.sink.retry``, what is wrong with which stream by ``gateway.sink.health``, and which
+client a stream's requests go with by ``gateway.sink.clients``.
 
 Invariants owned here:
 - Every record handed to ``put`` is settled exactly once through ``on_settled``, as PUT or
@@ -13,6 +14,9 @@ Invariants owned here:
   and never touches the network. Requests are made by ``max_in_flight`` worker threads.
 - The request rate is bounded by backoff while failing: a stream whose request failed as a
   whole is paused, and entries that failed inside a response wait out their own backoff.
+- An exception from ``on_settled`` is never swallowed: it is counted, the first is logged in one
+  line, and the sink reports itself dead (``alive`` False), so liveness fails and the process
+  restarts; later settlements are still handed over meanwhile.
 """
 
 from __future__ import annotations
@@ -24,16 +28,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from gateway.model import Record, Settlement, stream_target
 from gateway.settings.settings import SinkConfig
 from gateway.sink import kpl
 from gateway.sink.batching import SettlementBatch, StreamState
-from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
-from gateway.sink.scheduler import Aggregate, Job, LoadShardMap, Refuse, Scheduler, Send
+from gateway.sink.clients import RegionalClients
+from gateway.sink.health import StreamHealth, check_stream
+from gateway.sink.retry import Retry, Rng, classify, settle_response
+from gateway.sink.scheduler import Aggregate, CheckStream, Job, LoadShardMap, Refuse, Scheduler, Send
 
-__all__ = ["KinesisClient", "KinesisSink", "OnSettled", "SinkMetrics"]
+__all__ = ["KinesisSink", "OnSettled", "SinkMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +45,6 @@ T = TypeVar("T")
 
 OnSettled = Callable[[list[tuple[T, Settlement]]], None]
 """Receives settlements in bulk, on a sink thread; it must not raise."""
-
-
-class KinesisClient(kpl.ShardLister, Protocol):
-    """The slice of boto3's Kinesis client the sink calls."""
-
-    def put_records(self, **kwargs: Any) -> dict[str, Any]: ...
 
 
 class SinkMetrics(Protocol):
@@ -63,13 +61,14 @@ class KinesisSink(Generic[T]):
     """Batches records per stream into PutRecords requests and reports every outcome.
 
     ``T`` is the caller's token: it travels with its record and comes back with the settlement.
-    ``aggregate_routes`` names the routes whose records are KPL-aggregated; it comes from the
-    route table, so ``set_aggregate_routes`` replaces it on reload.
+    ``clients`` gives each stream its client (by region); ``aggregate_routes`` names the routes
+    whose records are KPL-aggregated. Both follow the route table: on reload, call
+    ``set_aggregate_routes`` and ``check_streams``.
     """
 
     def __init__(
         self,
-        client: KinesisClient,
+        clients: RegionalClients,
         config: SinkConfig,
         on_settled: OnSettled[T],
         metrics: SinkMetrics | None = None,
@@ -79,7 +78,7 @@ class KinesisSink(Generic[T]):
         sleep: Callable[[float], None] = time.sleep,
         rng: Rng | None = None,
     ) -> None:
-        self._client = client
+        self._clients = clients
         self._config = config
         self._on_settled = on_settled
         self._metrics = metrics
@@ -99,8 +98,7 @@ class KinesisSink(Generic[T]):
         self._timer_at: float | None = None
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._trouble: dict[str, str] = {}
-        self._last_error: str | None = None
+        self._health = StreamHealth(config.backoff_cap_s)
         self._callback_failure: str | None = None  # set once on_settled raised: the sink is dead
 
     # ---- public surface -------------------------------------------------------------------
@@ -112,8 +110,11 @@ class KinesisSink(Generic[T]):
 
     @property
     def healthy(self) -> bool:
-        """False while any stream is held on a configuration error or keeps failing."""
-        return not self._trouble and self._callback_failure is None
+        """False while any stream has a problem (see ``stream_problems``) or the sink is dead."""
+        if self._callback_failure is not None:
+            return False
+        with self._cond:
+            return not self._health.problems()
 
     @property
     def alive(self) -> bool:
@@ -127,7 +128,29 @@ class KinesisSink(Generic[T]):
     @property
     def last_error(self) -> str | None:
         """Why the sink is unhealthy (one line), or None when healthy."""
-        return self._callback_failure or self._last_error
+        if self._callback_failure is not None:
+            return self._callback_failure
+        with self._cond:
+            problems = self._health.problems()
+        stream = min(problems, default=None)
+        return None if stream is None else f"stream {stream}: {problems[stream]}"
+
+    def stream_problems(self) -> dict[str, str]:
+        """Stream -> what is wrong with it (one line: error code and detail, or ``not checked
+        yet``); empty when every stream is fine. This is the sink's part of readiness."""
+        with self._cond:
+            return self._health.problems()
+
+    def check_streams(self, streams: Iterable[str]) -> None:
+        """Check these streams (every stream of the route table, dead letters included) with
+        DescribeStreamSummary, and check a failing one again until it works. Call at start-up and
+        after each reload, off the MQTT thread: it first makes the clients of new regions."""
+        streams = frozenset(streams)
+        self._clients.prepare(streams)
+        with self._cond:
+            self._health.watch(streams)
+            self._scheduler.check(streams, self._clock())
+            self._cond.notify()
 
     def set_aggregate_routes(self, routes: Iterable[str]) -> None:
         """Choose which routes' records are KPL-aggregated (called on route-table reload)."""
@@ -265,6 +288,8 @@ class KinesisSink(Generic[T]):
                 self._load_shard_map(job.stream)
             elif isinstance(job, Aggregate):
                 self._aggregate(job)
+            elif isinstance(job, CheckStream):
+                self._check(job.stream)
         finally:
             with self._cond:
                 self._scheduler.done(job)
@@ -281,10 +306,20 @@ class KinesisSink(Generic[T]):
             self._scheduler.requeue(s, entries, self._clock())
             self._cond.notify()
 
+    def _check(self, stream: str) -> None:
+        result = check_stream(self._clients.for_stream(stream), stream)
+        endpoint = self._clients.endpoint(stream) if result.problem is not None or result.denied else ""
+        with self._cond:
+            now = self._clock()
+            self._scheduler.checked(stream, result.problem is None, now)
+            if self._health.checked(stream, result, endpoint):
+                self._scheduler.resume(stream, now)
+                self._cond.notify()
+
     def _load_shard_map(self, s: StreamState[T]) -> None:
         shard_map: kpl.ShardMap | None
         try:
-            shard_map = kpl.load_shard_map(self._client, s.name)
+            shard_map = kpl.load_shard_map(self._clients.for_stream(s.name), s.name)
         except Exception as exc:  # fall back to one hash key per aggregate: always correct
             log.warning("kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1])
             shard_map = None
@@ -301,38 +336,16 @@ class KinesisSink(Generic[T]):
         response: Any = None
         error: BaseException | None = None
         try:
-            response = self._client.put_records(**request)
+            response = self._clients.for_stream(s.name).put_records(**request)
         except Exception as exc:
             error = exc
         with self._cond:
             out, verdict = settle_response(s, batch, response, error, self._clock(), self._retry)
-            if verdict is not None:
-                self._health(s, verdict)
+            if verdict is not None and self._health.request_verdict(s.name, verdict, s.failures) and verdict.ok:
+                self._scheduler.stop_checking(s.name)
         if self._metrics is not None:
             self._metrics.batch_sent(s.name, len(batch), self._clock() - started)
         self._finish(s.name, out, None)
-
-    def _health(self, s: StreamState[T], verdict: Verdict) -> None:
-        """Track trouble per stream; log only when a stream's state changes."""
-        if verdict.ok:
-            if self._trouble.pop(s.name, None) is not None:
-                log.info("kinesis stream %s: requests succeed again", s.name)
-                if not self._trouble:
-                    self._last_error = None
-            return
-        if self._trouble.get(s.name) == verdict.code:
-            return
-        self._trouble[s.name] = verdict.code
-        detail = " ".join(str(verdict.error).split())[:300]
-        self._last_error = f"stream {s.name}: {verdict.code}: {detail}"
-        if verdict.held:
-            log.error(
-                "kinesis stream %s: %s; holding records and retrying every %gs: %s",
-                s.name, verdict.code, self._config.backoff_cap_s, detail,
-                exc_info=None if isinstance(verdict.error, (ClientError, BotoCoreError)) else verdict.error,
-            )
-        else:
-            log.warning("kinesis stream %s: %s, %d failures in a row; retrying", s.name, verdict.code, s.failures)
 
     def _finish(self, stream: str | None, out: SettlementBatch[T], refused: Refuse[T] | None) -> None:
         """Deliver settlements and metrics outside the lock, then release the pending count."""

@@ -1,14 +1,16 @@
 """What the sink's workers do next: which batch goes out, and when.
 
 Why a module of its own: the decision (linger, full batches, paused streams, retries waiting out
-their backoff, a drain or a full backlog that skips the linger) is the part of the sink with the
-most cases, and it is pure: no lock, no I/O, no clock of its own. The sink calls it under its
-lock with the current time; tests call it with any time they like.
+their backoff, a drain or a full backlog that skips the linger, stream checks and their re-checks)
+is the part of the sink with the most cases, and it is pure: no lock, no I/O, no clock of its
+own. The sink calls it under its lock with the current time; tests call it with any time.
 
 Invariants owned here:
 - a queued entry is handed out in exactly one job; a record over the stream's size limit is
   refused before it is queued and comes back in a ``Refuse`` job, so it never joins a batch;
 - streams take turns (round robin), and a paused stream is skipped until its pause ends;
+- every stream given to ``check`` is checked once at once, then again while its check fails,
+  after 10 s doubling up to 60 s; one check runs at a time, so checks never take every worker;
 - with no job due, ``next_job`` returns when one will be (None: nothing is queued).
 """
 
@@ -24,11 +26,16 @@ from gateway.sink.batching import Entry, StreamState
 if TYPE_CHECKING:
     from gateway.sink.kpl import ShardMap
 
-__all__ = ["TOO_LARGE", "Aggregate", "Job", "LoadShardMap", "Refuse", "Refused", "Scheduler", "Send"]
+__all__ = [
+    "CHECK_AGAIN_CAP_S", "CHECK_AGAIN_S", "TOO_LARGE", "Aggregate", "CheckStream", "Job", "LoadShardMap", "Refuse",
+    "Refused", "Scheduler", "Send",
+]
 
 T = TypeVar("T")
 
 TOO_LARGE = Failed("record too large", permanent=True, code="too_large")
+CHECK_AGAIN_S = 10.0       # a failed stream check is repeated after this long, doubling...
+CHECK_AGAIN_CAP_S = 60.0   # ...up to this, so a stream created later turns ready within a minute
 
 Refused = tuple[Entry[T], Failed, str]
 """A record the sink can never send: its entry, why, and the stream it was meant for."""
@@ -64,7 +71,24 @@ class Refuse(Generic[T]):
     refused: list[Refused[T]]
 
 
-Job = Send[T] | LoadShardMap[T] | Aggregate[T] | Refuse[T]
+@dataclass(frozen=True, slots=True)
+class CheckStream:
+    """Ask Kinesis whether ``stream`` exists and takes writes (DescribeStreamSummary)."""
+
+    stream: str
+
+
+Job = Send[T] | LoadShardMap[T] | Aggregate[T] | Refuse[T] | CheckStream
+
+
+class _Check:
+    """When a stream is to be checked next (None: its check is running)."""
+
+    __slots__ = ("due", "failures")
+
+    def __init__(self, due: float | None) -> None:
+        self.due = due
+        self.failures = 0
 
 
 class Scheduler(Generic[T]):
@@ -84,6 +108,8 @@ class Scheduler(Generic[T]):
         self._drains = 0               # drains in progress: the linger is skipped meanwhile
         self._urgent = False           # send_now() was asked and not yet served
         self._sending = 0              # Send jobs handed out and not yet done
+        self._checks: dict[str, _Check] = {}  # streams not yet known to work
+        self._checking: str | None = None  # the stream whose check is running
 
     # ---- input ----------------------------------------------------------------------------
 
@@ -145,24 +171,70 @@ class Scheduler(Generic[T]):
         """A job handed out by ``next_job`` has run (whatever its result)."""
         if isinstance(job, Send):
             self._sending -= 1
+        elif isinstance(job, CheckStream) and self._checking == job.stream:
+            self._checking = None
+
+    def check(self, streams: Iterable[str], now: float) -> None:
+        """Check these streams (and no others) now: at start-up, and after each reload."""
+        self._checks = {stream: _Check(now) for stream in streams}
+
+    def checked(self, stream: str, ok: bool, now: float) -> None:
+        """A stream's check answered: done when ``ok``, else again after a growing delay."""
+        state = self._checks.get(stream)
+        if state is None:
+            return
+        if ok:
+            del self._checks[stream]
+            return
+        state.failures += 1
+        state.due = now + min(CHECK_AGAIN_CAP_S, CHECK_AGAIN_S * 2 ** min(state.failures - 1, 16))
+
+    def stop_checking(self, stream: str) -> None:
+        """A request to ``stream`` succeeded: that answers the question a check would ask."""
+        self._checks.pop(stream, None)
+
+    def resume(self, stream: str, now: float) -> None:
+        """A stream that failed works again: end its pause, so held records go at once."""
+        s = self._streams.get(stream)
+        if s is not None and s.paused_until > now:
+            s.paused_until = now
 
     # ---- the decision ---------------------------------------------------------------------
 
     def has_work(self) -> bool:
         """Something is queued that a worker must eventually wake for."""
-        return bool(self._refused) or any(s.has_work() for s in self._order)
+        return (bool(self._refused) or any(s.has_work() for s in self._order)
+                or (self._checking is None and self._next_check() is not None))
 
     def next_job(self, now: float) -> tuple[Job[T] | None, float | None]:
         """The next job due at ``now``, or None and when one will be due (None: nothing queued)."""
         if self._refused:
             refused, self._refused = self._refused, []
             return Refuse(refused), None
+        check_at: float | None = None
+        if self._checking is None and self._checks:
+            check = self._next_check()
+            if check is not None:
+                stream, check_at = check
+                if check_at <= now:
+                    self._checking = stream
+                    self._checks[stream].due = None
+                    return CheckStream(stream), None
         job, wake = self._find(now, self._drains > 0 or (self._urgent and self._sending == 0))
         if job is None:
             self._urgent = self._urgent and self._sending > 0
-        elif isinstance(job, Send):
+            return None, _earliest(wake, check_at)
+        if isinstance(job, Send):
             self._sending += 1
-        return job, wake
+        return job, None
+
+    def _next_check(self) -> tuple[str, float] | None:
+        """The stream to check first and when, or None when no check is scheduled."""
+        best: tuple[str, float] | None = None
+        for stream, state in self._checks.items():
+            if state.due is not None and (best is None or state.due < best[1]):
+                best = (stream, state.due)
+        return best
 
     def _find(self, now: float, force: bool) -> tuple[Job[T] | None, float | None]:
         order, linger = self._order, self.linger_s

@@ -10,6 +10,7 @@ from botocore.validate import ParamValidationDecorator
 from moto import mock_aws
 
 from gateway.sink.aws import make_kinesis_client
+from gateway.sink.clients import RegionalClients
 
 ROLE = "arn:aws:iam::123456789012:role/gateway"
 
@@ -52,3 +53,10 @@ def test_assumed_role_uses_refreshable_credentials_and_works(aws_env: None) -> N
         client.create_stream(StreamName="s", ShardCount=1)
         assert credentials.access_key != "testing"  # the role's keys, not the source keys
         assert client.list_streams()["StreamNames"] == ["s"]
+
+
+def test_a_stream_arn_gets_a_client_of_its_own_region(aws_env: None) -> None:
+    clients = RegionalClients(lambda region: make_kinesis_client(region), default_region="us-east-1")
+    mumbai = clients.for_stream("arn:aws:kinesis:ap-south-1:123456789012:stream/telemetry")
+    assert mumbai.meta.region_name == "ap-south-1"
+    assert clients.for_stream("telemetry").meta.region_name == "us-east-1"

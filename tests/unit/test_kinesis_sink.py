@@ -15,6 +15,7 @@ from gateway.model import PUT, Failed, Message, Record, Rejected
 from gateway.routing.expressions import compile_expression as expr
 from gateway.routing.table import Route, RouteTable
 from gateway.settings.settings import SinkConfig
+from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink
 from gateway.sink.retry import Action, classify
 
@@ -103,7 +104,7 @@ class Harness:
         self.calls: list[list[tuple[Any, Any]]] = []
         self.client = client
         self.sink = KinesisSink(
-            client,
+            RegionalClients.sharing(client),
             SinkConfig(**config),
             self.calls.append,
             aggregate_routes=aggregate_routes,
@@ -299,7 +300,7 @@ def test_access_denied_holds_records_unsettled_then_delivers_when_fixed(
 ) -> None:
     denied = client_error("AccessDeniedException", message="not authorized to perform kinesis:PutRecords")
     h = Harness(FakeKinesis(denied, denied, denied), linger_s=0.0, backoff_cap_s=10.0)
-    with caplog.at_level(logging.INFO, logger="gateway.sink.kinesis"):
+    with caplog.at_level(logging.INFO, logger="gateway.sink"):
         h.put([rec(b"a")])
         assert h.sink.step() == 1
         assert not h.sink.healthy and "AccessDeniedException" in (h.sink.last_error or "")
@@ -413,7 +414,7 @@ def test_worker_threads_deliver_concurrent_puts_exactly_once() -> None:
             settled.extend(batch)
 
     config = SinkConfig(linger_s=0.001, max_in_flight=3, backoff_base_s=0.001, backoff_cap_s=0.01)
-    sink = KinesisSink(client, config, on_settled)
+    sink = KinesisSink(RegionalClients.sharing(client), config, on_settled)
     sink.start()
 
     def producer(n: int) -> None:
@@ -446,8 +447,8 @@ def test_lingering_batches_go_out_on_their_own_with_idle_workers_waiting() -> No
         if len(settled) >= 30:
             done.set()
 
-    sink = KinesisSink(client, SinkConfig(linger_s=0.03, max_in_flight=4, backoff_base_s=0.01,
-                                          backoff_cap_s=0.02), on_settled)
+    config = SinkConfig(linger_s=0.03, max_in_flight=4, backoff_base_s=0.01, backoff_cap_s=0.02)
+    sink = KinesisSink(RegionalClients.sharing(client), config, on_settled)
     sink.start()
     try:
         for i in range(30):
@@ -491,7 +492,7 @@ def test_a_raising_settlement_callback_is_logged_in_one_line_counted_and_fails_l
         calls.append(len(batch))
         raise RuntimeError("pipeline bug\nsecond line")
 
-    sink = KinesisSink(FakeKinesis(), SinkConfig(linger_s=0.0), on_settled, metrics,
+    sink = KinesisSink(RegionalClients.sharing(FakeKinesis()), SinkConfig(linger_s=0.0), on_settled, metrics,
                        clock=clock, sleep=clock.sleep, rng=MaxRng())
     assert sink.alive
     with caplog.at_level(logging.INFO, logger="gateway.sink"):
@@ -513,9 +514,8 @@ def test_metrics_count_user_records_by_route_and_stream() -> None:
     metrics = RecordingMetrics()
     clock = FakeClock()
     client = FakeKinesis(fail_entries(1))
-    sink = KinesisSink(
-        client, SinkConfig(), lambda _: None, metrics, clock=clock, sleep=clock.sleep, rng=MaxRng()
-    )
+    sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), lambda _: None, metrics,
+                       clock=clock, sleep=clock.sleep, rng=MaxRng())
     sink.put([(rec(route="a"), 1), (rec(route="b"), 2), (rec(b"x" * MiB), 3)])
     sink.drain(5.0)
     assert ("failed", "r", "s", "too_large", 1) in metrics.calls
@@ -557,7 +557,7 @@ def test_requests_are_accepted_by_moto(monkeypatch: pytest.MonkeyPatch) -> None:
         client.create_stream(StreamName="shapes", ShardCount=2)
         arn = client.describe_stream_summary(StreamName="shapes")["StreamDescriptionSummary"]["StreamARN"]
         settled: list[tuple[Any, Any]] = []
-        sink = KinesisSink(client, SinkConfig(), settled.extend)
+        sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), settled.extend)
         records = [rec(b"n%d" % i, pk=f"k{i}", stream="shapes") for i in range(600)]
         records += [rec(b"arn", pk="ü", stream=arn, ehk="0"), rec(b"x" * (MiB - 1), pk="k", stream="shapes")]
         sink.put([(r, i) for i, r in enumerate(records)])

@@ -9,7 +9,12 @@ import pytest
 
 from gateway.settings import settings as settings_module
 from gateway.settings.settings import (
-    AwsSettings, LegacyRoute, SettingsError, SinkConfig, find_env_file, load_settings,
+    AwsSettings,
+    LegacyRoute,
+    SettingsError,
+    SinkConfig,
+    find_env_file,
+    load_settings,
 )
 
 # The seed's documented .env, written as its users write it: a leading space on every line.
