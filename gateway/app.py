@@ -27,7 +27,8 @@ from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
 from gateway.routing.table import RouteTable
 from gateway.sink.aws import make_kinesis_client
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.sink.clients import RegionalClients
+from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttConfig, MqttSource
 
@@ -71,6 +72,12 @@ def qos0_warning(table: RouteTable) -> str | None:
             "backlog or an undelivered shutdown is not redelivered; use qos: 1 (QOS=1) for at-least-once")
 
 
+def _kinesis_streams(table: RouteTable) -> set[str]:
+    """Every stream the table writes to, dead-letter streams included."""
+    return {r.stream for r in table.routes} | {
+        r.dead_letter.target for r in table.routes if r.dead_letter is not None and r.dead_letter.kind == "kinesis"}
+
+
 class Gateway:
     """One process's gateway: source → pipeline → sink, plus reload, health and metrics."""
 
@@ -83,21 +90,19 @@ class Gateway:
         self._stop = threading.Event()
         self._exit_code = EXIT_OK
         os.environ.update(settings.aws_env_overrides)
-        kinesis = settings.kinesis
+        aws = settings.aws
+        clients = RegionalClients(
+            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
+                                               session_name=aws.session_name,
+                                               max_pool_connections=settings.kinesis.max_in_flight + 2),
+            default_region=aws.region)
+        self.sink = KinesisSink(clients, settings.kinesis, on_settled=self._settled, metrics=self.metrics,
+                                aggregate_routes=(r.name for r in table.routes if r.aggregate))
         try:
-            client = make_kinesis_client(region=kinesis.region, assume_role_arn=kinesis.assume_role_arn,
-                                         session_name=kinesis.session_name,
-                                         max_pool_connections=kinesis.max_in_flight + 2)
+            self.sink.check_streams(_kinesis_streams(table))
         except NoRegionError:
             raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
                                " (e.g. us-east-1) to the region of the streams") from None
-        self.sink = KinesisSink(client, SinkConfig(
-            max_batch_records=kinesis.batch_records, max_batch_bytes=kinesis.batch_bytes,
-            max_record_bytes=kinesis.max_record_bytes, linger_s=kinesis.linger_s,
-            max_in_flight=kinesis.max_in_flight, backoff_base_s=kinesis.retry_base_s,
-            backoff_cap_s=kinesis.retry_cap_s, record_ttl_s=kinesis.record_ttl_s,
-            aggregate_routes=frozenset(r.name for r in table.routes if r.aggregate),
-        ), on_settled=self._settled, metrics=self.metrics)
         self.source = MqttSource(_mqtt_config(settings, table), intake=self._intake, metrics=self.metrics)
         self.acks = AckTracker(self.source.ack)
         self.source.set_ack_tracker(self.acks)
@@ -131,6 +136,7 @@ class Gateway:
         """Runs on the reload worker after the swap: subscriptions follow the new table."""
         self.metrics.declare_routes((r.name, r.stream, r.drop_codes) for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
+        self.sink.check_streams(_kinesis_streams(new))
         self.source.set_subscriptions(list(new.subscriptions))
 
     # -- health -----------------------------------------------------------------------------
@@ -139,7 +145,7 @@ class Gateway:
         """Liveness: our own threads run. Independent of the broker and of Kinesis on purpose."""
         return self.source.alive and self.sink.alive
 
-    def readiness(self) -> tuple[bool, dict[str, bool]]:
+    def readiness(self) -> tuple[bool, dict[str, bool], dict[str, str]]:
         checks = {
             "routes_loaded": self.active.current is not None,
             "broker_connected": self.source.connected,
@@ -147,7 +153,8 @@ class Gateway:
             "kinesis_reachable": self.sink.healthy,
             "intake_working": not self.pipeline.intake_failing,
         }
-        return all(checks.values()), checks
+        problems = {f"stream {stream}": why for stream, why in self.sink.stream_problems().items()}
+        return all(checks.values()), checks, problems
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ __all__ = ["HealthServer", "Liveness", "Readiness", "Renders"]
 log = logging.getLogger(__name__)
 
 Liveness = Callable[[], bool]
-Readiness = Callable[[], tuple[bool, Mapping[str, bool]]]
+Readiness = Callable[[], tuple[bool, Mapping[str, bool]] | tuple[bool, Mapping[str, bool], Mapping[str, str]]]
 Answer = tuple[int, str, bytes]
 
 _JSON = "application/json"
@@ -85,7 +85,8 @@ class HealthServer:
 
     ``metrics`` is the ``Metrics`` instance (or pass ``render_metrics``, a callable returning
     the exposition bytes); ``liveness`` returns False when a thread the
-    gateway depends on has died; ``readiness`` returns (ready, {check name: passed}), e.g.
+    gateway depends on has died; ``readiness`` returns (ready, {check name: passed}) and optionally
+    a third item, {what: what is wrong with it}, shown as ``problems``; check names are e.g.
     ``routes_loaded``, ``broker_connected``, ``subscriptions_granted``, ``kinesis_reachable``.
     Port 0 binds a free port; ``port`` is the bound one after ``start()``. ``max_connections``
     caps open sockets; ``request_timeout_s`` is how long one connection may take, accept to close.
@@ -173,9 +174,13 @@ class HealthServer:
             alive = _safely(self._liveness, False)
             return (200 if alive else 503), _JSON, _json({"status": "ok" if alive else "failed"})
         if path == "/readyz":
-            ready, checks = _safely(self._readiness, (False, {"readiness_check": False}))
-            body = {"status": "ready" if ready else "not ready",
-                    "checks": {str(k): bool(v) for k, v in checks.items()}}
+            answer = _safely(self._readiness, (False, {"readiness_check": False}))
+            ready, checks = answer[0], answer[1]
+            body: dict[str, Any] = {"status": "ready" if ready else "not ready",
+                                    "checks": {str(k): bool(v) for k, v in checks.items()}}
+            problems = answer[2] if len(answer) > 2 else {}  # type: ignore[misc]
+            if problems:  # what is wrong, by what: e.g. {"stream welder": "ResourceNotFoundException: ..."}
+                body["problems"] = {str(k): str(v) for k, v in problems.items()}
             return (200 if ready else 503), _JSON, _json(body)
         if path == "/metrics":
             try:

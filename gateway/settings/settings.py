@@ -27,8 +27,8 @@ from gateway.model import MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST
 from gateway.settings.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
 
 __all__ = [
-    "HttpSettings", "KinesisSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
-    "ReloadSettings", "Settings", "SettingsError", "find_env_file", "load_settings",
+    "AwsSettings", "HttpSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
+    "ReloadSettings", "Settings", "SettingsError", "SinkConfig", "find_env_file", "load_settings",
 ]
 
 _MIB = 1024 * 1024
@@ -84,15 +84,29 @@ class MqttSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class KinesisSettings:
-    max_in_flight: int
-    linger_s: float
-    batch_records: int
-    batch_bytes: int
-    max_record_bytes: int
-    retry_base_s: float
-    retry_cap_s: float
-    record_ttl_s: float  # 0: retry retryable errors forever
+class SinkConfig:
+    """What the Kinesis sink takes: its batching and retry tunables.
+
+    ``load_settings`` validates every field, naming the environment variable in its error. The
+    defaults are the PutRecords limits and KPL-like timings, for tests and tools that build a sink
+    themselves; the process's own defaults are those of ``load_settings`` (docs/settings.md).
+    """
+
+    max_batch_records: int = MAX_REQUEST_RECORDS
+    max_batch_bytes: int = MAX_REQUEST_BYTES
+    max_record_bytes: int = MAX_RECORD_BYTES
+    linger_s: float = 0.05
+    max_in_flight: int = 4
+    backoff_base_s: float = 0.1
+    backoff_cap_s: float = 10.0
+    record_ttl_s: float = 0.0  # 0: retry retryable errors forever
+    aggregation_max_bytes: int = 51200
+
+
+@dataclass(frozen=True, kw_only=True)
+class AwsSettings:
+    """What the AWS clients are made with; the credentials themselves come from boto3's chain."""
+
     region: str | None
     assume_role_arn: str | None
     session_name: str
@@ -126,7 +140,8 @@ class Settings:
     routes_file: str | None
     legacy_route: LegacyRoute | None
     mqtt: MqttSettings
-    kinesis: KinesisSettings
+    kinesis: SinkConfig
+    aws: AwsSettings
     http: HttpSettings
     logging: LoggingSettings
     reload: ReloadSettings
@@ -158,12 +173,14 @@ def load_settings(environ: Mapping[str, str] | None = None,
         mqtt = replace(mqtt, persistent=legacy.qos >= 1)
     kinesis = _kinesis(src)
     ignored = _ignored(src, routes_file is not None, mqtt.transport)
+    aws = _aws(src)
     return Settings(
         ignored=ignored,
         routes_file=routes_file,
         legacy_route=legacy,
         mqtt=mqtt,
         kinesis=kinesis,
+        aws=aws,
         http=HttpSettings(host=src.text("HTTP_HOST", default="0.0.0.0") or "0.0.0.0",
                           port=src.integer("HTTP_PORT", default=8081, lo=0, hi=65535)),
         logging=LoggingSettings(
@@ -182,7 +199,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
         shutdown_timeout_s=src.number("GATEWAY_SHUTDOWN_TIMEOUT_S", default=20, lo=0),
         stdout=src.boolean("STDOUT", default=False),
         env_file=path,
-        aws_env_overrides=types.MappingProxyType(_aws_overrides(values, environ, kinesis)),
+        aws_env_overrides=types.MappingProxyType(_aws_overrides(values, environ, aws)),
         secret_values=tuple(v.text for v in (
             src.get("AWS_SECRET_ACCESS_KEY"), src.get("AWS_SESSION_TOKEN")) if v)
         + ((mqtt.password,) if mqtt.password else ()),
@@ -336,7 +353,7 @@ def _legacy_route(src: Source) -> LegacyRoute:
     return LegacyRoute(topic, stream, key, qos)
 
 
-def _kinesis(src: Source) -> KinesisSettings:
+def _kinesis(src: Source) -> SinkConfig:
     batch_bytes = src.integer("KINESIS_BATCH_BYTES", default=MAX_REQUEST_BYTES, lo=1, hi=10 * _MIB)
     max_record = src.integer("KINESIS_MAX_RECORD_BYTES", default=MAX_RECORD_BYTES, lo=1, hi=10 * _MIB)
     if max_record > batch_bytes:
@@ -346,19 +363,25 @@ def _kinesis(src: Source) -> KinesisSettings:
     retry_cap = src.millis("KINESIS_RETRY_CAP_MS", default=10000, lo=1)
     if retry_cap < retry_base:
         raise SettingsError("KINESIS_RETRY_CAP_MS: is below KINESIS_RETRY_BASE_MS")
+    return SinkConfig(
+        max_in_flight=src.integer("KINESIS_MAX_IN_FLIGHT", "KIN_MAXCONN", default=4, lo=1, hi=256),
+        linger_s=src.millis("KINESIS_LINGER_MS", default=200, lo=0),
+        max_batch_records=src.integer("KINESIS_BATCH_RECORDS", default=MAX_REQUEST_RECORDS, lo=1,
+                                      hi=MAX_REQUEST_RECORDS),
+        max_batch_bytes=batch_bytes, max_record_bytes=max_record,
+        backoff_base_s=retry_base, backoff_cap_s=retry_cap,
+        record_ttl_s=src.number("KINESIS_RECORD_TTL_S", default=0, lo=0),
+    )
+
+
+def _aws(src: Source) -> AwsSettings:
     role_value = src.get("AWS_ASSUME_ROLE_ARN")
     if role_value and not _ROLE_ARN.fullmatch(role_value.text.strip()):
         raise src.error(role_value, "expected a role ARN like arn:aws:iam::123456789012:role/name")
     session_value = src.get("KIN_SESSION_NAME")
     if session_value and not _SESSION_NAME.fullmatch(session_value.text.strip()):
         raise src.error(session_value, "expected 2-64 of A-Z a-z 0-9 + = , . @ _ -")
-    return KinesisSettings(
-        max_in_flight=src.integer("KINESIS_MAX_IN_FLIGHT", "KIN_MAXCONN", default=4, lo=1, hi=256),
-        linger_s=src.millis("KINESIS_LINGER_MS", default=200, lo=0),
-        batch_records=src.integer("KINESIS_BATCH_RECORDS", default=MAX_REQUEST_RECORDS, lo=1, hi=MAX_REQUEST_RECORDS),
-        batch_bytes=batch_bytes, max_record_bytes=max_record,
-        retry_base_s=retry_base, retry_cap_s=retry_cap,
-        record_ttl_s=src.number("KINESIS_RECORD_TTL_S", default=0, lo=0),
+    return AwsSettings(
         region=src.text("AWS_REGION", "AWS_DEFAULT_REGION"),
         assume_role_arn=role_value.text.strip() if role_value else None,
         session_name=session_value.text.strip() if session_value else "mqtt-kinesis-gateway",
@@ -366,14 +389,14 @@ def _kinesis(src: Source) -> KinesisSettings:
 
 
 def _aws_overrides(file_values: Mapping[str, str | None],
-                   environ: Mapping[str, str], kinesis: KinesisSettings) -> dict[str, str]:
+                   environ: Mapping[str, str], aws: AwsSettings) -> dict[str, str]:
     """AWS_* variables only the .env file carries, for boto3 (which reads os.environ itself)."""
     overrides = {name: text for name, text in file_values.items()
                  if name.startswith("AWS_") and name != "AWS_ASSUME_ROLE_ARN"
                  and text and not environ.get(name)}
     # botocore reads the region from AWS_DEFAULT_REGION only; carry AWS_REGION over.
-    if kinesis.region and not environ.get("AWS_DEFAULT_REGION"):
-        overrides["AWS_DEFAULT_REGION"] = kinesis.region
+    if aws.region and not environ.get("AWS_DEFAULT_REGION"):
+        overrides["AWS_DEFAULT_REGION"] = aws.region
     key_id = environ.get("AWS_ACCESS_KEY_ID") or file_values.get("AWS_ACCESS_KEY_ID")
     secret = environ.get("AWS_SECRET_ACCESS_KEY") or file_values.get("AWS_SECRET_ACCESS_KEY")
     if bool(key_id) != bool(secret):

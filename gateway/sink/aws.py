@@ -1,7 +1,7 @@
-"""The one boto3 Kinesis client the gateway uses, and an optional stream-limit lookup.
+"""How the gateway's boto3 Kinesis clients are made.
 
-Create the client once, on the main thread, and share it: botocore clients are thread-safe
-once created, sessions are not (reliability.md §7). Credentials come from boto3's own chain
+Create a client once and share it: botocore clients are thread-safe once created, sessions are
+not, so each client gets a session of its own. Credentials come from boto3's own chain
 (environment, profile, web identity on EKS, container or instance role); an assumed role uses
 botocore's own refreshable credentials, so nothing here re-implements expiry handling. The
 endpoint comes from boto3 as well (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_KINESIS or the config
@@ -10,7 +10,6 @@ file), which is how local stand-ins such as moto are reached.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import boto3
@@ -21,13 +20,8 @@ from botocore.credentials import (
     CredentialProvider,
     DeferredRefreshableCredentials,
 )
-from botocore.exceptions import ClientError
 
-from gateway.model import stream_target
-
-__all__ = ["ROLE_DURATION_S", "describe_max_record_bytes", "make_kinesis_client"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ROLE_DURATION_S", "make_kinesis_client"]
 
 # Below ~15 min botocore refreshes on every call (advisory window); 1 h is the STS default cap.
 ROLE_DURATION_S = 3600
@@ -97,21 +91,3 @@ def make_kinesis_client(
         resolver.providers.insert(0, _AssumeRoleProvider(credentials))
     session = boto3.Session(botocore_session=core, region_name=region or None)
     return session.client("kinesis", config=config)
-
-
-def describe_max_record_bytes(client: Any, stream: str) -> int | None:
-    """The stream's record size limit in bytes (MaxRecordSizeInKiB), if it may be read.
-
-    None when the permission is missing (kinesis:DescribeStreamSummary is optional for the
-    gateway) or the service does not report the field; the caller then keeps the 1 MiB
-    default. Other errors (missing stream, network) propagate.
-    """
-    try:
-        summary = client.describe_stream_summary(**stream_target(stream))["StreamDescriptionSummary"]
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in {"AccessDeniedException", "AccessDenied"}:
-            log.info("no permission to describe stream %s; assuming the default record limit", stream)
-            return None
-        raise
-    kib = summary.get("MaxRecordSizeInKiB")
-    return int(kib) * 1024 if isinstance(kib, int) and kib > 0 else None

@@ -1,14 +1,22 @@
 """Kinesis sink: records in, settlements out.
 
+This module is the sink's API and its worker threads. What the workers do next is decided by
+``gateway.sink.scheduler`` (pure, under this module's lock), what a response means by
+``gateway.sink.retry``, what is wrong with which stream by ``gateway.sink.health``, and which
+client a stream's requests go with by ``gateway.sink.clients``.
+
 Invariants owned here:
-- Every record handed to `put` is settled exactly once through `on_settled`, as PUT or
-  Failed, or is still counted in `pending_records`: nothing leaves silently. A record is
+- Every record handed to ``put`` is settled exactly once through ``on_settled``, as PUT or
+  Failed, or is still counted in ``pending_records``: nothing leaves silently. A record is
   Failed only when it can never be sent (permanent) or its delivery budget ran out; a
   configuration error (AccessDenied, missing stream, KMS) holds records, it never drops them.
-- `put` runs on the MQTT network thread: it takes one lock per call, checks limits, appends,
-  and never touches the network. Requests are made by `max_in_flight` worker threads.
+- ``put`` runs on the MQTT network thread: it takes one lock per call, checks the size, appends,
+  and never touches the network. Requests are made by ``max_in_flight`` worker threads.
 - The request rate is bounded by backoff while failing: a stream whose request failed as a
   whole is paused, and entries that failed inside a response wait out their own backoff.
+- An exception from ``on_settled`` is never swallowed: it is counted, the first is logged in one
+  line, and the sink reports itself dead (``alive`` False), so liveness fails and the process
+  restarts; later settlements are still handed over meanwhile.
 """
 
 from __future__ import annotations
@@ -18,50 +26,25 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from gateway.model import PUT, Failed, Settlement, stream_target
+from gateway.model import Record, Settlement, stream_target
+from gateway.settings.settings import SinkConfig
 from gateway.sink import kpl
-from gateway.sink.batching import Entry, Outcome, StreamState, check_record, find_job
-from gateway.sink.retry import Retry, Rng, Verdict, classify, settle_response
+from gateway.sink.batching import SettlementBatch, StreamState
+from gateway.sink.clients import RegionalClients
+from gateway.sink.health import StreamHealth, check_stream
+from gateway.sink.retry import Retry, Rng, classify, settle_response
+from gateway.sink.scheduler import Aggregate, CheckStream, Job, LoadShardMap, Refuse, Scheduler, Send
 
-if TYPE_CHECKING:
-    from gateway.model import Record
-
-__all__ = ["KinesisSink", "SinkConfig", "SinkMetrics"]
+__all__ = ["KinesisSink", "OnSettled", "SinkMetrics"]
 
 log = logging.getLogger(__name__)
 
-OnSettled = Callable[[list[tuple[Any, Settlement]]], None]
+T = TypeVar("T")
 
-
-@dataclass(frozen=True)
-class SinkConfig:
-    """Batching and retry tunables; defaults are the PutRecords limits and KPL-like timings."""
-
-    max_batch_records: int = 500
-    max_batch_bytes: int = 5 * 1024 * 1024
-    max_record_bytes: int = 1024 * 1024
-    linger_s: float = 0.05
-    max_in_flight: int = 4
-    backoff_base_s: float = 0.1
-    backoff_cap_s: float = 10.0
-    record_ttl_s: float = 0.0
-    aggregate_routes: frozenset[str] = field(default_factory=frozenset)
-    aggregation_max_bytes: int = 51200
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_batch_records <= 500:
-            raise ValueError("max_batch_records: must be 1..500")
-        if self.max_record_bytes < 1 or self.max_batch_bytes < self.max_record_bytes:
-            raise ValueError("max_batch_bytes: must be >= max_record_bytes >= 1")
-        if self.max_in_flight < 1:
-            raise ValueError("max_in_flight: must be >= 1")
-        if self.linger_s < 0 or self.backoff_base_s <= 0 or self.backoff_cap_s < self.backoff_base_s:
-            raise ValueError("linger_s >= 0 and 0 < backoff_base_s <= backoff_cap_s required")
+OnSettled = Callable[[list[tuple[T, Settlement]]], None]
+"""Receives settlements in bulk, on a sink thread; it must not raise."""
 
 
 class SinkMetrics(Protocol):
@@ -71,51 +54,52 @@ class SinkMetrics(Protocol):
     def records_failed(self, route: str, stream: str, reason: str, n: int) -> None: ...
     def records_retried(self, stream: str, n: int) -> None: ...
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None: ...
+    def callback_error(self) -> None: ...
 
 
-class KinesisSink:
-    """Batches records per stream into PutRecords requests and reports every outcome."""
+class KinesisSink(Generic[T]):
+    """Batches records per stream into PutRecords requests and reports every outcome.
+
+    ``T`` is the caller's token: it travels with its record and comes back with the settlement.
+    ``clients`` gives each stream its client (by region); ``aggregate_routes`` names the routes
+    whose records are KPL-aggregated. Both follow the route table: on reload, call
+    ``set_aggregate_routes`` and ``check_streams``.
+    """
 
     def __init__(
         self,
-        client: Any,
+        clients: RegionalClients,
         config: SinkConfig,
-        on_settled: OnSettled,
+        on_settled: OnSettled[T],
         metrics: SinkMetrics | None = None,
         *,
+        aggregate_routes: Iterable[str] = (),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Rng | None = None,
     ) -> None:
-        self._client = client
+        self._clients = clients
         self._config = config
         self._on_settled = on_settled
         self._metrics = metrics
         self._clock = clock
         self._sleep = sleep  # only used by drain() when no worker threads run (tests, tools)
-        self._rng: Rng = rng if rng is not None else random.Random()
-        self._retry = Retry(
-            config.backoff_base_s, config.backoff_cap_s, config.record_ttl_s, config.linger_s, self._rng
-        )
+        self._retry = Retry(config.backoff_base_s, config.backoff_cap_s, config.record_ttl_s, config.linger_s,
+                            rng if rng is not None else random.Random())
         self._cond = threading.Condition(threading.Lock())
-        self._streams: dict[str, StreamState] = {}
-        self._order: list[StreamState] = []
-        self._rr = 0
-        self._rejected: list[tuple[Entry, Failed, str]] = []
+        self._scheduler: Scheduler[T] = Scheduler(
+            linger_s=config.linger_s, max_records=config.max_batch_records, max_bytes=config.max_batch_bytes,
+            max_record_bytes=config.max_record_bytes, aggregate_routes=aggregate_routes)
         self._pending = 0
-        self._force = 0
         self._drainers = 0
         # One idle worker at a time waits with a timeout (the linger or backoff deadline); the
         # others wait for a notify. Otherwise every worker wakes at every deadline, and at low
         # rates those wake-ups cost more CPU than the requests.
         self._timer_at: float | None = None
-        self._urgent = False
-        self._sending = 0             # PutRecords requests in flight
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._trouble: dict[str, str] = {}
-        self._last_error: str | None = None
-        self._agg_routes = frozenset(config.aggregate_routes)
+        self._health = StreamHealth(config.backoff_cap_s)
+        self._callback_failure: str | None = None  # set once on_settled raised: the sink is dead
 
     # ---- public surface -------------------------------------------------------------------
 
@@ -126,56 +110,59 @@ class KinesisSink:
 
     @property
     def healthy(self) -> bool:
-        """False while any stream is held on a configuration error or keeps failing."""
-        return not self._trouble
+        """False while any stream has a problem (see ``stream_problems``) or the sink is dead."""
+        if self._callback_failure is not None:
+            return False
+        with self._cond:
+            return not self._health.problems()
 
     @property
     def alive(self) -> bool:
-        """Liveness: every started worker thread still runs (independent of Kinesis itself)."""
+        """Liveness: every started worker thread still runs (independent of Kinesis itself), and
+        ``on_settled`` never raised: after that, acks may be stuck, and only a restart (the broker
+        redelivers what was not acked) is sure to unstick them."""
+        if self._callback_failure is not None:
+            return False
         return self._closed or all(thread.is_alive() for thread in self._threads)
 
     @property
     def last_error(self) -> str | None:
         """Why the sink is unhealthy (one line), or None when healthy."""
-        return self._last_error
+        if self._callback_failure is not None:
+            return self._callback_failure
+        with self._cond:
+            problems = self._health.problems()
+        stream = min(problems, default=None)
+        return None if stream is None else f"stream {stream}: {problems[stream]}"
+
+    def stream_problems(self) -> dict[str, str]:
+        """Stream -> what is wrong with it (one line: error code and detail, or ``not checked
+        yet``); empty when every stream is fine. This is the sink's part of readiness."""
+        with self._cond:
+            return self._health.problems()
+
+    def check_streams(self, streams: Iterable[str]) -> None:
+        """Check these streams (every stream of the route table, dead letters included) with
+        DescribeStreamSummary, and check a failing one again until it works. Call at start-up and
+        after each reload, off the MQTT thread: it first makes the clients of new regions."""
+        streams = frozenset(streams)
+        self._clients.prepare(streams)
+        with self._cond:
+            self._health.watch(streams)
+            self._scheduler.check(streams, self._clock())
+            self._cond.notify()
 
     def set_aggregate_routes(self, routes: Iterable[str]) -> None:
         """Choose which routes' records are KPL-aggregated (called on route-table reload)."""
         with self._cond:
-            self._agg_routes = frozenset(routes)
+            self._scheduler.set_aggregate_routes(routes)
 
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None:
+    def put(self, entries: Sequence[tuple[Record, T]]) -> None:
         """Accept records for delivery; cheap, thread-safe, never blocks on the network."""
-        cfg = self._config
-        max_record, max_records, max_bytes = cfg.max_record_bytes, cfg.max_batch_records, cfg.max_batch_bytes
         now = self._clock()
-        wake = False
         with self._cond:
-            agg_routes = self._agg_routes
-            streams = self._streams
-            for record, token in entries:
-                pk, data, stream = record.partition_key, record.data, record.stream
-                size, problem = check_record(pk, data, record.explicit_hash_key, max_record)
-                entry = Entry(pk, data, record.explicit_hash_key, size, record.route, token, now)
-                self._pending += 1
-                if problem is not None:
-                    self._rejected.append((entry, problem, stream))
-                    wake = True
-                    continue
-                s = streams.get(stream)
-                if s is None:
-                    s = self._add_stream(stream)
-                if agg_routes and record.route in agg_routes:
-                    wake = wake or not s.agg
-                    s.agg.append(entry)
-                    s.agg_bytes += size
-                    wake = wake or s.agg_bytes >= max_bytes
-                else:
-                    wake = wake or not s.pending
-                    s.pending.append(entry)
-                    s.pending_bytes += size
-                    wake = wake or len(s.pending) >= max_records or s.pending_bytes >= max_bytes
-            if wake:
+            self._pending += len(entries)
+            if self._scheduler.accept(entries, now):
                 self._cond.notify()
 
     def send_now(self) -> None:
@@ -184,7 +171,7 @@ class KinesisSink:
         sent, and with nothing in flight to free the backlog, waiting would only stall. (With
         requests in flight, their answers free it, and batches keep filling up.)"""
         with self._cond:
-            self._urgent = True
+            self._scheduler.send_now()
             self._cond.notify()
 
     def start(self) -> None:
@@ -208,7 +195,7 @@ class KinesisSink:
             job, _ = self._next_job(block=False)
             if job is None:
                 return sent
-            sent += job[0] == "send"
+            sent += isinstance(job, Send)
             self._run(job)
 
     def drain(self, deadline_s: float) -> bool:
@@ -216,7 +203,7 @@ class KinesisSink:
         settlements; True when nothing is left. What is unsettled stays unacked upstream."""
         end = self._clock() + deadline_s
         with self._cond:
-            self._force += 1
+            self._scheduler.begin_drain()
             self._drainers += 1
             self._cond.notify_all()
         try:
@@ -231,7 +218,7 @@ class KinesisSink:
                 return True
         finally:
             with self._cond:
-                self._force -= 1
+                self._scheduler.end_drain()
                 self._drainers -= 1
 
     def close(self, timeout_s: float = 1.0) -> None:
@@ -243,13 +230,7 @@ class KinesisSink:
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
 
-    # ---- scheduling -----------------------------------------------------------------------
-
-    def _add_stream(self, name: str) -> StreamState:
-        s = StreamState(name)
-        self._streams[name] = s
-        self._order.append(s)
-        return s
+    # ---- workers --------------------------------------------------------------------------
 
     def _worker(self) -> None:
         while True:
@@ -274,27 +255,16 @@ class KinesisSink:
                 return False
             self._sleep(max(0.0, min(end, wake if wake is not None else end) - now))
 
-    def _next_job(self, block: bool) -> tuple[tuple | None, float | None]:
+    def _next_job(self, block: bool) -> tuple[Job[T] | None, float | None]:
         """Pick the next due job under the lock; with block, wait until one is due."""
-        cfg = self._config
+        scheduler = self._scheduler
         with self._cond:
             while True:
                 if self._closed and block:
                     return None, None
-                if self._rejected:
-                    rejected, self._rejected = self._rejected, []
-                    return ("rejected", rejected), None
-                job, self._rr, wake = find_job(
-                    self._order, self._rr, self._clock(), cfg.linger_s,
-                    cfg.max_batch_records, cfg.max_batch_bytes,
-                    self._force > 0 or (self._urgent and self._sending == 0),
-                )
-                if job is None:
-                    self._urgent = self._urgent and self._sending > 0
-                elif job[0] == "send":
-                    self._sending += 1
+                job, wake = scheduler.next_job(self._clock())
                 if job is not None or not block:
-                    if job is not None and self._timer_at is None and self._queued():
+                    if job is not None and self._timer_at is None and scheduler.has_work():
                         self._cond.notify()   # hand the timer to an idle worker
                     return job, wake
                 if wake is None or (self._timer_at is not None and self._timer_at <= wake):
@@ -305,109 +275,101 @@ class KinesisSink:
                 if self._timer_at == wake:
                     self._timer_at = None
 
-    def _queued(self) -> bool:
-        """Work waits that some worker must wake for (under the lock)."""
-        return any(s.pending or s.agg or s.delayed or s.splits for s in self._order)
-
-    def _run(self, job: tuple) -> None:
-        kind = job[0]
-        if kind == "send":
-            try:
-                self._send(job[1], job[2])
-            finally:
-                with self._cond:
-                    self._sending -= 1
-        elif kind == "rejected":
-            out = Outcome()
-            for entry, failed, _ in job[1]:
-                out.add(entry, failed)
-            self._finish(None, out, job[1])
-        elif kind == "map":
-            self._load_shard_map(job[1])
-        elif kind == "aggregate":
-            s = job[1]
-            max_bytes = min(self._config.aggregation_max_bytes, self._config.max_record_bytes)
-            try:
-                entries = kpl.aggregate(job[2], s.shard_map, max_bytes)
-            except Exception:  # never strand user records: send them unaggregated instead
-                log.exception("kinesis stream %s: aggregation failed; sending records plain", s.name)
-                entries = job[2]
+    def _run(self, job: Job[T]) -> None:
+        try:
+            if isinstance(job, Send):
+                self._send(job.stream, job)
+            elif isinstance(job, Refuse):
+                out: SettlementBatch[T] = SettlementBatch()
+                for entry, failed, _ in job.refused:
+                    out.add(entry, failed)
+                self._finish(None, out, job)
+            elif isinstance(job, LoadShardMap):
+                self._load_shard_map(job.stream)
+            elif isinstance(job, Aggregate):
+                self._aggregate(job)
+            elif isinstance(job, CheckStream):
+                self._check(job.stream)
+        finally:
             with self._cond:
-                s.requeue_front(entries, self._clock() - self._config.linger_s)
+                self._scheduler.done(job)
+
+    def _aggregate(self, job: Aggregate[T]) -> None:
+        s = job.stream
+        max_bytes = min(self._config.aggregation_max_bytes, self._config.max_record_bytes)
+        try:
+            entries = kpl.aggregate(job.records, s.shard_map, max_bytes)
+        except Exception:  # never strand user records: send them unaggregated instead
+            log.exception("kinesis stream %s: aggregation failed; sending records plain", s.name)
+            entries = job.records
+        with self._cond:
+            self._scheduler.requeue(s, entries, self._clock())
+            self._cond.notify()
+
+    def _check(self, stream: str) -> None:
+        result = check_stream(self._clients.for_stream(stream), stream)
+        endpoint = self._clients.endpoint(stream) if result.problem is not None or result.denied else ""
+        with self._cond:
+            now = self._clock()
+            self._scheduler.checked(stream, result.problem is None, now)
+            if self._health.checked(stream, result, endpoint):
+                self._scheduler.resume(stream, now)
                 self._cond.notify()
 
-    def _load_shard_map(self, s: StreamState) -> None:
+    def _load_shard_map(self, s: StreamState[T]) -> None:
+        shard_map: kpl.ShardMap | None
         try:
-            shard_map = kpl.load_shard_map(self._client, s.name)
+            shard_map = kpl.load_shard_map(self._clients.for_stream(s.name), s.name)
         except Exception as exc:  # fall back to one hash key per aggregate: always correct
-            log.warning(
-                "kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1]
-            )
+            log.warning("kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1])
             shard_map = None
         with self._cond:
-            s.shard_map, s.map_stale, s.map_loading = shard_map, False, False
+            self._scheduler.shard_map_loaded(s, shard_map)
             self._cond.notify_all()
 
     # ---- requests and responses -----------------------------------------------------------
 
-    def _send(self, s: StreamState, batch: list[Entry]) -> None:
+    def _send(self, s: StreamState[T], job: Send[T]) -> None:
+        batch = job.batch
         request: dict[str, Any] = {**stream_target(s.name), "Records": [entry.request_entry() for entry in batch]}
         started = self._clock()
         response: Any = None
         error: BaseException | None = None
         try:
-            response = self._client.put_records(**request)
+            response = self._clients.for_stream(s.name).put_records(**request)
         except Exception as exc:
             error = exc
         with self._cond:
             out, verdict = settle_response(s, batch, response, error, self._clock(), self._retry)
-            if verdict is not None:
-                self._health(s, verdict)
+            if verdict is not None and self._health.request_verdict(s.name, verdict, s.failures) and verdict.ok:
+                self._scheduler.stop_checking(s.name)
         if self._metrics is not None:
             self._metrics.batch_sent(s.name, len(batch), self._clock() - started)
         self._finish(s.name, out, None)
 
-    def _health(self, s: StreamState, verdict: Verdict) -> None:
-        """Track trouble per stream; log only when a stream's state changes."""
-        if verdict.ok:
-            if self._trouble.pop(s.name, None) is not None:
-                log.info("kinesis stream %s: requests succeed again", s.name)
-                if not self._trouble:
-                    self._last_error = None
-            return
-        if self._trouble.get(s.name) == verdict.code:
-            return
-        self._trouble[s.name] = verdict.code
-        detail = " ".join(str(verdict.error).split())[:300]
-        self._last_error = f"stream {s.name}: {verdict.code}: {detail}"
-        if verdict.held:
-            log.error(
-                "kinesis stream %s: %s; holding records and retrying every %gs: %s",
-                s.name, verdict.code, self._config.backoff_cap_s, detail,
-                exc_info=None if isinstance(verdict.error, (ClientError, BotoCoreError)) else verdict.error,
-            )
-        else:
-            log.warning(
-                "kinesis stream %s: %s, %d failures in a row; retrying", s.name, verdict.code, s.failures
-            )
-
-    def _finish(self, stream: str | None, out: Outcome, rejected: list | None) -> None:
+    def _finish(self, stream: str | None, out: SettlementBatch[T], refused: Refuse[T] | None) -> None:
         """Deliver settlements and metrics outside the lock, then release the pending count."""
+        metrics = self._metrics
         if out.settled:
             try:
                 self._on_settled(out.settled)
-            except Exception:
-                log.exception("on_settled callback failed")
-        metrics = self._metrics
+            except Exception as exc:  # never silently: count it, log the first, fail liveness
+                if metrics is not None:
+                    metrics.callback_error()
+                if self._callback_failure is None:
+                    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                    self._callback_failure = f"settlement callback failed: {detail}"
+                    log.error("kinesis sink: %s; the sink reports itself dead so that the process restarts",
+                              self._callback_failure)
         if metrics is not None:
-            if rejected is not None:
-                for entry, failed, name in rejected:
+            if refused is not None:
+                for entry, failed, name in refused.refused:
                     metrics.records_failed(entry.route, name, failed.code, 1)
             elif stream is not None:
                 for route, n in out.put.items():
                     metrics.records_put(route, stream, n)
-                for (route, reason), n in out.failed.items():
-                    metrics.records_failed(route, stream, reason, n)
+                for (route, code), n in out.failed.items():
+                    metrics.records_failed(route, stream, code, n)
                 if out.retried:
                     metrics.records_retried(stream, out.retried)
         if out.count:

@@ -20,12 +20,14 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from gateway.model import stream_target
 from gateway.sink.batching import Entry
 
-__all__ = ["MAGIC", "ShardMap", "aggregate", "encode_aggregate", "hash_key", "load_shard_map"]
+__all__ = ["MAGIC", "ShardLister", "ShardMap", "aggregate", "encode_aggregate", "hash_key", "load_shard_map"]
+
+T = TypeVar("T")
 
 MAGIC = b"\xf3\x89\x9a\xc2"
 _DIGEST_BYTES = 16
@@ -71,7 +73,13 @@ class ShardMap:
         return None
 
 
-def load_shard_map(client: Any, stream: str) -> ShardMap:
+class ShardLister(Protocol):
+    """The one client call a shard map needs."""
+
+    def list_shards(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+def load_shard_map(client: ShardLister, stream: str) -> ShardMap:
     """Read the open shards with ListShards (paginated); closed parents take no writes."""
     kwargs: dict[str, Any] = stream_target(stream)
     shards: list[dict[str, Any]] = []
@@ -113,22 +121,22 @@ def encode_aggregate(
     return body_and_magic + hashlib.md5(memoryview(body_and_magic)[len(MAGIC):]).digest()
 
 
-class _Builder:
+class _Builder(Generic[T]):
     """Accumulates user records for one aggregate, tracking its exact encoded size."""
 
-    __slots__ = ("pks", "ehks", "rows", "entries", "body", "outer_key_bytes", "hash", "shard")
+    __slots__ = ("body", "ehks", "entries", "hash", "outer_key_bytes", "pks", "rows", "shard")
 
-    def __init__(self, first: Entry, h: int, shard: str | None) -> None:
+    def __init__(self, first: Entry[T], h: int, shard: str | None) -> None:
         self.pks: dict[str, int] = {}
         self.ehks: dict[str, int] = {}
         self.rows: list[tuple[int, int | None, bytes]] = []
-        self.entries: list[Entry] = []
+        self.entries: list[Entry[T]] = []
         self.body = 0
         self.outer_key_bytes = len(first.pk.encode("utf-8"))
         self.hash = h
         self.shard = shard
 
-    def cost(self, entry: Entry) -> int:
+    def cost(self, entry: Entry[T]) -> int:
         """Bytes the protobuf body grows by when `entry` is added."""
         added = 0
         pk_index = self.pks.get(entry.pk)
@@ -149,14 +157,14 @@ class _Builder:
         """What Kinesis counts: aggregate bytes plus the outer partition key."""
         return _OVERHEAD + self.body + extra_body + self.outer_key_bytes
 
-    def add(self, entry: Entry, cost: int) -> None:
+    def add(self, entry: Entry[T], cost: int) -> None:
         pk_index = self.pks.setdefault(entry.pk, len(self.pks))
         ehk_index = None if entry.ehk is None else self.ehks.setdefault(entry.ehk, len(self.ehks))
         self.rows.append((pk_index, ehk_index, entry.data))
         self.entries.append(entry)
         self.body += cost
 
-    def finish(self) -> Entry:
+    def finish(self) -> Entry[T]:
         if len(self.entries) == 1:
             return self.entries[0]  # an aggregate of one is just overhead: send it plain
         first = self.entries[0]
@@ -167,29 +175,29 @@ class _Builder:
             str(self.hash),
             len(data) + self.outer_key_bytes,
             first.route,
-            None,
+            first.token,
             min(e.born for e in self.entries),
             members=[(e.route, e.token) for e in self.entries],
             shard=self.shard,
         )
 
 
-def aggregate(entries: Sequence[Entry], shard_map: ShardMap | None, max_bytes: int) -> list[Entry]:
+def aggregate(entries: Sequence[Entry[T]], shard_map: ShardMap | None, max_bytes: int) -> list[Entry[T]]:
     """Pack user records into aggregates of at most max_bytes, one group per shard.
 
     Each aggregate takes its first record's partition key as the outer key and that record's
     hash key as ExplicitHashKey, which lies in the shard all its members hash to. A record too
     large to share an aggregate is passed through plain.
     """
-    groups: dict[Any, list[tuple[Entry, int]]] = {}
+    groups: dict[str | int, list[tuple[Entry[T], int]]] = {}
     for entry in entries:
         h = int(entry.ehk) if entry.ehk is not None else hash_key(entry.pk)
         shard = shard_map.shard_for(h) if shard_map is not None else None
         groups.setdefault(shard if shard is not None else h, []).append((entry, h))
-    out: list[Entry] = []
+    out: list[Entry[T]] = []
     for key, items in groups.items():
         shard = key if isinstance(key, str) else None
-        builder: _Builder | None = None
+        builder: _Builder[T] | None = None
         for entry, h in items:
             if builder is not None:
                 cost = builder.cost(entry)

@@ -1,6 +1,6 @@
 """What to do when a PutRecords request fails, and how long to wait before trying again.
 
-botocore's own retries are only a first layer (reliability.md §4): it never retries partial
+botocore's own retries are only a first layer (docs/delivery.md): it never retries partial
 failures, gives up on KMSThrottlingException at once, and stops retrying when its quota bucket
 runs dry. Everything botocore raises therefore lands here and is sorted into one of three
 actions. Nothing in this module drops data: the worst a failure can earn is HOLD, which keeps
@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     CredentialRetrievalError,
     HTTPClientError,
     NoCredentialsError,
     NoRegionError,
     PartialCredentialsError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
-from gateway.model import Failed, PUT
-from gateway.sink.batching import Entry, Outcome, StreamState
+from gateway.model import PUT, Failed
+from gateway.sink.batching import Entry, SettlementBatch, StreamState
 
 __all__ = [
     "EXPIRED",
@@ -38,6 +40,8 @@ __all__ = [
     "classify",
     "settle_response",
 ]
+
+T = TypeVar("T")
 
 EXPIRED = Failed("delivery time budget exceeded", permanent=False, code="ttl_exceeded")
 # A stream whose requests fail as a whole this many times in a row is reported unhealthy.
@@ -165,20 +169,22 @@ _OK = Verdict(ok=True)
 
 
 def settle_response(
-    s: StreamState,
-    batch: list[Entry],
+    s: StreamState[T],
+    batch: list[Entry[T]],
     response: Any,
     error: BaseException | None,
     now: float,
     retry: Retry,
-) -> tuple[Outcome, Verdict | None]:
+) -> tuple[SettlementBatch[T], Verdict | None]:
     """Apply one PutRecords result to the stream: settle what is done, requeue the rest.
 
-    Partial failures requeue only the failed entries, each after its own backoff; a whole
+    Partial failures requeue only the failed entries, each after its own backoff (an entry
+    fails unless it carries a SequenceNumber and no ErrorCode, whatever FailedRecordCount says;
+    real Kinesis always sends the count, but a wrong guess here would ack unwritten data); a whole
     request that failed pauses the stream (backoff, or the cap while held) and puts the batch
     back at the front; an invalid request is split in halves until the bad entry is alone.
     """
-    out = Outcome()
+    out: SettlementBatch[T] = SettlementBatch()
     results = response.get("Records") if isinstance(response, dict) else None
     if error is None and not (
         isinstance(results, list)
@@ -187,11 +193,13 @@ def settle_response(
     ):
         error = RuntimeError("malformed PutRecords response")
     if error is None:
+        assert isinstance(results, list)  # checked just above
         s.failures = 0
-        retried: list[Entry] = []
-        check = response.get("FailedRecordCount")
-        for entry, result in zip(batch, results):
-            if check and result.get("ErrorCode"):
+        retried: list[Entry[T]] = []
+        # Each entry settles by its own result, never by FailedRecordCount: an entry is held by
+        # Kinesis only when it has a SequenceNumber and no ErrorCode; anything else is retried.
+        for entry, result in zip(batch, results, strict=True):
+            if result.get("ErrorCode") or not result.get("SequenceNumber"):
                 retried.append(entry)
                 continue
             if entry.shard is not None and result.get("ShardId") not in (None, entry.shard):
@@ -222,9 +230,9 @@ def settle_response(
     return out, None
 
 
-def _expire(entries: list[Entry], now: float, ttl_s: float, out: Outcome) -> list[Entry]:
+def _expire(entries: list[Entry[T]], now: float, ttl_s: float, out: SettlementBatch[T]) -> list[Entry[T]]:
     """Count an attempt on each entry; fail those past the delivery budget, keep the rest."""
-    keep = []
+    keep: list[Entry[T]] = []
     for entry in entries:
         entry.attempts += 1
         if ttl_s > 0 and now - entry.born > ttl_s:

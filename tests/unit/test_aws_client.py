@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 from botocore.credentials import DeferredRefreshableCredentials
-from botocore.exceptions import ClientError
 from botocore.validate import ParamValidationDecorator
 from moto import mock_aws
 
-from gateway.sink.aws import describe_max_record_bytes, make_kinesis_client
+from gateway.sink.aws import make_kinesis_client
+from gateway.sink.clients import RegionalClients
 
 ROLE = "arn:aws:iam::123456789012:role/gateway"
 
@@ -55,27 +55,8 @@ def test_assumed_role_uses_refreshable_credentials_and_works(aws_env: None) -> N
         assert client.list_streams()["StreamNames"] == ["s"]
 
 
-def test_max_record_bytes_is_read_from_the_stream_summary(aws_env: None) -> None:
-    class Summary:
-        def describe_stream_summary(self, **kwargs: str) -> dict:
-            assert kwargs == {"StreamARN": "arn:aws:kinesis:us-east-1:1:stream/s"}
-            return {"StreamDescriptionSummary": {"MaxRecordSizeInKiB": 2048}}
-
-    assert describe_max_record_bytes(Summary(), "arn:aws:kinesis:us-east-1:1:stream/s") == 2048 * 1024
-
-
-def test_max_record_bytes_is_none_without_permission(aws_env: None) -> None:
-    class Denied:
-        def describe_stream_summary(self, **kwargs: str) -> dict:
-            error = {"Error": {"Code": "AccessDeniedException", "Message": "no"}}
-            raise ClientError(error, "DescribeStreamSummary")
-
-    assert describe_max_record_bytes(Denied(), "s") is None
-
-
-def test_max_record_bytes_against_moto(aws_env: None) -> None:
-    with mock_aws():
-        client = make_kinesis_client("us-east-1")
-        client.create_stream(StreamName="s", ShardCount=1)
-        value = describe_max_record_bytes(client, "s")
-        assert value is None or value >= 1024 * 1024
+def test_a_stream_arn_gets_a_client_of_its_own_region(aws_env: None) -> None:
+    clients = RegionalClients(lambda region: make_kinesis_client(region), default_region="us-east-1")
+    mumbai = clients.for_stream("arn:aws:kinesis:ap-south-1:123456789012:stream/telemetry")
+    assert mumbai.meta.region_name == "ap-south-1"
+    assert clients.for_stream("telemetry").meta.region_name == "us-east-1"

@@ -338,26 +338,29 @@ def _streams_of(statement: dict[str, Any]) -> set[str]:
     return {arn.rsplit("/", 1)[1] for arn in arns}
 
 
-def test_iam_policy_grants_only_put_on_exactly_the_routed_streams() -> None:
+def test_iam_policy_grants_only_put_and_the_stream_check_on_exactly_the_routed_streams() -> None:
     table = _routes_table()
     routed = {r.stream.rsplit("/", 1)[-1] for r in table.routes}
     routed |= {r.dead_letter.target.rsplit("/", 1)[-1]
                for r in table.routes if r.dead_letter and r.dead_letter.kind == "kinesis"}
-    (statement,) = _statements(IAM / "policy.json")
-    assert statement["Effect"] == "Allow"
-    assert sorted(statement["Action"]) == ["kinesis:PutRecord", "kinesis:PutRecords"]
-    assert _streams_of(statement) == routed
+    statements = {s["Sid"]: s for s in _statements(IAM / "policy.json")}
+    assert set(statements) == {"WriteRoutedStreams", "CheckRoutedStreams"}
+    write, check = statements["WriteRoutedStreams"], statements["CheckRoutedStreams"]
+    assert write["Effect"] == check["Effect"] == "Allow"
+    assert sorted(write["Action"]) == ["kinesis:PutRecord", "kinesis:PutRecords"]
+    # the sink checks every stream of the route table at start-up and after each reload (readiness)
+    assert check["Action"] == ["kinesis:DescribeStreamSummary"]
+    assert _streams_of(write) == _streams_of(check) == routed
 
 
 def test_optional_iam_statements_stay_within_the_routed_streams() -> None:
-    (base,) = _statements(IAM / "policy.json")
+    base = {s["Sid"]: s for s in _statements(IAM / "policy.json")}["WriteRoutedStreams"]
     optional = {s["Sid"]: s for s in _statements(IAM / "policy-optional.json")}
     for sid, statement in optional.items():
         assert "*" not in json.dumps(statement["Action"]) + json.dumps(statement["Resource"]), sid
+    assert set(optional) == {"ShardMapForAggregatedStreams", "EncryptWithCustomerManagedKey"}
     assert optional["ShardMapForAggregatedStreams"]["Action"] == ["kinesis:ListShards"]
     assert _streams_of(optional["ShardMapForAggregatedStreams"]) <= _streams_of(base)
-    assert optional["OnlineStreamChecks"]["Action"] == ["kinesis:DescribeStreamSummary"]
-    assert _streams_of(optional["OnlineStreamChecks"]) == _streams_of(base)
 
 
 def test_trust_policies_admit_only_the_gateway() -> None:
@@ -371,7 +374,7 @@ def test_trust_policies_admit_only_the_gateway() -> None:
     (assume,) = _statements(IAM / "trust-policy-assume-role.json")
     assert assume["Action"] == "sts:AssumeRole"
     pattern = assume["Condition"]["StringLike"]["sts:RoleSessionName"]
-    assert fnmatch.fnmatchcase(_default_settings().kinesis.session_name, pattern)
+    assert fnmatch.fnmatchcase(_default_settings().aws.session_name, pattern)
 
 
 # --------------------------------------------------------------------------- dashboard and alerts

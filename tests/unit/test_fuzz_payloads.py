@@ -37,7 +37,9 @@ from gateway.routefile.loader import load_routes_text
 from gateway.pipeline import Pipeline
 from gateway.model import Message, Record, Rejected
 from gateway.routing.table import RouteTable
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.settings.settings import SinkConfig
+from gateway.sink.clients import RegionalClients
+from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
 
 MIB = 1024 * 1024
@@ -238,7 +240,8 @@ def run_and_check(table: RouteTable, catcher: TracebackCatcher,
     acks = AckTracker(lambda mid, qos: acked.append((mid, qos)))
     metrics = CountingMetrics()
     holder: dict[str, Pipeline] = {}
-    sink = KinesisSink(kinesis, SinkConfig(linger_s=0.05, backoff_base_s=0.1, backoff_cap_s=1.0),
+    sink = KinesisSink(RegionalClients.sharing(kinesis),
+                       SinkConfig(linger_s=0.05, backoff_base_s=0.1, backoff_cap_s=1.0),
                        on_settled=lambda results: holder["p"].settled(results), metrics=metrics,
                        clock=clock.now, sleep=clock.sleep, rng=random.Random(seed))
     mqtt_dlq = MqttDeadLetters()

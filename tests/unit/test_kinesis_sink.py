@@ -7,12 +7,16 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from gateway.model import Record
-from gateway.model import Failed, PUT
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.model import PUT, Failed, Message, Record, Rejected
+from gateway.routing.expressions import compile_expression as expr
+from gateway.routing.table import Route, RouteTable
+from gateway.settings.settings import SinkConfig
+from gateway.sink.clients import RegionalClients
+from gateway.sink.kinesis import KinesisSink
 from gateway.sink.retry import Action, classify
 
 MiB = 1024 * 1024
@@ -94,15 +98,16 @@ def rec(
 
 
 class Harness:
-    def __init__(self, client: Any, **config: Any) -> None:
+    def __init__(self, client: Any, aggregate_routes: frozenset[str] = frozenset(), **config: Any) -> None:
         self.clock = FakeClock()
         self.rng = MaxRng()
         self.calls: list[list[tuple[Any, Any]]] = []
         self.client = client
         self.sink = KinesisSink(
-            client,
+            RegionalClients.sharing(client),
             SinkConfig(**config),
             self.calls.append,
+            aggregate_routes=aggregate_routes,
             clock=self.clock,
             sleep=self.clock.sleep,
             rng=self.rng,
@@ -162,20 +167,37 @@ def test_record_exactly_at_1_mib_counting_utf8_key_is_sent_and_one_more_byte_fai
 
 
 @pytest.mark.parametrize(
-    ("record", "reason"),
+    ("key", "hash_key", "code"),
     [
-        (rec(pk="k" * 257), "invalid partition key"),
-        (rec(pk=""), "invalid partition key"),
-        (rec(ehk=str(2**128)), "invalid explicit hash key"),
-        (rec(ehk="-1"), "invalid explicit hash key"),
-        (rec(ehk="12a"), "invalid explicit hash key"),
+        ("k" * 257, None, "key_too_long"),
+        ("", None, "key_empty"),
+        ("k", str(2**128), "hash_key"),
+        ("k", "-1", "hash_key"),
+        ("k", "12a", "hash_key"),
     ],
 )
-def test_unsendable_record_fails_permanently_and_never_joins_a_batch(record: Record, reason: str) -> None:
+def test_the_router_rejects_keys_kinesis_refuses_so_none_reaches_a_batch(
+    key: str, hash_key: str | None, code: str
+) -> None:
+    """The sink trusts a Record (gateway/model.py): keys and hash keys are the router's to check."""
+    route = Route("r", ("#",), "s", expr("k"), explicit_hash_key=expr("h") if hash_key is not None else None)
+    (outcome,) = RouteTable((route,)).route(Message("t", orjson.dumps({"k": key, "h": hash_key}), 1, 0))
+    assert isinstance(outcome, Rejected) and outcome.code == code
+
+
+def test_keys_and_hash_keys_at_their_limits_are_sent_with_their_neighbours() -> None:
     h = Harness(FakeKinesis())
-    h.put([rec(b"good1"), record, rec(b"good2", pk="k" * 256, ehk=str(2**128 - 1))])
+    h.put([rec(b"good1"), rec(b"good2", pk="k" * 256, ehk=str(2**128 - 1)), rec(b"good3", ehk="0")])
     h.sink.drain(1.0)
-    assert h.outcome() == {0: PUT, 1: Failed(reason, permanent=True), 2: PUT}
+    assert h.outcome() == {0: PUT, 1: PUT, 2: PUT}
+    assert h.client.data_sent() == [[b"good1", b"good2", b"good3"]]
+
+
+def test_oversize_record_fails_permanently_and_never_joins_a_batch() -> None:
+    h = Harness(FakeKinesis(), max_record_bytes=1000, max_batch_bytes=10_000)
+    h.put([rec(b"good1"), rec(b"x" * 1000), rec(b"good2")])
+    h.sink.drain(1.0)
+    assert h.outcome() == {0: PUT, 1: Failed("record too large", permanent=True), 2: PUT}
     assert h.client.data_sent() == [[b"good1", b"good2"]]
 
 
@@ -278,7 +300,7 @@ def test_access_denied_holds_records_unsettled_then_delivers_when_fixed(
 ) -> None:
     denied = client_error("AccessDeniedException", message="not authorized to perform kinesis:PutRecords")
     h = Harness(FakeKinesis(denied, denied, denied), linger_s=0.0, backoff_cap_s=10.0)
-    with caplog.at_level(logging.INFO, logger="gateway.sink.kinesis"):
+    with caplog.at_level(logging.INFO, logger="gateway.sink"):
         h.put([rec(b"a")])
         assert h.sink.step() == 1
         assert not h.sink.healthy and "AccessDeniedException" in (h.sink.last_error or "")
@@ -301,6 +323,30 @@ def test_unknown_exception_holds_instead_of_dropping() -> None:
     assert h.calls == [] and not h.sink.healthy
     assert h.after(10.001) == 1
     assert h.outcome() == {0: PUT}
+
+
+@pytest.mark.parametrize("failed_record_count", [None, 0, 1])
+def test_each_entry_settles_by_its_own_result_whatever_failed_record_count_says(
+    failed_record_count: int | None,
+) -> None:
+    """An entry is PUT only with a SequenceNumber and no ErrorCode; an entry with neither is retried."""
+
+    def respond(request: dict[str, Any]) -> dict[str, Any]:
+        results = [{"SequenceNumber": "1", "ShardId": "shardId-000000000000"},
+                   {"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": "slow down"},
+                   {}]
+        response: dict[str, Any] = {"Records": results}
+        if failed_record_count is not None:
+            response["FailedRecordCount"] = failed_record_count
+        return response
+
+    h = Harness(FakeKinesis(respond), linger_s=0.0)
+    h.put([rec(b"0"), rec(b"1"), rec(b"2")])
+    assert h.sink.step() == 1
+    assert h.outcome() == {0: PUT}
+    assert h.after(1.0) == 1
+    assert h.client.data_sent() == [[b"0", b"1", b"2"], [b"1", b"2"]]
+    assert h.outcome() == {0: PUT, 1: PUT, 2: PUT}
 
 
 def test_malformed_response_holds_the_batch_instead_of_guessing() -> None:
@@ -368,7 +414,7 @@ def test_worker_threads_deliver_concurrent_puts_exactly_once() -> None:
             settled.extend(batch)
 
     config = SinkConfig(linger_s=0.001, max_in_flight=3, backoff_base_s=0.001, backoff_cap_s=0.01)
-    sink = KinesisSink(client, config, on_settled)
+    sink = KinesisSink(RegionalClients.sharing(client), config, on_settled)
     sink.start()
 
     def producer(n: int) -> None:
@@ -401,8 +447,8 @@ def test_lingering_batches_go_out_on_their_own_with_idle_workers_waiting() -> No
         if len(settled) >= 30:
             done.set()
 
-    sink = KinesisSink(client, SinkConfig(linger_s=0.03, max_in_flight=4, backoff_base_s=0.01,
-                                          backoff_cap_s=0.02), on_settled)
+    config = SinkConfig(linger_s=0.03, max_in_flight=4, backoff_base_s=0.01, backoff_cap_s=0.02)
+    sink = KinesisSink(RegionalClients.sharing(client), config, on_settled)
     sink.start()
     try:
         for i in range(30):
@@ -431,17 +477,48 @@ class RecordingMetrics:
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None:
         self.calls.append(("batch", stream, n_records))
 
+    def callback_error(self) -> None:
+        self.calls.append(("callback_error",))
+
+
+def test_a_raising_settlement_callback_is_logged_in_one_line_counted_and_fails_liveness(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = RecordingMetrics()
+    clock = FakeClock()
+    calls: list[int] = []
+
+    def on_settled(batch: list[tuple[Any, Any]]) -> None:
+        calls.append(len(batch))
+        raise RuntimeError("pipeline bug\nsecond line")
+
+    sink = KinesisSink(RegionalClients.sharing(FakeKinesis()), SinkConfig(linger_s=0.0), on_settled, metrics,
+                       clock=clock, sleep=clock.sleep, rng=MaxRng())
+    assert sink.alive
+    with caplog.at_level(logging.INFO, logger="gateway.sink"):
+        sink.put([(rec(b"a"), 1)])
+        assert sink.drain(1.0)
+        sink.put([(rec(b"b"), 2)])
+        assert sink.drain(1.0)
+    assert calls == [1, 1]  # later settlements are still handed over
+    assert metrics.calls.count(("callback_error",)) == 2
+    assert not sink.alive and not sink.healthy
+    assert "RuntimeError: pipeline bug" in (sink.last_error or "")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1  # the first one; the rest are counted
+    assert errors[0].exc_info is None and "\n" not in errors[0].getMessage()
+    assert "pipeline bug" in errors[0].getMessage()
+
 
 def test_metrics_count_user_records_by_route_and_stream() -> None:
     metrics = RecordingMetrics()
     clock = FakeClock()
     client = FakeKinesis(fail_entries(1))
-    sink = KinesisSink(
-        client, SinkConfig(), lambda _: None, metrics, clock=clock, sleep=clock.sleep, rng=MaxRng()
-    )
-    sink.put([(rec(route="a"), 1), (rec(route="b"), 2), (rec(pk=""), 3)])
+    sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), lambda _: None, metrics,
+                       clock=clock, sleep=clock.sleep, rng=MaxRng())
+    sink.put([(rec(route="a"), 1), (rec(route="b"), 2), (rec(b"x" * MiB), 3)])
     sink.drain(5.0)
-    assert ("failed", "r", "s", "key_type", 1) in metrics.calls  # the bounded code labels the metric
+    assert ("failed", "r", "s", "too_large", 1) in metrics.calls
     assert ("put", "a", "s", 1) in metrics.calls and ("put", "b", "s", 1) in metrics.calls
     assert ("retried", "s", 1) in metrics.calls
     assert [c for c in metrics.calls if c[0] == "batch"] == [("batch", "s", 2), ("batch", "s", 1)]
@@ -480,7 +557,7 @@ def test_requests_are_accepted_by_moto(monkeypatch: pytest.MonkeyPatch) -> None:
         client.create_stream(StreamName="shapes", ShardCount=2)
         arn = client.describe_stream_summary(StreamName="shapes")["StreamDescriptionSummary"]["StreamARN"]
         settled: list[tuple[Any, Any]] = []
-        sink = KinesisSink(client, SinkConfig(), settled.extend)
+        sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), settled.extend)
         records = [rec(b"n%d" % i, pk=f"k{i}", stream="shapes") for i in range(600)]
         records += [rec(b"arn", pk="ü", stream=arn, ehk="0"), rec(b"x" * (MiB - 1), pk="k", stream="shapes")]
         sink.put([(r, i) for i, r in enumerate(records)])

@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from moto import mock_aws
 
-from gateway.model import Record
+from gateway.model import PUT, Record
+from gateway.settings.settings import SinkConfig
 from gateway.sink.batching import Entry
-from gateway.model import PUT
-from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.sink.clients import RegionalClients
+from gateway.sink.kinesis import KinesisSink
 from gateway.sink.kpl import MAGIC, ShardMap, aggregate, encode_aggregate, hash_key, load_shard_map
 
 STREAM = "agg"
@@ -160,8 +161,7 @@ def test_aggregate_hash_key_lies_in_the_shard_of_all_its_members(aws: Any) -> No
 
 def test_sink_aggregates_marked_routes_per_shard_and_settles_every_member(aws: Any) -> None:
     settled: list[tuple[Any, Any]] = []
-    config = SinkConfig(aggregate_routes=frozenset({"agg"}))
-    sink = KinesisSink(aws, config, settled.extend)
+    sink = KinesisSink(RegionalClients.sharing(aws), SinkConfig(), settled.extend, aggregate_routes={"agg"})
     records = [Record("agg", STREAM, f"device-{i}", b"reading-%d" % i) for i in range(300)]
     records += [Record("plain", STREAM, f"p{i}", b"plain-%d" % i) for i in range(5)]
     sink.put([(r, i) for i, r in enumerate(records)])
@@ -205,7 +205,7 @@ class ScriptedShards:
 
 def test_aggregate_landing_on_an_unexpected_shard_refreshes_the_map() -> None:
     client = ScriptedShards()
-    sink = KinesisSink(client, SinkConfig(aggregate_routes=frozenset({"agg"})), lambda _: None)
+    sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), lambda _: None, aggregate_routes={"agg"})
     sink.put([(Record("agg", "s", f"k{i}", b"x"), i) for i in range(10)])
     assert sink.drain(5.0)
     sink.put([(Record("agg", "s", f"k{i}", b"y"), i) for i in range(10)])
@@ -223,8 +223,8 @@ def test_denied_list_shards_falls_back_to_per_key_aggregates() -> None:
 
     client = Denied()
     settled: list[tuple[Any, Any]] = []
-    sink = KinesisSink(client, SinkConfig(aggregate_routes=frozenset({"agg"})), settled.extend)
-    sink.set_aggregate_routes({"agg"})
+    sink = KinesisSink(RegionalClients.sharing(client), SinkConfig(), settled.extend)
+    sink.set_aggregate_routes({"agg"})  # as on a reload that turns aggregation on
     sink.put([(Record("agg", "s", k, b"x"), i) for i, k in enumerate("aabba")])
     assert sink.drain(5.0)
     assert sorted(t for t, s in settled if s == PUT) == [0, 1, 2, 3, 4]

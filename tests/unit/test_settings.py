@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
 
-from gateway.settings.settings import LegacyRoute, SettingsError, find_env_file, load_settings
+from gateway.settings import settings as settings_module
+from gateway.settings.settings import (
+    AwsSettings,
+    LegacyRoute,
+    SettingsError,
+    SinkConfig,
+    find_env_file,
+    load_settings,
+)
 
 # The seed's documented .env, written as its users write it: a leading space on every line.
 SEED_ENV = """\
@@ -63,9 +72,9 @@ def test_seed_env_with_leading_spaces_parses_into_one_legacy_route(tmp_path: Pat
     assert settings.mqtt.persistent is False
     assert settings.backlog == 2000
     assert settings.kinesis.max_in_flight == 10
-    assert settings.kinesis.session_name == "mysession-1234"
-    assert settings.kinesis.region == "us-east-1"
-    assert settings.kinesis.assume_role_arn.endswith("role/service-role/kinesis-endpoint-access")
+    assert settings.aws.session_name == "mysession-1234"
+    assert settings.aws.region == "us-east-1"
+    assert settings.aws.assume_role_arn.endswith("role/service-role/kinesis-endpoint-access")
     assert settings.stdout is True
     assert settings.routes_file is None
 
@@ -98,7 +107,7 @@ def test_environment_wins_over_the_env_file_and_is_not_repeated_in_overrides(
                "AWS_ACCESS_KEY_ID": "AKIDENV"}
     settings = load_settings(environ, write_env(tmp_path, SEED_ENV))
     assert settings.mqtt.port == 1999
-    assert settings.kinesis.region == "eu-west-1"
+    assert settings.aws.region == "eu-west-1"
     assert "AWS_ACCESS_KEY_ID" not in settings.aws_env_overrides
     assert "AWS_REGION" not in settings.aws_env_overrides
 
@@ -163,6 +172,10 @@ def test_password_and_password_file_together_are_refused(tmp_path: Path) -> None
     ("BROKER", "http://h", "BROKER: unknown scheme"),
     ("MQTT_SHARE_GROUP", "$share/g/", "MQTT_SHARE_GROUP: expected a group name"),
     ("AWS_ASSUME_ROLE_ARN", "role", "AWS_ASSUME_ROLE_ARN: expected a role ARN"),
+    ("KINESIS_MAX_IN_FLIGHT", "0", "KINESIS_MAX_IN_FLIGHT: expected an integer 1-256"),
+    ("KINESIS_MAX_RECORD_BYTES", "0", "KINESIS_MAX_RECORD_BYTES: expected an integer"),
+    ("KINESIS_RETRY_BASE_MS", "0", "KINESIS_RETRY_BASE_MS: expected a number of milliseconds"),
+    ("KIN_SESSION_NAME", "x", "KIN_SESSION_NAME: expected 2-64 of"),
 ])
 def test_invalid_values_give_one_line_naming_the_variable(name: str, value: str,
                                                           expected: str) -> None:
@@ -170,6 +183,35 @@ def test_invalid_values_give_one_line_naming_the_variable(name: str, value: str,
     if name == "BROKER":
         del environ["MQTT_HOST"]
     assert error_of(environ).startswith(expected)
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"KINESIS_BATCH_BYTES": "1000", "KINESIS_MAX_RECORD_BYTES": "1001"},
+     "KINESIS_MAX_RECORD_BYTES: 1001 exceeds KINESIS_BATCH_BYTES 1000"),
+    ({"KINESIS_RETRY_BASE_MS": "500", "KINESIS_RETRY_CAP_MS": "400"},
+     "KINESIS_RETRY_CAP_MS: is below KINESIS_RETRY_BASE_MS"),
+])
+def test_sink_limits_that_depend_on_each_other_are_checked_once_by_the_loader(
+        env: dict[str, str], expected: str) -> None:
+    assert error_of({**MINIMAL, **env}) == expected
+
+
+def test_the_kinesis_settings_are_the_sink_config_and_the_aws_settings_apart() -> None:
+    settings = load(KINESIS_LINGER_MS="7", KINESIS_BATCH_RECORDS="9", KINESIS_RETRY_CAP_MS="900",
+                    AWS_REGION="ap-south-1", KIN_SESSION_NAME="edge-7")
+    assert settings.kinesis == SinkConfig(linger_s=0.007, max_batch_records=9, backoff_cap_s=0.9,
+                                          max_in_flight=4, record_ttl_s=0)
+    assert settings.aws == AwsSettings(region="ap-south-1", assume_role_arn=None, session_name="edge-7")
+
+
+def test_the_settings_package_imports_no_aws_library() -> None:
+    """gateway.settings sits below the sink in the layering; only the sink may import boto3."""
+    package = Path(settings_module.__file__).parent
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in {"boto3", "botocore"} for n in names), path.name
 
 
 def test_invalid_value_from_the_env_file_names_file_and_line(tmp_path: Path) -> None:
@@ -271,9 +313,11 @@ def test_defaults_match_the_documented_ones() -> None:
         "5", 30, 86400, 1000)
     assert (mqtt.reconnect_min_s, mqtt.reconnect_max_s, mqtt.share_group) == (1, 30, None)
     assert mqtt.read_interval_s == 0.1
-    assert (kinesis.max_in_flight, kinesis.linger_s, kinesis.batch_records) == (4, 0.2, 500)
-    assert (kinesis.batch_bytes, kinesis.max_record_bytes) == (5 * 2**20, 2**20)
-    assert (kinesis.retry_base_s, kinesis.retry_cap_s, kinesis.record_ttl_s) == (0.1, 10, 0)
+    assert (kinesis.max_in_flight, kinesis.linger_s, kinesis.max_batch_records) == (4, 0.2, 500)
+    assert (kinesis.max_batch_bytes, kinesis.max_record_bytes) == (5 * 2**20, 2**20)
+    assert (kinesis.backoff_base_s, kinesis.backoff_cap_s, kinesis.record_ttl_s) == (0.1, 10, 0)
+    assert (settings.aws.region, settings.aws.assume_role_arn, settings.aws.session_name) == (
+        None, None, "mqtt-kinesis-gateway")
     assert (settings.http.host, settings.http.port) == ("0.0.0.0", 8081)
     assert (settings.logging.format, settings.logging.level) == ("auto", "INFO")
     assert (settings.reload.mode, settings.reload.debounce_s, settings.reload.rescan_s) == (
