@@ -105,3 +105,27 @@ def test_qos0_is_named_at_start_and_shutdown_never_promises_its_redelivery(
     gw.wait_exit(30)
     last = [str(r["message"]) for r in gw.logs() if "stopped" in str(r["message"])]
     assert last and "QoS 0 messages are lost" in last[-1] and "redelivers the QoS 1" not in last[-1], last
+
+
+@pytest.mark.parametrize("case", ["closed endpoint", "missing stream"])
+def test_readyz_is_503_naming_the_stream_within_5s_with_no_message_sent(
+        gateway_process: Callable[..., GatewayProcess], tmp_path: Path, kinesis_stream: str, case: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    stream = kinesis_stream if case == "closed endpoint" else "no-such-stream"
+    extra = {"AWS_ENDPOINT_URL_KINESIS": closed_url} if case == "closed endpoint" else {}
+    gw = gateway_process(routes_file(tmp_path, stream), ready=False, extra_env=extra)
+    deadline = time.monotonic() + 5
+    body: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        status, text = gw.http_get("/readyz")
+        if status == 503 and text:
+            body = json.loads(text)
+            if stream in json.dumps(body.get("problems", {})) and "not checked" not in json.dumps(body):
+                break
+        time.sleep(0.1)
+    assert body.get("status") == "not ready", gw.output_tail()
+    assert body["checks"]["kinesis_reachable"] is False  # type: ignore[index]
+    assert stream in json.dumps(body.get("problems")), body
+    assert gw.http_get("/readyz")[0] == 503
