@@ -24,7 +24,8 @@ from typing import Any, TextIO
 
 from gateway import __version__
 from gateway.routefile.findings import REPORTERS, FileReport, report_text
-from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes, read_yaml
+from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes
+from gateway.routefile.yamlreader import read_yaml
 from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.model import Message, Record, Rejected, RoutingOutcome

@@ -24,15 +24,15 @@ from typing import Any
 
 import yaml
 
-from gateway.routefile.findings import Finding, format_path
-from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.model import MAX_PARTITION_KEY_CHARS, is_hash_key
+from gateway.routefile.findings import Finding, format_path
+from gateway.routefile.yamlreader import JsonPath, Located
+from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.routing.table import DeadLetter, Route
 from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
 
 __all__ = ["SemanticResult", "check_routes"]
 
-Path = tuple[str | int, ...]
 _REQUIRED = ("topic", "stream", "partition_key")
 _EXPRESSIONS = ("partition_key", "explicit_hash_key", "filter", "transform")
 
@@ -45,7 +45,7 @@ class SemanticResult:
 
 @dataclass(frozen=True, slots=True)
 class _Spec:
-    path: Path  # ("routes", index)
+    path: JsonPath  # ("routes", index)
     route: dict[str, Any]  # as written
     effective: dict[str, Any]  # defaults overlaid by the route
 
@@ -54,16 +54,16 @@ class _Spec:
 class _Ctx:
     filename: str
     text: str
-    where: Mapping[Path, Any]  # Path -> loader.Located
+    where: Mapping[JsonPath, Located]
     result: SemanticResult
-    compiled: dict[Path, Expression | None] = field(default_factory=dict)
+    compiled: dict[JsonPath, Expression | None] = field(default_factory=dict)
 
-    def node(self, path: Path) -> yaml.Node | None:
+    def node(self, path: JsonPath) -> yaml.Node | None:
         located = self.where.get(path)
         return None if located is None else located.value
 
-    def add(self, path: Path, rule: str, message: str, severity: str = "error",
-            offset: int | None = None, shown_path: Path | None = None) -> None:
+    def add(self, path: JsonPath, rule: str, message: str, severity: str = "error",
+            offset: int | None = None, shown_path: JsonPath | None = None) -> None:
         located = self.where.get(path)
         line, col = 1, 1
         if located is not None:
@@ -99,7 +99,7 @@ def _strings(value: Any) -> list[tuple[int | None, str]]:
     return []
 
 
-def _compile(ctx: _Ctx, path: Path, source: Any) -> Expression | None:
+def _compile(ctx: _Ctx, path: JsonPath, source: Any) -> Expression | None:
     if path in ctx.compiled:
         return ctx.compiled[path]
     expression: Expression | None = None
@@ -115,7 +115,7 @@ def _compile(ctx: _Ctx, path: Path, source: Any) -> Expression | None:
     return expression
 
 
-def _check_literals(ctx: _Ctx, path: Path, key: str, expression: Expression) -> None:
+def _check_literals(ctx: _Ctx, path: JsonPath, key: str, expression: Expression) -> None:
     if not expression.is_constant:
         return
     value = expression.evaluate(None)
@@ -151,90 +151,26 @@ def _defaults_checks(ctx: _Ctx, defaults: dict[str, Any]) -> None:
     _dead_letter_topic(ctx, ("defaults",), defaults.get("dead_letter"))
 
 
-def _dead_letter_topic(ctx: _Ctx, base: Path, dead_letter: Any) -> None:
+def _dead_letter_topic(ctx: _Ctx, base: JsonPath, dead_letter: Any) -> None:
     if isinstance(dead_letter, dict) and isinstance(dead_letter.get("topic"), str):
         problem = _topic_name_error(dead_letter["topic"])
         if problem is not None:
             ctx.add(base + ("dead_letter", "topic"), "topic-name", problem)
 
 
-def _source(route_path: Path, route: dict[str, Any], key: str) -> Path:
+def _source(route_path: JsonPath, route: dict[str, Any], key: str) -> JsonPath:
     """Where the effective value of ``key`` comes from: the route itself or ``defaults``."""
     return route_path + (key,) if key in route else ("defaults", key)
 
 
-class _OverlapTrie:
-    """Filters seen so far, queried for "which of them can match a topic this filter matches?".
-
-    A walk of the trie instead of comparing every pair, so a table of thousands of routes is
-    checked in about the time of a few. MQTT rules: ``#`` also matches its parent level, and a
-    filter that starts with a wildcard never matches a topic that starts with ``$``.
-    """
-
-    __slots__ = ("children", "plus", "hash", "end")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _OverlapTrie] = {}
-        self.plus: _OverlapTrie | None = None
-        self.hash: list[int] = []
-        self.end: list[int] = []
-
-    def insert(self, levels: list[str], item: int) -> None:
-        node = self
-        for level in levels:
-            if level == "#":
-                node.hash.append(item)
-                return
-            if level == "+":
-                node.plus = node.plus or _OverlapTrie()
-                node = node.plus
-            else:
-                node = node.children.setdefault(level, _OverlapTrie())
-        node.end.append(item)
-
-    def _everything(self, found: set[int], top: bool) -> None:
-        found.update(self.hash)
-        found.update(self.end)
-        for level, child in self.children.items():
-            if not (top and level.startswith("$")):
-                child._everything(found, False)
-        if self.plus is not None:
-            self.plus._everything(found, False)
-
-    def overlapping(self, levels: list[str]) -> set[int]:
-        found: set[int] = set()
-        stack: list[tuple[_OverlapTrie, int]] = [(self, 0)]
-        while stack:
-            node, i = stack.pop()
-            top = i == 0
-            if i == len(levels):
-                found.update(node.end)
-                found.update(node.hash)
-                continue
-            level = levels[i]
-            dollar = top and level.startswith("$")
-            if not dollar:
-                found.update(node.hash)
-            if level == "#":
-                node._everything(found, top)
-                continue
-            if level == "+":
-                stack.extend((child, i + 1) for name, child in node.children.items()
-                             if not (top and name.startswith("$")))
-            elif level in node.children:
-                stack.append((node.children[level], i + 1))
-            if node.plus is not None and not dollar:
-                stack.append((node.plus, i + 1))
-        return found
-
-
-def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, Path, Path, str]]) -> None:
+def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
     """entries: (route name, route path, filter path, filter). One info per pair of routes."""
     reported: set[tuple[str, str]] = set()
-    trie = _OverlapTrie()
+    trie: TopicTrie[int] = TopicTrie((entry[3], index) for index, entry in enumerate(entries))
     for j, (name_b, _, path_b, filter_b) in enumerate(entries):
-        levels_b = filter_b.split("/")
-        for index in sorted(trie.overlapping(levels_b)):
+        for index in trie.overlapping(filter_b):  # in file order: only the filters before this one
+            if index >= j:
+                break
             name_a, _, path_a, filter_a = entries[index]
             if name_a == name_b or (name_a, name_b) in reported:
                 continue
@@ -244,21 +180,20 @@ def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, Path, Path, str]]) -> 
             ctx.add(path_b, "overlap",
                     f"topic filter '{filter_b}' overlaps '{filter_a}' of route '{name_a}' (line {line}):"
                     " a message on a topic both match goes to both routes", severity="info")
-        trie.insert(levels_b, j)
 
 
-def check_routes(data: dict[str, Any], where: Mapping[Path, Any], text: str, filename: str,
+def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: str, filename: str,
                  build: bool = True) -> SemanticResult:
     """Check the document; build the routes when ``build`` and nothing is wrong."""
     ctx = _Ctx(filename, text, where, SemanticResult())
-    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    defaults: dict[str, Any] = data["defaults"] if isinstance(data.get("defaults"), dict) else {}
     _defaults_checks(ctx, defaults)
-    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
-    names: dict[str, Path] = {}
-    overlap_entries: list[tuple[str, Path, Path, str]] = []
+    routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
+    names: dict[str, JsonPath] = {}
+    overlap_entries: list[tuple[str, JsonPath, JsonPath, str]] = []
     specs: list[_Spec] = []
     for index, route in enumerate(routes):
-        path: Path = ("routes", index)
+        path: JsonPath = ("routes", index)
         if not isinstance(route, dict):
             continue
         name = route.get("name")
@@ -312,9 +247,9 @@ def check_routes(data: dict[str, Any], where: Mapping[Path, Any], text: str, fil
     return ctx.result
 
 
-def _dead_letter_loops(ctx: _Ctx, specs: list[_Spec], entries: list[tuple[str, Path, Path, str]]) -> None:
+def _dead_letter_loops(ctx: _Ctx, specs: list[_Spec], entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
     trie: TopicTrie[tuple[str, str]] = TopicTrie((f, (name, f)) for name, _, _, f in entries)
-    seen: set[Path] = set()
+    seen: set[JsonPath] = set()
     for spec in specs:
         dead_letter = spec.effective.get("dead_letter")
         if not (isinstance(dead_letter, dict) and isinstance(dead_letter.get("topic"), str)):

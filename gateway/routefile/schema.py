@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import sys
+from importlib import resources
 from typing import Any
 
 import yaml
@@ -19,15 +20,25 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from gateway.routefile.findings import Finding, format_path
-from gateway.routefile.loader import _AMBIGUOUS, QOS2_REASON, Path, YamlDocument, _pos, load_schema, read_yaml
+from gateway.routefile.yamlreader import YAML_1_1_BOOLEANS, JsonPath, YamlDocument, position, read_yaml
 
-__all__ = ["main", "schema_findings"]
+__all__ = ["QOS2_REASON", "load_schema", "main", "schema_findings"]
+
+QOS2_REASON = ("QoS 2 is not supported: acknowledgement waits for Kinesis, and after a crash the broker "
+               "resends only PUBREL, so the message would be lost; use qos 1")
 
 _SCHEMA_VALIDATOR: Draft202012Validator | None = None
 _TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a number", "boolean": "true or false",
                "array": "a list", "object": "a mapping", "null": "null"}
 _STREAM_HELP = ("a stream name is 1 to 128 letters, digits, '_', '.' or '-', or a stream ARN "
                 "arn:aws:kinesis:<region>:<12-digit account>:stream/<name>")
+
+
+def load_schema() -> dict[str, Any]:
+    """The route file schema shipped inside the package (identical to schema/routes.schema.json)."""
+    text = resources.files("gateway.routefile").joinpath("routes.schema.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def _validator() -> Draft202012Validator:
@@ -53,7 +64,7 @@ def _type_name(value: Any) -> str:
     return "a mapping"
 
 
-def _field(path: Path) -> str:
+def _field(path: JsonPath) -> str:
     named = [p for p in path if isinstance(p, str)]
     return named[-1] if named else "the document"
 
@@ -66,11 +77,11 @@ class _SchemaMapper:
         self.filename = filename
         self.findings: list[Finding] = []
 
-    def _at(self, node: yaml.Node | None, path: Path, rule: str, message: str) -> None:
-        line, col = _pos(node) if node is not None else (1, 1)
+    def _at(self, node: yaml.Node | None, path: JsonPath, rule: str, message: str) -> None:
+        line, col = position(node) if node is not None else (1, 1)
         self.findings.append(Finding(self.filename, line, col, format_path(path), rule, "error", message))
 
-    def _value_node(self, path: Path) -> yaml.Node | None:
+    def _value_node(self, path: JsonPath) -> yaml.Node | None:
         for cut in range(len(path), -1, -1):  # the nearest annotated ancestor (Home Assistant)
             located = self.doc.where.get(path[:cut])
             if located is not None:
@@ -78,7 +89,7 @@ class _SchemaMapper:
         return None
 
     def add(self, error: ValidationError) -> None:
-        path: Path = tuple(error.absolute_path)
+        path: JsonPath = tuple(error.absolute_path)
         kind, value, node = error.validator, error.instance, self._value_node(path)
         name = _field(path)
         if kind == "additionalProperties" and isinstance(value, dict):
@@ -96,13 +107,13 @@ class _SchemaMapper:
                     self._at(node, path + (key,), "missing-key", f"missing required key '{key}'")
         elif kind == "type":
             expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-            if ("boolean" in expected and isinstance(value, str) and value in _AMBIGUOUS
+            if ("boolean" in expected and isinstance(value, str) and value in YAML_1_1_BOOLEANS
                     and isinstance(node, yaml.ScalarNode) and node.style is None):
                 self._at(node, path, "yaml-ambiguous-scalar",
                          f"{name}: '{value}' is read as the string \"{value}\" (YAML 1.2), not a boolean;"
                          " write true or false")
                 return
-            wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in expected)
+            wanted = " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in expected)
             self._at(node, path, "schema", f"{name}: expected {wanted}, got {_type_name(value)}")
         elif kind == "enum" and name == "qos" and value == 2 and not isinstance(value, bool):
             self._at(node, path, "qos2-refused", QOS2_REASON)

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
 from gateway.routefile import loader
-from gateway.routefile.loader import QOS2_REASON, LoadResult, load_routes, load_routes_text
+from gateway.routefile.loader import LoadResult, load_routes, load_routes_text
+from gateway.routefile.schema import QOS2_REASON
 from gateway.model import Message, Record
 from gateway.routing.table import DeadLetter
 
