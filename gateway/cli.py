@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    validate = commands.add_parser("validate", help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
+    validate = commands.add_parser("validate",
+                                   help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
     validate.add_argument("files", nargs="+", metavar="FILE", help="route files to check")
     validate.add_argument("--format", choices=sorted(REPORTERS), default="text",
                           help="text: path:line:col: message [rule]; json: one object; github: annotations")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, is_hash_key
 from gateway.routefile.findings import Finding, format_path
-from gateway.routefile.yamlreader import JsonPath, Located
+from gateway.routefile.yamlreader import JsonPath, Located, is_plain
 from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.routing.table import DeadLetter, Route
 from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
@@ -62,7 +62,7 @@ class _Ctx:
         located = self.where.get(path)
         return None if located is None else located.value
 
-    def add(self, path: JsonPath, rule: str, message: str, severity: str = "error",
+    def add(self, path: JsonPath, rule: str, message: str, severity: Literal["error", "info"] = "error",
             offset: int | None = None, shown_path: JsonPath | None = None) -> None:
         located = self.where.get(path)
         line, col = 1, 1
@@ -72,7 +72,7 @@ class _Ctx:
             if offset is not None:
                 col += _scalar_offset(node, offset, self.text)
         self.result.findings.append(
-            Finding(self.filename, line, col, format_path(shown_path or path), rule, severity, message))  # type: ignore[arg-type]
+            Finding(self.filename, line, col, format_path(shown_path or path), rule, severity, message))
 
 
 def _scalar_offset(node: yaml.Node, offset: int, text: str) -> int:
@@ -84,7 +84,7 @@ def _scalar_offset(node: yaml.Node, offset: int, text: str) -> int:
     if not isinstance(node, yaml.ScalarNode) or node.start_mark.line != node.end_mark.line:
         return 0
     raw = text[node.start_mark.index:node.end_mark.index]
-    if node.style is None and raw == node.value:
+    if is_plain(node) and raw == node.value:
         return max(0, min(offset, len(raw)))
     if node.style in ("'", '"') and raw[1:-1] == node.value:
         return 1 + max(0, min(offset, len(node.value)))
@@ -121,7 +121,8 @@ def _check_literals(ctx: _Ctx, path: JsonPath, key: str, expression: Expression)
     value = expression.evaluate(None)
     if key == "partition_key":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            ctx.add(path, "partition-key", "partition_key: a literal key must be a string or number, e.g. \"`sensor-data`\"")
+            ctx.add(path, "partition-key",
+                    "partition_key: a literal key must be a string or number, e.g. \"`sensor-data`\"")
         elif isinstance(value, str) and not 1 <= len(value) <= MAX_PARTITION_KEY_CHARS:
             ctx.add(path, "partition-key", f"partition_key: a key is 1 to {MAX_PARTITION_KEY_CHARS} characters")
     elif key == "explicit_hash_key":
@@ -221,7 +222,8 @@ def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: 
         elif isinstance(name, str):
             for item, topic in _strings(defaults.get("topic")):
                 if filter_error(topic) is None:
-                    overlap_entries.append((name, path, ("defaults", "topic") + (() if item is None else (item,)), topic))
+                    topic_path = ("defaults", "topic") + (() if item is None else (item,))
+                    overlap_entries.append((name, path, topic_path, topic))
         raw = effective.get("format") == "raw"
         for key in _EXPRESSIONS:
             if key not in route:
@@ -248,6 +250,8 @@ def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: 
 
 
 def _dead_letter_loops(ctx: _Ctx, specs: list[_Spec], entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
+    if not any(isinstance(spec.effective.get("dead_letter"), dict) for spec in specs):
+        return
     trie: TopicTrie[tuple[str, str]] = TopicTrie((f, (name, f)) for name, _, _, f in entries)
     seen: set[JsonPath] = set()
     for spec in specs:

@@ -97,7 +97,10 @@ class TopicTrie(Generic[T]):
                     node.plus = _Node()
                 node = node.plus
             else:
-                node = node.children.setdefault(level, _Node())
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _Node()
+                node = child
         if index not in node.values:
             node.values.append(index)
 
@@ -225,6 +228,6 @@ def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str
                 qos_of[cover] = max(qos_of[cover], best[name])
     # Filters that still overlap in part (a/+/x and a/y/+) take the higher QoS of the two: on
     # MQTT 3.1.1 Mosquitto sends one copy at the QoS of whichever matched first.
-    kept_trie: TopicTrie[str] = TopicTrie((name, name) for name in kept)
+    kept_trie = trie if len(kept) == len(names) else TopicTrie((name, name) for name in kept)
     raised = {name: max(qos_of[other] for other in (name, *kept_trie.overlapping(name))) for name in kept}
     return tuple((name, raised[name]) for name in kept)

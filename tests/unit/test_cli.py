@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -111,6 +112,28 @@ def test_validate_unreadable_file_exits_2(capsys: pytest.CaptureFixture[str], tm
 def test_validate_directory_is_unreadable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, _, _ = run(capsys, "validate", tmp_path)
     assert code == 2
+
+
+def _not_route_files(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / f"{name}.yaml" for name in ("dev-zero", "fifo", "directory", "100-mb")}
+    paths["dev-zero"].symlink_to("/dev/zero")
+    os.mkfifo(paths["fifo"])
+    paths["directory"].mkdir()
+    with open(paths["100-mb"], "wb") as handle:  # sparse: costs no disk
+        handle.truncate(100 * 1024 * 1024)
+    return paths
+
+
+def test_validate_refuses_what_is_not_a_route_file_with_one_line_each_and_exit_2(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    paths = _not_route_files(tmp_path)
+    code, out, _ = run(capsys, "validate", *paths.values())
+    assert code == 2
+    lines = out.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == [str(p) for p in paths.values()]
+    assert all(line.endswith("[unreadable]") for line in lines)
+    expected = ["character device", "FIFO", "directory", "100 MiB (104857600 bytes): a route file is at most 16 MiB"]
+    assert [text in line for text, line in zip(expected, lines, strict=True)] == [True] * 4
 
 
 @pytest.mark.parametrize("argv", [[], ["validate"], ["validate", "--format", "xml", "x.yaml"], ["bogus"],
