@@ -8,6 +8,8 @@ Runs after schema validation on the same JSON-shaped data and tolerates values o
 * ``jmespath-syntax`` / ``jmespath-function``: expressions compile, use known functions with the
   right number of arguments; the column points at the offending character where the YAML scalar
   allows it;
+* ``jmespath-nesting``: function calls, lists and objects nest at most 16 levels, since each
+  level can double what a message costs (gateway/routing/cost.py);
 * ``raw-expression``: a ``format: raw`` route never parses its payload, so its expressions may use
   only ``topic()``, ``uuid()``, ``timestamp()`` and literals;
 * ``missing-key``: ``topic``, ``stream`` and ``partition_key`` set in the route or in ``defaults``;
@@ -107,7 +109,7 @@ def _compile(ctx: _Ctx, path: JsonPath, source: Any) -> Expression | None:
         try:
             expression = compile_expression(source)
         except ExpressionError as error:
-            rule = "jmespath-syntax" if error.kind == "syntax" else "jmespath-function"
+            rule = {"syntax": "jmespath-syntax", "function": "jmespath-function"}.get(error.kind, "jmespath-nesting")
             ctx.add(path, rule, f"{path[-1]}: {error.message}", offset=error.offset)
         except (RecursionError, ValueError, TypeError, KeyError, IndexError) as error:
             ctx.add(path, "jmespath-syntax", f"{path[-1]}: invalid JMESPath ({type(error).__name__})")

@@ -136,6 +136,21 @@ def test_validate_refuses_what_is_not_a_route_file_with_one_line_each_and_exit_2
     assert [text in line for text, line in zip(expected, lines, strict=True)] == [True] * 4
 
 
+def test_validate_refuses_an_expression_nested_forty_levels_deep_at_its_line_and_column(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    source = "data"
+    for _ in range(40):  # each level doubles every message's output: 2.6 GB per message at 40
+        source = f"to_string([{source}])"
+    path = write(tmp_path, "routes.yaml", ROUTE_NAME + f'    transform: "{source}"\n')
+    code, out, _ = run(capsys, "validate", path)
+    assert code == 1
+    ninth_call = [m.start() for m in re.finditer(r"to_string\(", source)][8]
+    column = len('    transform: "') + 1 + ninth_call
+    (line,) = out.splitlines()
+    assert line.startswith(f"{path}:7:{column}: transform: function calls, lists and objects nest 80 levels deep")
+    assert line.endswith("[jmespath-nesting]")
+
+
 @pytest.mark.parametrize("argv", [[], ["validate"], ["validate", "--format", "xml", "x.yaml"], ["bogus"],
                                   ["explain", "r.yaml", "--topic", "t"]])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
