@@ -20,9 +20,10 @@ import threading
 from dataclasses import dataclass
 
 from gateway.routefile import checks
+from gateway.routefile.configmap import CONFIGMAP_HINT, is_configmap
 from gateway.routefile.findings import Finding
 from gateway.routefile.readfile import RouteFileError, read_route_file
-from gateway.routefile.yamlreader import YamlDocument, collector_paused, read_yaml
+from gateway.routefile.yamlreader import YamlDocument, collector_paused, position, read_yaml
 from gateway.routing.table import RouteTable
 
 __all__ = ["LoadResult", "check_schema_in_child", "load_routes", "load_routes_bytes", "load_routes_text"]
@@ -43,7 +44,8 @@ class LoadResult:
 
 
 def _ordered(findings: list[Finding]) -> tuple[Finding, ...]:
-    return tuple(sorted(findings, key=lambda f: (f.line, f.column)))
+    """File order, each finding once (two steps may see the same problem)."""
+    return tuple(sorted(dict.fromkeys(findings), key=lambda f: (f.line, f.column)))
 
 
 _schema_in_child = False
@@ -115,6 +117,10 @@ def _load(text: str, filename: str, digest: str | None) -> LoadResult:
     findings = list(doc.findings)
     if doc.data is None:
         return LoadResult(None, _ordered(findings))
+    if is_configmap(doc.data):  # not a route file, but one holding route files: say so, once
+        located = doc.where.get(("kind",))
+        line, column = position(located.value) if located is not None else (1, 1)
+        return LoadResult(None, (Finding(filename, line, column, "kind", "configmap", "error", CONFIGMAP_HINT),))
     findings.extend(_schema_findings(doc, filename, child))
     if isinstance(doc.data, dict):
         result = checks.check_routes(doc.data, doc.where, text, filename,

@@ -103,6 +103,7 @@ class _SchemaMapper:
         self.doc = doc
         self.filename = filename
         self.findings: list[Finding] = []
+        self.missing: set[JsonPath] = set()
 
     def _at(self, node: yaml.Node | None, path: JsonPath, rule: str, message: str) -> None:
         line, col = position(node) if node is not None else (1, 1)
@@ -129,9 +130,10 @@ class _SchemaMapper:
                     where = located.key if located is not None else node
                     self._at(where, path + (key,), "schema", f"unknown key '{key}'{suggestion}")
         elif kind == "required" and isinstance(value, dict):
-            for key in error.validator_value:
-                if key not in value:
-                    self._at(node, path + (key,), "missing-key", f"missing required key '{key}'")
+            for key in error.validator_value:  # jsonschema reports each missing key: name it once
+                if key not in value and (*path, key) not in self.missing:
+                    self.missing.add((*path, key))
+                    self._at(node, (*path, key), "missing-key", f"missing required key '{key}'")
         elif kind == "type":
             expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
             if ("boolean" in expected and isinstance(value, str) and value in YAML_1_1_BOOLEANS

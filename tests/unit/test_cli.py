@@ -151,6 +151,55 @@ def test_validate_refuses_an_expression_nested_forty_levels_deep_at_its_line_and
     assert line.endswith("[jmespath-nesting]")
 
 
+def test_validate_checks_the_route_files_inside_a_configmap(capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml"
+    code, out, err = run(capsys, "validate", manifest)
+    assert code == 0, out
+    assert out == "" and err.startswith(f"{manifest} (data: routes.yaml): valid, ")
+
+
+CONFIGMAP = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: routes
+data:
+  README: not a route file
+  routes.yaml: |
+    version: 1
+    routes:
+      - name: welders
+
+        topic: "factory/#/welder"
+        stream: welder-telemetry
+        partition_key: name
+  quoted.yml: "version: 1\\nroutes: []\\n"
+"""
+
+
+def test_validate_places_the_findings_of_a_configmap_entry_on_the_manifests_lines(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, "configmap.yaml", CONFIGMAP)
+    code, out, err = run(capsys, "validate", path)
+    assert code == 1
+    assert out.splitlines() == [
+        f"{path}:12:16: '#' is allowed only as the last level [topic-filter]",  # inside the '|' block
+        f"{path}:15:15: routes: must not be an empty list [schema]",  # a quoted entry: at its start
+    ]
+    assert "(data: README)" not in err
+
+
+def test_validate_says_when_a_configmap_holds_no_route_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, "configmap.yaml", "apiVersion: v1\nkind: ConfigMap\ndata:\n  README: hello\n")
+    code, out, _ = run(capsys, "validate", path)
+    assert code == 1 and out.endswith("no route file to check [configmap]\n")
+
+
+def test_validate_names_each_missing_key_once(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "validate", write(tmp_path, "routes.yaml", "foo: 1\n"))
+    assert code == 1
+    assert [line.rsplit(" [", 1)[1] for line in out.splitlines()] == ["schema]", "missing-key]", "missing-key]"]
+
+
 @pytest.mark.parametrize("argv", [[], ["validate"], ["validate", "--format", "xml", "x.yaml"], ["bogus"],
                                   ["explain", "r.yaml", "--topic", "t"]])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:

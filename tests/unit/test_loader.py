@@ -25,7 +25,8 @@ from gateway.routefile.schema import QOS2_REASON
 from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import DeadLetter
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "routes"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "routes"
 VALID = sorted((FIXTURES / "valid").glob("*.yaml"))
 INVALID = sorted((FIXTURES / "invalid").glob("*.yaml"))
 _EXPECT = re.compile(r"^# expect: rule=(?P<rule>[a-z0-9-]+) line=(?P<line>\d+) col=(?P<col>\d+)$")
@@ -243,6 +244,33 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "routes.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + (WELDERS + "    partition_key: name\n").encode())
     assert load_routes(path).ok
+
+
+# --- each finding once, and a ConfigMap named for what it is ----------------------------------
+
+EXTRA_TEXTS = ["foo: 1\n", "{}\n", "routes: 5\n", "version: 2\nroutes: []\n", "version: 1\nroutes:\n  - {}\n",
+               (ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml").read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("text", [p.read_text(encoding="utf-8") for p in (*VALID, *INVALID)] + EXTRA_TEXTS)
+def test_no_finding_is_reported_twice(text: str) -> None:
+    findings = load(text).findings
+    assert len(set(findings)) == len(findings), [f.format_text() for f in findings]
+
+
+def test_each_missing_top_level_key_is_named_once() -> None:
+    assert [(f.rule, f.message) for f in load("foo: 1\n").findings] == [
+        ("schema", "unknown key 'foo' (allowed: version, defaults, routes)"),
+        ("missing-key", "missing required key 'version'"),
+        ("missing-key", "missing required key 'routes'"),
+    ]
+
+
+def test_a_configmap_given_as_a_route_file_says_what_it_is() -> None:
+    manifest = ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml"
+    (finding,) = load_routes(manifest).findings
+    assert (finding.rule, finding.line, finding.column) == ("configmap", 5, 7)  # at `kind: ConfigMap`
+    assert "this is a Kubernetes ConfigMap, not a route file" in finding.message
 
 
 # --- what a route file may be: a regular file under the size limit (docs/route-file.md#limits) ---
