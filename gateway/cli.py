@@ -23,8 +23,11 @@ from importlib import resources
 from typing import Any, TextIO
 
 from gateway import __version__
-from gateway.routefile.findings import REPORTERS, FileReport, report_text
-from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes, read_yaml
+from gateway.routefile.configmap import is_configmap, looks_like_configmap, route_entries
+from gateway.routefile.findings import REPORTERS, FileReport, Finding, report_text
+from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes, load_routes_bytes, load_routes_text
+from gateway.routefile.readfile import RouteFileError, read_route_file
+from gateway.routefile.yamlreader import read_yaml
 from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.model import Message, Record, Rejected, RoutingOutcome
@@ -52,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    validate = commands.add_parser("validate", help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
-    validate.add_argument("files", nargs="+", metavar="FILE", help="route files to check")
+    validate = commands.add_parser("validate",
+                                   help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
+    validate.add_argument("files", nargs="+", metavar="FILE",
+                          help="route files to check, or Kubernetes ConfigMaps holding them (data entries *.yaml, *.yml)")
     validate.add_argument("--format", choices=sorted(REPORTERS), default="text",
                           help="text: path:line:col: message [rule]; json: one object; github: annotations")
     validate.set_defaults(handler=_cmd_validate)
@@ -87,17 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_validate(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    reports: list[FileReport] = []
-    unreadable = False
-    for name in args.files:
-        result = load_routes(name)
-        unreadable |= any(f.rule == "unreadable" for f in result.findings)
-        routes = len(result.table.routes) if result.table is not None else None
-        reports.append(FileReport(name, result.findings, routes))
+    reports = [report for name in args.files for report in _validate_file(name)]
+    unreadable = any(f.rule == "unreadable" for r in reports for f in r.findings)
     REPORTERS[args.format](reports, out, err)
     if unreadable:
         return EXIT_USAGE
     return EXIT_OK if all(r.valid for r in reports) else EXIT_FINDINGS
+
+
+def _report(label: str, result: LoadResult) -> FileReport:
+    return FileReport(label, result.findings, len(result.table.routes) if result.table is not None else None)
+
+
+def _validate_file(name: str) -> list[FileReport]:
+    """One report for a route file; one per route file entry for a Kubernetes ConfigMap, with its
+    findings on the manifest's lines. The file is read once, under the loader's size limit."""
+    try:
+        raw = read_route_file(name)
+    except RouteFileError as error:
+        return [FileReport(name, (Finding(name, 1, 1, "", "unreadable", "error", error.message),))]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = ""  # load_routes_bytes below words the finding
+    if looks_like_configmap(text):
+        doc = read_yaml(text, name)
+        if is_configmap(doc.data):
+            entries = route_entries(doc)
+            if not entries:
+                problem = Finding(name, 1, 1, "data", "configmap", "error",
+                                  "a ConfigMap with no data entry named *.yaml or *.yml: no route file to check")
+                return [FileReport(name, (problem,))]
+            reports = []
+            for entry in entries:
+                result = load_routes_text(entry.text, name)
+                placed = LoadResult(result.table, tuple(entry.place(f) for f in result.findings))
+                reports.append(_report(f"{name} (data: {entry.key})", placed))
+            return reports
+    return [_report(name, load_routes_bytes(raw, name))]
 
 
 # --- explain and test: the same RouteTable.route the gateway runs -----------------------------

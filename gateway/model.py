@@ -67,7 +67,7 @@ def now_ms() -> int:
 REASON_CODES: Final = frozenset({
     "not_json", "key_missing", "key_empty", "key_type", "key_too_long", "hash_key", "too_large",
     "expression_error", "ttl_exceeded", "rejected_by_kinesis", "stream_unusable", "dead_letter_failed",
-    "invalid_topic", "intake_error", "other",
+    "invalid_topic", "intake_error", "other", "expression_too_large",
 })
 
 

@@ -8,6 +8,8 @@ Runs after schema validation on the same JSON-shaped data and tolerates values o
 * ``jmespath-syntax`` / ``jmespath-function``: expressions compile, use known functions with the
   right number of arguments; the column points at the offending character where the YAML scalar
   allows it;
+* ``jmespath-nesting``: function calls, lists and objects nest at most 16 levels, since each
+  level can double what a message costs (gateway/routing/cost.py);
 * ``raw-expression``: a ``format: raw`` route never parses its payload, so its expressions may use
   only ``topic()``, ``uuid()``, ``timestamp()`` and literals;
 * ``missing-key``: ``topic``, ``stream`` and ``partition_key`` set in the route or in ``defaults``;
@@ -20,19 +22,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from gateway.routefile.findings import Finding, format_path
-from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.model import MAX_PARTITION_KEY_CHARS, is_hash_key
+from gateway.routefile.findings import Finding, format_path
+from gateway.routefile.yamlreader import JsonPath, Located, is_plain
+from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.routing.table import DeadLetter, Route
 from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
 
 __all__ = ["SemanticResult", "check_routes"]
 
-Path = tuple[str | int, ...]
 _REQUIRED = ("topic", "stream", "partition_key")
 _EXPRESSIONS = ("partition_key", "explicit_hash_key", "filter", "transform")
 
@@ -45,7 +47,7 @@ class SemanticResult:
 
 @dataclass(frozen=True, slots=True)
 class _Spec:
-    path: Path  # ("routes", index)
+    path: JsonPath  # ("routes", index)
     route: dict[str, Any]  # as written
     effective: dict[str, Any]  # defaults overlaid by the route
 
@@ -54,16 +56,16 @@ class _Spec:
 class _Ctx:
     filename: str
     text: str
-    where: Mapping[Path, Any]  # Path -> loader.Located
+    where: Mapping[JsonPath, Located]
     result: SemanticResult
-    compiled: dict[Path, Expression | None] = field(default_factory=dict)
+    compiled: dict[JsonPath, Expression | None] = field(default_factory=dict)
 
-    def node(self, path: Path) -> yaml.Node | None:
+    def node(self, path: JsonPath) -> yaml.Node | None:
         located = self.where.get(path)
         return None if located is None else located.value
 
-    def add(self, path: Path, rule: str, message: str, severity: str = "error",
-            offset: int | None = None, shown_path: Path | None = None) -> None:
+    def add(self, path: JsonPath, rule: str, message: str, severity: Literal["error", "info"] = "error",
+            offset: int | None = None, shown_path: JsonPath | None = None) -> None:
         located = self.where.get(path)
         line, col = 1, 1
         if located is not None:
@@ -72,7 +74,7 @@ class _Ctx:
             if offset is not None:
                 col += _scalar_offset(node, offset, self.text)
         self.result.findings.append(
-            Finding(self.filename, line, col, format_path(shown_path or path), rule, severity, message))  # type: ignore[arg-type]
+            Finding(self.filename, line, col, format_path(shown_path or path), rule, severity, message))
 
 
 def _scalar_offset(node: yaml.Node, offset: int, text: str) -> int:
@@ -84,7 +86,7 @@ def _scalar_offset(node: yaml.Node, offset: int, text: str) -> int:
     if not isinstance(node, yaml.ScalarNode) or node.start_mark.line != node.end_mark.line:
         return 0
     raw = text[node.start_mark.index:node.end_mark.index]
-    if node.style is None and raw == node.value:
+    if is_plain(node) and raw == node.value:
         return max(0, min(offset, len(raw)))
     if node.style in ("'", '"') and raw[1:-1] == node.value:
         return 1 + max(0, min(offset, len(node.value)))
@@ -99,7 +101,7 @@ def _strings(value: Any) -> list[tuple[int | None, str]]:
     return []
 
 
-def _compile(ctx: _Ctx, path: Path, source: Any) -> Expression | None:
+def _compile(ctx: _Ctx, path: JsonPath, source: Any) -> Expression | None:
     if path in ctx.compiled:
         return ctx.compiled[path]
     expression: Expression | None = None
@@ -107,7 +109,7 @@ def _compile(ctx: _Ctx, path: Path, source: Any) -> Expression | None:
         try:
             expression = compile_expression(source)
         except ExpressionError as error:
-            rule = "jmespath-syntax" if error.kind == "syntax" else "jmespath-function"
+            rule = {"syntax": "jmespath-syntax", "function": "jmespath-function"}.get(error.kind, "jmespath-nesting")
             ctx.add(path, rule, f"{path[-1]}: {error.message}", offset=error.offset)
         except (RecursionError, ValueError, TypeError, KeyError, IndexError) as error:
             ctx.add(path, "jmespath-syntax", f"{path[-1]}: invalid JMESPath ({type(error).__name__})")
@@ -115,13 +117,14 @@ def _compile(ctx: _Ctx, path: Path, source: Any) -> Expression | None:
     return expression
 
 
-def _check_literals(ctx: _Ctx, path: Path, key: str, expression: Expression) -> None:
+def _check_literals(ctx: _Ctx, path: JsonPath, key: str, expression: Expression) -> None:
     if not expression.is_constant:
         return
     value = expression.evaluate(None)
     if key == "partition_key":
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            ctx.add(path, "partition-key", "partition_key: a literal key must be a string or number, e.g. \"`sensor-data`\"")
+            ctx.add(path, "partition-key",
+                    "partition_key: a literal key must be a string or number, e.g. \"`sensor-data`\"")
         elif isinstance(value, str) and not 1 <= len(value) <= MAX_PARTITION_KEY_CHARS:
             ctx.add(path, "partition-key", f"partition_key: a key is 1 to {MAX_PARTITION_KEY_CHARS} characters")
     elif key == "explicit_hash_key":
@@ -151,90 +154,26 @@ def _defaults_checks(ctx: _Ctx, defaults: dict[str, Any]) -> None:
     _dead_letter_topic(ctx, ("defaults",), defaults.get("dead_letter"))
 
 
-def _dead_letter_topic(ctx: _Ctx, base: Path, dead_letter: Any) -> None:
+def _dead_letter_topic(ctx: _Ctx, base: JsonPath, dead_letter: Any) -> None:
     if isinstance(dead_letter, dict) and isinstance(dead_letter.get("topic"), str):
         problem = _topic_name_error(dead_letter["topic"])
         if problem is not None:
             ctx.add(base + ("dead_letter", "topic"), "topic-name", problem)
 
 
-def _source(route_path: Path, route: dict[str, Any], key: str) -> Path:
+def _source(route_path: JsonPath, route: dict[str, Any], key: str) -> JsonPath:
     """Where the effective value of ``key`` comes from: the route itself or ``defaults``."""
     return route_path + (key,) if key in route else ("defaults", key)
 
 
-class _OverlapTrie:
-    """Filters seen so far, queried for "which of them can match a topic this filter matches?".
-
-    A walk of the trie instead of comparing every pair, so a table of thousands of routes is
-    checked in about the time of a few. MQTT rules: ``#`` also matches its parent level, and a
-    filter that starts with a wildcard never matches a topic that starts with ``$``.
-    """
-
-    __slots__ = ("children", "plus", "hash", "end")
-
-    def __init__(self) -> None:
-        self.children: dict[str, _OverlapTrie] = {}
-        self.plus: _OverlapTrie | None = None
-        self.hash: list[int] = []
-        self.end: list[int] = []
-
-    def insert(self, levels: list[str], item: int) -> None:
-        node = self
-        for level in levels:
-            if level == "#":
-                node.hash.append(item)
-                return
-            if level == "+":
-                node.plus = node.plus or _OverlapTrie()
-                node = node.plus
-            else:
-                node = node.children.setdefault(level, _OverlapTrie())
-        node.end.append(item)
-
-    def _everything(self, found: set[int], top: bool) -> None:
-        found.update(self.hash)
-        found.update(self.end)
-        for level, child in self.children.items():
-            if not (top and level.startswith("$")):
-                child._everything(found, False)
-        if self.plus is not None:
-            self.plus._everything(found, False)
-
-    def overlapping(self, levels: list[str]) -> set[int]:
-        found: set[int] = set()
-        stack: list[tuple[_OverlapTrie, int]] = [(self, 0)]
-        while stack:
-            node, i = stack.pop()
-            top = i == 0
-            if i == len(levels):
-                found.update(node.end)
-                found.update(node.hash)
-                continue
-            level = levels[i]
-            dollar = top and level.startswith("$")
-            if not dollar:
-                found.update(node.hash)
-            if level == "#":
-                node._everything(found, top)
-                continue
-            if level == "+":
-                stack.extend((child, i + 1) for name, child in node.children.items()
-                             if not (top and name.startswith("$")))
-            elif level in node.children:
-                stack.append((node.children[level], i + 1))
-            if node.plus is not None and not dollar:
-                stack.append((node.plus, i + 1))
-        return found
-
-
-def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, Path, Path, str]]) -> None:
+def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
     """entries: (route name, route path, filter path, filter). One info per pair of routes."""
     reported: set[tuple[str, str]] = set()
-    trie = _OverlapTrie()
+    trie: TopicTrie[int] = TopicTrie((entry[3], index) for index, entry in enumerate(entries))
     for j, (name_b, _, path_b, filter_b) in enumerate(entries):
-        levels_b = filter_b.split("/")
-        for index in sorted(trie.overlapping(levels_b)):
+        for index in trie.overlapping(filter_b):  # in file order: only the filters before this one
+            if index >= j:
+                break
             name_a, _, path_a, filter_a = entries[index]
             if name_a == name_b or (name_a, name_b) in reported:
                 continue
@@ -244,21 +183,20 @@ def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, Path, Path, str]]) -> 
             ctx.add(path_b, "overlap",
                     f"topic filter '{filter_b}' overlaps '{filter_a}' of route '{name_a}' (line {line}):"
                     " a message on a topic both match goes to both routes", severity="info")
-        trie.insert(levels_b, j)
 
 
-def check_routes(data: dict[str, Any], where: Mapping[Path, Any], text: str, filename: str,
+def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: str, filename: str,
                  build: bool = True) -> SemanticResult:
     """Check the document; build the routes when ``build`` and nothing is wrong."""
     ctx = _Ctx(filename, text, where, SemanticResult())
-    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    defaults: dict[str, Any] = data["defaults"] if isinstance(data.get("defaults"), dict) else {}
     _defaults_checks(ctx, defaults)
-    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
-    names: dict[str, Path] = {}
-    overlap_entries: list[tuple[str, Path, Path, str]] = []
+    routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
+    names: dict[str, JsonPath] = {}
+    overlap_entries: list[tuple[str, JsonPath, JsonPath, str]] = []
     specs: list[_Spec] = []
     for index, route in enumerate(routes):
-        path: Path = ("routes", index)
+        path: JsonPath = ("routes", index)
         if not isinstance(route, dict):
             continue
         name = route.get("name")
@@ -286,7 +224,8 @@ def check_routes(data: dict[str, Any], where: Mapping[Path, Any], text: str, fil
         elif isinstance(name, str):
             for item, topic in _strings(defaults.get("topic")):
                 if filter_error(topic) is None:
-                    overlap_entries.append((name, path, ("defaults", "topic") + (() if item is None else (item,)), topic))
+                    topic_path = ("defaults", "topic") + (() if item is None else (item,))
+                    overlap_entries.append((name, path, topic_path, topic))
         raw = effective.get("format") == "raw"
         for key in _EXPRESSIONS:
             if key not in route:
@@ -312,9 +251,11 @@ def check_routes(data: dict[str, Any], where: Mapping[Path, Any], text: str, fil
     return ctx.result
 
 
-def _dead_letter_loops(ctx: _Ctx, specs: list[_Spec], entries: list[tuple[str, Path, Path, str]]) -> None:
+def _dead_letter_loops(ctx: _Ctx, specs: list[_Spec], entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
+    if not any(isinstance(spec.effective.get("dead_letter"), dict) for spec in specs):
+        return
     trie: TopicTrie[tuple[str, str]] = TopicTrie((f, (name, f)) for name, _, _, f in entries)
-    seen: set[Path] = set()
+    seen: set[JsonPath] = set()
     for spec in specs:
         dead_letter = spec.effective.get("dead_letter")
         if not (isinstance(dead_letter, dict) and isinstance(dead_letter.get("topic"), str)):

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from typing import Literal, TextIO
 
 __all__ = [
-    "Finding",
-    "FileReport",
-    "Reporter",
     "REPORTERS",
-    "report_text",
-    "report_json",
-    "report_github",
-    "summary_line",
+    "FileReport",
+    "Finding",
+    "Reporter",
     "format_path",
+    "report_github",
+    "report_json",
+    "report_text",
+    "summary_line",
 ]
 
 Severity = Literal["error", "info"]
@@ -121,10 +121,8 @@ def summary_line(reports: Sequence[FileReport]) -> list[str]:
 def report_text(reports: Sequence[FileReport], out: TextIO, err: TextIO) -> None:
     """``path:line:col: message [rule]`` per finding on ``out``; the summary on ``err``."""
     for report in reports:
-        for finding in report.findings:
-            out.write(finding.format_text() + "\n")
-    for line in summary_line(reports):
-        err.write(line + "\n")
+        out.writelines(finding.format_text() + "\n" for finding in report.findings)
+    err.writelines(line + "\n" for line in summary_line(reports))
 
 
 def report_json(reports: Sequence[FileReport], out: TextIO, err: TextIO) -> None:
@@ -165,8 +163,7 @@ def report_github(reports: Sequence[FileReport], out: TextIO, err: TextIO) -> No
                 )
             )
             out.write(f"::{command} {props}::{_escape_data(f.message)}\n")
-    for line in summary_line(reports):
-        err.write(line + "\n")
+    err.writelines(line + "\n" for line in summary_line(reports))
 
 
 REPORTERS: Mapping[str, Reporter] = {

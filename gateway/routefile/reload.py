@@ -5,7 +5,10 @@ message and keeps that reference until the message is settled, so a message alwa
 the table that routed it, and a reload never half-applies.
 
 The content hash makes every no-op event (``touch``, our own reads, unrelated files in the
-directory) cost one read and nothing else. What triggers a reload lives in ``watch.py``.
+directory) cost one read and nothing else. Each attempt reads the file once (``readfile.py``: a
+regular file under the size limit, never a blocking read) and hashes and loads those same bytes, so
+a file that changes during a reload cannot leave the digest and the table out of step. What
+triggers a reload lives in ``watch.py``; see docs/route-file.md#hot-reload.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from gateway.routefile.findings import Finding
-from gateway.routefile.loader import LoadResult, load_routes
+from gateway.routefile.loader import LoadResult, load_routes_bytes
+from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routing.table import RouteTable
 
 __all__ = ["ActiveTable", "ReloadOutcome", "Reloader", "TableDiff", "diff_tables"]
@@ -138,7 +141,7 @@ class Reloader:
     """
 
     def __init__(self, path: str | os.PathLike[str], active: ActiveTable, *,
-                 load: Callable[[str], LoadResult] = load_routes,
+                 load: Callable[[bytes, str], LoadResult] = load_routes_bytes,
                  on_swap: Callable[[RouteTable, RouteTable, TableDiff], None] | None = None,
                  metrics: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = os.fspath(path)
@@ -148,8 +151,8 @@ class Reloader:
         self._metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
-        # Digest of the last bytes acted on (applied or rejected): a rejected file is reported
-        # once, not again on every touch or backstop rescan.
+        # Digest of the last bytes acted on (applied or rejected), or the fingerprint of a refused
+        # file: a rejected file is reported once, not again on every touch or backstop rescan.
         self._seen = active.current.digest
         self._last_ok = True
 
@@ -172,13 +175,10 @@ class Reloader:
 
     def _reload(self, reason: str, force: bool) -> ReloadOutcome:
         try:
-            raw = Path(self.path).read_bytes()  # follows routes.yaml -> ..data/routes.yaml
-        except OSError as exc:
-            log.warning("route file %s: cannot read it (%s); keeping the current table and "
-                        "trying again", self.path, exc.strerror or exc, extra=_extra("unreadable", reason))
-            self._report(False)
-            return ReloadOutcome("unreadable", reason)
-        digest = hashlib.sha256(raw).hexdigest()
+            raw = read_route_file(self.path)  # follows routes.yaml -> ..data/routes.yaml
+        except RouteFileError as exc:
+            return self._unusable(reason, force, exc)
+        digest = hashlib.sha256(raw).hexdigest()  # of the very bytes loaded below: one read
         if digest == self._active_digest():
             self._seen = digest
             if not self._last_ok:  # reverted to what runs: the file and the gateway agree again
@@ -189,7 +189,7 @@ class Reloader:
             return self._unchanged(reason, digest)
         self._seen = digest
 
-        result = self._load(self.path)  # the same loader as `validate`, off to the side
+        result = self._load(raw, self.path)  # the same loader as `validate`, off to the side
         table = result.table
         if not result.ok or table is None:
             errors = [f for f in result.findings if f.is_error]
@@ -199,8 +199,6 @@ class Reloader:
                       reason, len(errors), self._active_digest()[:12], extra=_extra("invalid", reason))
             self._report(False)
             return ReloadOutcome("invalid", reason, digest, findings=tuple(result.findings))
-        if table.digest == self._active_digest():  # changed back between our read and the loader's
-            return self._unchanged(reason, digest)
 
         started = self._clock()
         old = self._active.swap(table)
@@ -216,6 +214,24 @@ class Reloader:
                               "(subscriptions or flush)", self.path)
         log.debug("reload applied in %.1f ms", (self._clock() - started) * 1000)
         return ReloadOutcome("applied", reason, digest, diff=diff, findings=tuple(result.findings))
+
+    def _unusable(self, reason: str, force: bool, error: RouteFileError) -> ReloadOutcome:
+        """A path that cannot be read (retried: a ConfigMap swap may be half done) or that holds no
+        route file (a FIFO, a device, a directory, too large: reported once, until it changes)."""
+        if not error.fingerprint:
+            log.warning("route file %s: %s; keeping the current table and trying again", self.path,
+                        error.message, extra=_extra("unreadable", reason))
+            self._report(False)
+            return ReloadOutcome("unreadable", reason)
+        seen = "refused:" + error.fingerprint
+        if seen == self._seen and not force:
+            return ReloadOutcome("invalid", reason)
+        self._seen = seen
+        log.error("route file %s refused (%s): %s; still running sha256 %s", self.path, reason, error.message,
+                  self._active_digest()[:12], extra=_extra("invalid", reason))
+        self._report(False)
+        finding = Finding(self.path, 1, 1, "", "unreadable", "error", error.message)
+        return ReloadOutcome("invalid", reason, findings=(finding,))
 
     def _unchanged(self, reason: str, digest: str) -> ReloadOutcome:
         level = logging.INFO if reason == "sighup" else logging.DEBUG

@@ -28,6 +28,8 @@ import jmespath
 from jmespath import exceptions as jmespath_errors
 from jmespath import functions as jmespath_functions
 
+from gateway.routing import cost
+
 __all__ = ["Expression", "ExpressionError", "compile_expression", "EvalContext", "GATEWAY_FUNCTIONS"]
 
 
@@ -35,7 +37,7 @@ class ExpressionError(ValueError):
     """A route expression that cannot be compiled; ``offset`` is the 0-based character, if known."""
 
     def __init__(self, message: str, offset: int | None = None,
-                 kind: Literal["syntax", "function"] = "syntax") -> None:
+                 kind: Literal["syntax", "function", "nesting"] = "syntax") -> None:
         super().__init__(message)
         self.message = message
         self.offset = offset
@@ -140,6 +142,16 @@ def _check_functions(source: str, parsed: dict[str, Any]) -> None:
             raise ExpressionError(f"function {name}() takes {expected} argument(s), got {count}", offset, "function")
 
 
+def _check_nesting(source: str, parsed: dict[str, Any]) -> None:
+    """Refuse what could grow each message's output exponentially (gateway/routing/cost.py)."""
+    depth, first_too_deep = cost.deepest_nesting(parsed)
+    if depth > cost.MAX_NESTING:
+        offset = _nth_call(source, *first_too_deep) if first_too_deep is not None else None
+        raise ExpressionError(f"function calls, lists and objects nest {depth} levels deep; at most {cost.MAX_NESTING}"
+                              " are allowed, since each level can double the output of every message",
+                              offset, "nesting")
+
+
 def _field_path(parsed: dict[str, Any]) -> tuple[str, ...] | None:
     if parsed["type"] == "field":
         return (parsed["value"],)
@@ -199,8 +211,8 @@ class Expression:
             if args[0]["type"] == "literal":
                 level = args[0]["value"]
                 return lambda _document: _topic_level(level)
-        search = compiled.search
-        return lambda document: search(document, _OPTIONS)
+        check_output = cost.may_grow(parsed)  # within a budget per message: see gateway/routing/cost.py
+        return lambda document: cost.evaluate(parsed, document, _OPTIONS, check_output=check_output)
 
     def __repr__(self) -> str:
         return f"Expression({self.source!r})"
@@ -229,4 +241,5 @@ def compile_expression(source: str) -> Expression:
     except jmespath_errors.JMESPathError as error:  # pragma: no cover - defensive
         raise ExpressionError(f"invalid JMESPath: {error}", None) from None
     _check_functions(source, compiled.parsed)
+    _check_nesting(source, compiled.parsed)
     return Expression(source, compiled.parsed, compiled)

@@ -18,6 +18,7 @@ import orjson
 from gateway.model import (
     MAX_PARTITION_KEY_CHARS, Message, Record, Rejected, RoutingOutcome, Skipped, is_hash_key, record_size,
 )
+from gateway.routing.cost import ExpressionTooLarge
 from gateway.routing.expressions import CONTEXT, Expression, compile_expression
 from gateway.routing.topics import TopicTrie, minimal_subscriptions
 
@@ -220,6 +221,8 @@ class RouteTable:
                 document = _decode(message.payload)
             try:
                 outcomes.append(route.apply(message, document if route.format == "json" else None))
+            except ExpressionTooLarge as error:  # the budget of one message (gateway/routing/cost.py)
+                outcomes.append(Rejected(route.name, str(error), "expression_too_large"))
             except Exception as error:  # noqa: BLE001 - one poison message must not stop the rest
                 # The class name only: jmespath's messages quote the offending payload value.
                 outcomes.append(Rejected(route.name, f"expression failed on this payload ({type(error).__name__})",

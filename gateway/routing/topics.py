@@ -2,17 +2,20 @@
 subscription set.
 
 The trie answers "which routes does this topic reach?" without scanning every filter, so a
-table of 10,000 routes costs about what a table of one does. Matching follows MQTT 3.1.1 §4.7
-(and paho's ``topic_matches_sub``): ``+`` is exactly one level, ``#`` is the rest including the
-parent level, and filters that start with a wildcard never match topics that start with ``$``.
+table of 10,000 routes costs about what a table of one does. It also answers the two questions the
+route file checks and the subscription set ask of filters: which filters *cover* a filter, and
+which *overlap* it. Those are the only walks of the matching rules in the gateway, and all three
+follow MQTT 3.1.1 §4.7 (and paho's ``topic_matches_sub``): ``+`` is exactly one level, ``#`` is the
+rest including the parent level, and filters that start with a wildcard never match topics that
+start with ``$``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["filter_error", "topic_name_error", "covers", "TopicTrie", "minimal_subscriptions"]
+__all__ = ["TopicTrie", "filter_error", "minimal_subscriptions", "topic_name_error"]
 
 T = TypeVar("T")
 
@@ -55,34 +58,8 @@ def topic_name_error(topic: str) -> str | None:
     return None
 
 
-def _matches_dollar_rule(filter_levels: Sequence[str], topic_levels: Sequence[str]) -> bool:
-    return not (topic_levels and topic_levels[0].startswith("$") and filter_levels[0] in ("+", "#"))
-
-
-def covers(broad: str, narrow: str) -> bool:
-    """True when every topic that ``narrow`` matches is also matched by ``broad``."""
-    b, n = broad.split("/"), narrow.split("/")
-    if n[0].startswith("$") and b[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(b):
-        if level == "#":
-            return True
-        if i >= len(n):
-            return False
-        if n[i] == "#":
-            return False
-        if level != "+" and level != n[i]:
-            return False
-        if level == "+" and n[i] == "#":
-            return False
-    if len(n) == len(b):
-        return True
-    # broad is exhausted; narrow has more levels: only a trailing "#" in broad would cover them.
-    return False
-
-
 class _Node:
-    __slots__ = ("children", "plus", "hash_values", "values")
+    __slots__ = ("children", "hash_values", "plus", "values")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node] = {}
@@ -92,10 +69,10 @@ class _Node:
 
 
 class TopicTrie(Generic[T]):
-    """Immutable after construction: filters map to items, ``match`` returns items in the order
-    they were given, each once, however many of its filters match."""
+    """Immutable after construction: filters map to items. Every query returns items in the order
+    they were given, each once, however many of its filters answer."""
 
-    __slots__ = ("_root", "_items")
+    __slots__ = ("_items", "_root")
 
     def __init__(self, entries: Iterable[tuple[str, T]]) -> None:
         self._root = _Node()
@@ -120,18 +97,15 @@ class TopicTrie(Generic[T]):
                     node.plus = _Node()
                 node = node.plus
             else:
-                node = node.children.setdefault(level, _Node())
+                child = node.children.get(level)
+                if child is None:
+                    child = node.children[level] = _Node()
+                node = child
         if index not in node.values:
             node.values.append(index)
 
-    @property
-    def root(self) -> _Node:
-        return self._root
-
-    def item(self, index: int) -> T:
-        return self._items[index]
-
     def match(self, topic: str) -> tuple[T, ...]:
+        """Items with a filter that matches the topic name ``topic``."""
         levels = topic.split("/")
         found: set[int] = set()
         dollar = topic.startswith("$")
@@ -150,93 +124,102 @@ class TopicTrie(Generic[T]):
                 stack.append((child, i + 1))
             if node.plus is not None and not (dollar and i == 0):
                 stack.append((node.plus, i + 1))
+        return self._in_order(found)
+
+    def covering(self, topic_filter: str) -> tuple[T, ...]:
+        """Items with a filter that matches every topic ``topic_filter`` matches (itself included)."""
+        levels = topic_filter.split("/")
+        dollar = topic_filter.startswith("$")
+        found: set[int] = set()
+        stack: list[tuple[_Node, int]] = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if node.hash_values and not (dollar and i == 0):
+                found.update(node.hash_values)
+            if i == len(levels):
+                found.update(node.values)
+                continue
+            level = levels[i]
+            if level == "#":
+                continue  # only a broad "#" (handled above) covers the rest of the levels
+            if level != "+":  # a literal level is covered by the same literal or by "+"
+                child = node.children.get(level)
+                if child is not None:
+                    stack.append((child, i + 1))
+            if node.plus is not None and not (dollar and i == 0):
+                stack.append((node.plus, i + 1))
+        return self._in_order(found)
+
+    def overlapping(self, topic_filter: str) -> tuple[T, ...]:
+        """Items with a filter that shares at least one topic with ``topic_filter`` (itself included).
+
+        Exact, not an estimate: ``#`` also matches its parent level, and a wildcard first level on
+        either side never meets a first level that starts with ``$``.
+        """
+        levels = topic_filter.split("/")
+        found: set[int] = set()
+        stack: list[tuple[_Node, int]] = [(self._root, 0)]
+        while stack:
+            node, i = stack.pop()
+            top = i == 0
+            if i == len(levels):
+                found.update(node.values)
+                found.update(node.hash_values)
+                continue
+            level = levels[i]
+            dollar = top and level.startswith("$")
+            if not dollar:
+                found.update(node.hash_values)
+            if level == "#":
+                _everything_below(node, found, top)
+                continue
+            if level == "+":
+                stack.extend((child, i + 1) for name, child in node.children.items()
+                             if not (top and name.startswith("$")))
+            else:
+                child = node.children.get(level)
+                if child is not None:
+                    stack.append((child, i + 1))
+            if node.plus is not None and not dollar:
+                stack.append((node.plus, i + 1))
+        return self._in_order(found)
+
+    def _in_order(self, found: set[int]) -> tuple[T, ...]:
         if not found:
             return ()
         items = self._items
         return tuple(items[i] for i in sorted(found))
 
 
-def _coverers(root: _Node, narrow: str) -> set[int]:
-    """Indices of the filters in ``root`` that cover ``narrow`` (a walk, not a scan)."""
-    levels = narrow.split("/")
-    dollar = narrow.startswith("$")
-    found: set[int] = set()
-    stack: list[tuple[_Node, int]] = [(root, 0)]
+def _everything_below(start: _Node, found: set[int], top: bool) -> None:
+    """Every filter at or below ``start``: what a ``#`` there can meet (not ``$`` first levels)."""
+    stack = [(start, top)]
     while stack:
-        node, i = stack.pop()
-        if node.hash_values and not (dollar and i == 0):
-            found.update(node.hash_values)
-        if i == len(levels):
-            found.update(node.values)
-            continue
-        level = levels[i]
-        if level == "#":
-            continue  # only a broad "#" (handled above) covers the rest of the levels
-        if level != "+":  # a literal level is covered by the same literal or by "+"
-            child = node.children.get(level)
-            if child is not None:
-                stack.append((child, i + 1))
-        if node.plus is not None and not (dollar and i == 0):
-            stack.append((node.plus, i + 1))
-    return found
-
-
-def _subtree(node: _Node, found: set[int]) -> None:
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        found.update(current.values)
-        found.update(current.hash_values)
-        stack.extend(current.children.values())
-        if current.plus is not None:
-            stack.append(current.plus)
-
-
-def _intersecting(root: _Node, topic_filter: str) -> set[int]:
-    """Indices of the filters in ``root`` that share at least one topic with ``topic_filter``."""
-    levels = topic_filter.split("/")
-    dollar = levels[0].startswith("$")
-    found: set[int] = set()
-    stack: list[tuple[_Node, int]] = [(root, 0)]
-    while stack:
-        node, i = stack.pop()
-        wild_ok = not (dollar and i == 0)
-        if node.hash_values and (wild_ok or levels[0] in ("+", "#")):
-            found.update(node.hash_values)
-        if i == len(levels):
-            found.update(node.values)
-            continue
-        level = levels[i]
-        if level == "#":
-            _subtree(node, found)  # "#" also matches the parent level: every filter from here on
-            continue
-        if level == "+":
-            for child in node.children.values():
-                stack.append((child, i + 1))
-        else:
-            child = node.children.get(level)
-            if child is not None:
-                stack.append((child, i + 1))
-        if node.plus is not None and (wild_ok or level == "+"):
-            stack.append((node.plus, i + 1))
-    return found
+        node, at_top = stack.pop()
+        found.update(node.hash_values)
+        found.update(node.values)
+        stack.extend((child, False) for name, child in node.children.items()
+                     if not (at_top and name.startswith("$")))
+        if node.plus is not None:
+            stack.append((node.plus, False))
 
 
 def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
     """The fewest subscriptions that still deliver every topic of ``filters``.
 
     A filter covered by a broader one is dropped and the broader one is subscribed at the highest
-    QoS of everything it covers (and of every filter it partly overlaps), so the broker never sends two copies of one message (Mosquitto
-    2.0 on MQTT 5 sends one per matching subscription; on 3.1.1 one copy at the QoS of whichever
-    matched first) and a QoS 1 route is never served by a QoS 0 subscription. The gateway routes
-    locally by topic, so nothing is lost by subscribing more broadly.
+    QoS of everything it covers (and of every filter it partly overlaps), so the broker never sends
+    two copies of one message (Mosquitto 2.0 on MQTT 5 sends one per matching subscription; on 3.1.1
+    one copy at the QoS of whichever matched first) and a QoS 1 route is never served by a QoS 0
+    subscription. The gateway routes locally by topic, so nothing is lost by subscribing more
+    broadly. See docs/delivery.md#overlapping-subscriptions.
     """
     best: dict[str, int] = {}
     for topic_filter, qos in filters:
         best[topic_filter] = max(qos, best.get(topic_filter, 0))
     names = sorted(best)
     trie: TopicTrie[str] = TopicTrie((name, name) for name in names)
-    coverers = {name: {trie.item(i) for i in _coverers(trie.root, name)} - {name} for name in names}
+    coverers = {name: set(trie.covering(name)) - {name} for name in names}
     kept = [name for name in names if not coverers[name]]
     qos_of = dict(best)
     for name in names:
@@ -245,6 +228,6 @@ def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str
                 qos_of[cover] = max(qos_of[cover], best[name])
     # Filters that still overlap in part (a/+/x and a/y/+) take the higher QoS of the two: on
     # MQTT 3.1.1 Mosquitto sends one copy at the QoS of whichever matched first.
-    kept_trie: TopicTrie[str] = TopicTrie((name, name) for name in kept)
-    raised = {name: max(qos_of[kept_trie.item(i)] for i in _intersecting(kept_trie.root, name)) for name in kept}
+    kept_trie = trie if len(kept) == len(names) else TopicTrie((name, name) for name in kept)
+    raised = {name: max(qos_of[other] for other in (name, *kept_trie.overlapping(name))) for name in kept}
     return tuple((name, raised[name]) for name in kept)

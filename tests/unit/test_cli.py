@@ -114,6 +114,92 @@ def test_validate_directory_is_unreadable(capsys: pytest.CaptureFixture[str], tm
     assert code == 2
 
 
+def _not_route_files(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / f"{name}.yaml" for name in ("dev-zero", "fifo", "directory", "100-mb")}
+    paths["dev-zero"].symlink_to("/dev/zero")
+    os.mkfifo(paths["fifo"])
+    paths["directory"].mkdir()
+    with open(paths["100-mb"], "wb") as handle:  # sparse: costs no disk
+        handle.truncate(100 * 1024 * 1024)
+    return paths
+
+
+def test_validate_refuses_what_is_not_a_route_file_with_one_line_each_and_exit_2(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    paths = _not_route_files(tmp_path)
+    code, out, _ = run(capsys, "validate", *paths.values())
+    assert code == 2
+    lines = out.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == [str(p) for p in paths.values()]
+    assert all(line.endswith("[unreadable]") for line in lines)
+    expected = ["character device", "FIFO", "directory", "100 MiB (104857600 bytes): a route file is at most 16 MiB"]
+    assert [text in line for text, line in zip(expected, lines, strict=True)] == [True] * 4
+
+
+def test_validate_refuses_an_expression_nested_forty_levels_deep_at_its_line_and_column(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    source = "data"
+    for _ in range(40):  # each level doubles every message's output: 2.6 GB per message at 40
+        source = f"to_string([{source}])"
+    path = write(tmp_path, "routes.yaml", ROUTE_NAME + f'    transform: "{source}"\n')
+    code, out, _ = run(capsys, "validate", path)
+    assert code == 1
+    ninth_call = [m.start() for m in re.finditer(r"to_string\(", source)][8]
+    column = len('    transform: "') + 1 + ninth_call
+    (line,) = out.splitlines()
+    assert line.startswith(f"{path}:7:{column}: transform: function calls, lists and objects nest 80 levels deep")
+    assert line.endswith("[jmespath-nesting]")
+
+
+def test_validate_checks_the_route_files_inside_a_configmap(capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml"
+    code, out, err = run(capsys, "validate", manifest)
+    assert code == 0, out
+    assert out == "" and err.startswith(f"{manifest} (data: routes.yaml): valid, ")
+
+
+CONFIGMAP = """apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: routes
+data:
+  README: not a route file
+  routes.yaml: |
+    version: 1
+    routes:
+      - name: welders
+
+        topic: "factory/#/welder"
+        stream: welder-telemetry
+        partition_key: name
+  quoted.yml: "version: 1\\nroutes: []\\n"
+"""
+
+
+def test_validate_places_the_findings_of_a_configmap_entry_on_the_manifests_lines(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, "configmap.yaml", CONFIGMAP)
+    code, out, err = run(capsys, "validate", path)
+    assert code == 1
+    assert out.splitlines() == [
+        f"{path}:12:16: '#' is allowed only as the last level [topic-filter]",  # inside the '|' block
+        f"{path}:15:15: routes: must not be an empty list [schema]",  # a quoted entry: at its start
+    ]
+    assert "(data: README)" not in err
+
+
+def test_validate_says_when_a_configmap_holds_no_route_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = write(tmp_path, "configmap.yaml", "apiVersion: v1\nkind: ConfigMap\ndata:\n  README: hello\n")
+    code, out, _ = run(capsys, "validate", path)
+    assert code == 1 and out.endswith("no route file to check [configmap]\n")
+
+
+def test_validate_names_each_missing_key_once(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "validate", write(tmp_path, "routes.yaml", "foo: 1\n"))
+    assert code == 1
+    assert [line.rsplit(" [", 1)[1] for line in out.splitlines()] == ["schema]", "missing-key]", "missing-key]"]
+
+
 @pytest.mark.parametrize("argv", [[], ["validate"], ["validate", "--format", "xml", "x.yaml"], ["bogus"],
                                   ["explain", "r.yaml", "--topic", "t"]])
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:

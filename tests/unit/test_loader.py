@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from gateway.routefile import loader
-from gateway.routefile.loader import QOS2_REASON, LoadResult, load_routes, load_routes_text
 from gateway.model import Message, Record
+from gateway.routefile import loader
+from gateway.routefile.loader import LoadResult, load_routes, load_routes_bytes, load_routes_text
+from gateway.routefile.readfile import RouteFileError, read_route_file
+from gateway.routefile.schema import QOS2_REASON
+from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import DeadLetter
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "routes"
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures" / "routes"
 VALID = sorted((FIXTURES / "valid").glob("*.yaml"))
 INVALID = sorted((FIXTURES / "invalid").glob("*.yaml"))
 _EXPECT = re.compile(r"^# expect: rule=(?P<rule>[a-z0-9-]+) line=(?P<line>\d+) col=(?P<col>\d+)$")
@@ -240,6 +246,113 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     assert load_routes(path).ok
 
 
+# --- each finding once, and a ConfigMap named for what it is ----------------------------------
+
+EXTRA_TEXTS = ["foo: 1\n", "{}\n", "routes: 5\n", "version: 2\nroutes: []\n", "version: 1\nroutes:\n  - {}\n",
+               (ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml").read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("text", [p.read_text(encoding="utf-8") for p in (*VALID, *INVALID)] + EXTRA_TEXTS)
+def test_no_finding_is_reported_twice(text: str) -> None:
+    findings = load(text).findings
+    assert len(set(findings)) == len(findings), [f.format_text() for f in findings]
+
+
+def test_each_missing_top_level_key_is_named_once() -> None:
+    assert [(f.rule, f.message) for f in load("foo: 1\n").findings] == [
+        ("schema", "unknown key 'foo' (allowed: version, defaults, routes)"),
+        ("missing-key", "missing required key 'version'"),
+        ("missing-key", "missing required key 'routes'"),
+    ]
+
+
+def test_a_configmap_given_as_a_route_file_says_what_it_is() -> None:
+    manifest = ROOT / "deploy" / "kubernetes" / "configmap-routes.yaml"
+    (finding,) = load_routes(manifest).findings
+    assert (finding.rule, finding.line, finding.column) == ("configmap", 5, 7)  # at `kind: ConfigMap`
+    assert "this is a Kubernetes ConfigMap, not a route file" in finding.message
+
+
+# --- what a route file may be: a regular file under the size limit (docs/route-file.md#limits) ---
+
+
+def _refused(path: Path) -> str:
+    result = load_routes(path)
+    assert result.table is None
+    (finding,) = result.findings
+    assert (finding.file, finding.line, finding.column, finding.rule) == (str(path), 1, 1, "unreadable")
+    return finding.message
+
+
+def _finishes(work: Callable[[], str], unblock: Callable[[], None]) -> str:
+    """``work()``'s result; fails (instead of hanging the run) if it blocks."""
+    box: list[str] = []
+    thread = threading.Thread(target=lambda: box.append(work()), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        unblock()
+        thread.join(5)
+        pytest.fail("reading the route file blocked")
+    return box[0]
+
+
+def test_a_symlink_to_dev_zero_is_refused_without_reading_it(tmp_path: Path) -> None:
+    link = tmp_path / "routes.yaml"
+    link.symlink_to("/dev/zero")
+    assert _refused(link) == "a character device, not a regular file"
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "routes.yaml"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # a writer releases a blocked open()
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    assert _finishes(lambda: _refused(fifo), unblock) == "a FIFO (named pipe), not a regular file"
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    assert _refused(tmp_path) == "a directory, not a regular file"
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    with open(path, "wb") as handle:  # sparse: 100 MB on paper, nothing on disk
+        handle.truncate(100 * 1024 * 1024)
+    assert _refused(path) == "the file is 100 MiB (104857600 bytes): a route file is at most 16 MiB"
+
+
+def test_the_size_limit_is_inclusive(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(b"x" * 10)
+    assert read_route_file(path, limit=10) == b"x" * 10
+    with pytest.raises(RouteFileError, match="at most 9 bytes"):
+        read_route_file(path, limit=9)
+
+
+def test_table_digest_is_of_the_bytes_read_byte_order_mark_included(tmp_path: Path) -> None:
+    raw = b"\xef\xbb\xbf" + (WELDERS + "    partition_key: name\n").encode()
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(raw)
+    table = load_routes(path).table
+    assert table is not None and table.digest == hashlib.sha256(raw).hexdigest()
+    assert load_routes_bytes(raw, "routes.yaml").table.digest == table.digest  # type: ignore[union-attr]
+
+
+def test_a_long_document_without_aliases_is_not_too_large() -> None:
+    doc = read_yaml("[" + ", ".join(["x"] * 150_000) + "]\n", "routes.yaml")  # 150,001 nodes
+    assert doc.findings == () and len(doc.data) == 150_000
+
+
+def test_aliases_that_expand_too_far_are_refused() -> None:
+    text = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcde", "bcdef"))
+    (finding,) = load(text).findings
+    assert (finding.rule, finding.message) == ("yaml-syntax", "the document is too large (aliases expand too far)")
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -247,9 +360,9 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
         "a: &a {b: *a}",
         "[" * 5000,
         "- " * 3000 + "x",
-        "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-        "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-        "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n",
+        ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+         "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+         "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"),
         "? [a, b]\n: c\n",
         "!custom x",
         "\x00",

@@ -7,16 +7,19 @@ reload runs. The route files are real YAML read by the real loader.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from gateway.routefile.loader import load_routes
+from gateway.routefile.loader import load_routes, load_routes_bytes
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff, diff_tables
 from gateway.routefile.watch import Debouncer, DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.expressions import compile_expression
@@ -290,10 +293,89 @@ def test_missing_file_mid_swap_keeps_running_and_retries(tmp_path: Path) -> None
     assert rig.active.current is not old and len(rig.swaps) == 1
 
 
+def _without_blocking(work: Callable[[], Any], unblock: Callable[[], None]) -> Any:
+    """``work()``'s result; fails (instead of hanging the run) if it blocks."""
+    box: list[Any] = []
+    thread = threading.Thread(target=lambda: box.append(work()), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        unblock()
+        thread.join(5)
+        pytest.fail("the reload blocked")
+    return box[0]
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "100-mb"])
+def test_a_route_file_swapped_for_something_else_keeps_the_table_and_later_edits_still_apply(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    rig = Rig(tmp_path)
+    old = rig.active.current
+    os.remove(rig.path)
+    if kind == "dev-zero":
+        rig.path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(rig.path)
+    elif kind == "directory":
+        rig.path.mkdir()
+    else:
+        with open(rig.path, "wb") as handle:  # sparse
+            handle.truncate(100 * 1024 * 1024)
+
+    def unblock() -> None:
+        os.close(os.open(rig.path, os.O_WRONLY | os.O_NONBLOCK))
+
+    with caplog.at_level(logging.INFO, logger="gateway.routefile.reload"):
+        outcome = _without_blocking(lambda: rig.reloader.reload("watch"), unblock)
+        assert rig.reloader.reload("rescan").status == "invalid"  # reported once, not on every rescan
+    assert outcome.status == "invalid" and not outcome.retry and rig.active.current is old
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.startswith(f"route file {rig.path} refused (watch): ") and "still running" in line
+    assert rig.metrics.calls == [(False, old.digest)]  # config_last_reload_successful 0
+
+    if rig.path.is_dir() and not rig.path.is_symlink():
+        rig.path.rmdir()
+    else:
+        os.remove(rig.path)
+    rig.path.symlink_to("..data/routes.yaml")
+    rig.writer.write({"routes.yaml": V2})
+    assert rig.reloader.reload("watch").status == "applied"
+    assert rig.active.current.get("ovens") is not None
+    assert rig.metrics.calls == [(False, old.digest), (True, rig.active.current.digest)]
+
+
+def test_sighup_reports_a_refused_file_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(tmp_path)
+    os.remove(rig.path)
+    rig.path.mkdir()
+    with caplog.at_level(logging.ERROR, logger="gateway.routefile.reload"):
+        assert rig.reloader.reload("watch").status == "invalid"
+        assert rig.reloader.reload("sighup").status == "invalid"
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 2
+
+
+def test_one_read_gives_both_the_digest_and_the_table(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    given: list[bytes] = []
+
+    def load_while_the_file_changes(raw: bytes, filename: str) -> Any:
+        given.append(raw)
+        rig.writer.write({"routes.yaml": V1})  # the operator reverts while the new file is loading
+        return load_routes_bytes(raw, filename)
+
+    reloader = Reloader(rig.path, rig.active, load=load_while_the_file_changes, metrics=rig.metrics)
+    rig.writer.write({"routes.yaml": V2})
+    outcome = reloader.reload("watch")
+    assert given == [V2]
+    assert outcome.status == "applied" and outcome.digest == hashlib.sha256(V2).hexdigest()
+    assert rig.active.current.digest == outcome.digest and rig.active.current.get("ovens") is not None
+    assert reloader.reload("watch").status == "applied"  # the revert is the next change, not lost
+
+
 def test_loader_crash_never_escapes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(tmp_path)
 
-    def broken(path: str) -> Any:
+    def broken(raw: bytes, filename: str) -> Any:
         raise RuntimeError("boom")
 
     reloader = Reloader(rig.path, rig.active, load=broken, metrics=rig.metrics)

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
-from gateway.routefile.loader import load_schema
+from gateway.routefile.schema import load_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT / "schema" / "routes.schema.json"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.client import topic_matches_sub
 
-from gateway.routing.topics import TopicTrie, covers, filter_error, minimal_subscriptions
+from gateway.routing.topics import TopicTrie, filter_error, minimal_subscriptions
 
 LEVELS = st.sampled_from(["a", "b", "c", "$SYS", "", "x y", "ü"])
 TOPICS = st.lists(LEVELS, min_size=1, max_size=5).map("/".join)
@@ -52,11 +52,55 @@ def test_trie_agrees_with_paho_topic_matches_sub(filter_list: list[str], topic: 
 
 @settings(max_examples=400, deadline=None)
 @given(filters(), filters(), TOPICS)
-def test_covers_implies_every_topic_of_the_narrow_filter_matches_the_broad_one(
+def test_covering_implies_every_topic_of_the_narrow_filter_matches_the_broad_one(
     broad: str, narrow: str, topic: str
 ) -> None:
-    if covers(broad, narrow) and topic_matches_sub(narrow, topic):
+    if TopicTrie([(broad, broad)]).covering(narrow) and topic_matches_sub(narrow, topic):
         assert topic_matches_sub(broad, topic)
+
+
+_ALPHABET = ["a", "b", "c", "$SYS", "", "z"]  # every level the filters use, and one none uses
+
+
+def _topics_of(topic_filter: str) -> set[str]:
+    """Topics standing for every topic ``topic_filter`` can match: each wildcard replaced by each
+    level of the alphabet ('#' also by nothing and by two levels)."""
+    topics = [""]
+    for index, level in enumerate(topic_filter.split("/")):
+        sep = "/" if index else ""
+        if level == "+":
+            topics = [t + sep + a for t in topics for a in _ALPHABET]
+        elif level == "#":
+            tails = [""] + [sep + a for a in _ALPHABET] + [sep + a + "/" + b for a in _ALPHABET for b in _ALPHABET]
+            topics = [t + tail for t in topics for tail in tails]
+        else:
+            topics = [t + sep + level for t in topics]
+    return {t for t in topics if t or topic_filter.startswith("#")}
+
+
+@settings(max_examples=300, deadline=None)
+@given(filters(), filters())
+def test_overlapping_is_exactly_sharing_a_topic(first: str, second: str) -> None:
+    assume(filter_error(first) is None and filter_error(second) is None)
+    candidates = _topics_of(first) | _topics_of(second)
+    shared = any(topic_matches_sub(first, t) and topic_matches_sub(second, t) for t in candidates)
+    assert bool(TopicTrie([(first, first)]).overlapping(second)) == shared
+
+
+@settings(max_examples=300, deadline=None)
+@given(filters(), filters())
+def test_covering_is_exactly_matching_every_topic_of_the_narrow_filter(broad: str, narrow: str) -> None:
+    assume(filter_error(broad) is None and filter_error(narrow) is None)
+    every = all(topic_matches_sub(broad, t) for t in _topics_of(narrow) if topic_matches_sub(narrow, t))
+    assert bool(TopicTrie([(broad, broad)]).covering(narrow)) == every
+
+
+def test_queries_return_items_in_the_order_given_each_once() -> None:
+    trie = TopicTrie([("a/#", "first"), ("+/b", "second"), ("a/b", "third"), ("a/+", "first")])
+    assert trie.match("a/b") == ("first", "second", "third")
+    assert trie.covering("a/b") == ("first", "second", "third")
+    assert trie.overlapping("+/+") == ("first", "second", "third")
+    assert trie.overlapping("$SYS/#") == ()
 
 
 @settings(max_examples=400, deadline=None)
@@ -84,6 +128,8 @@ def test_broad_filter_takes_the_qos_of_a_narrower_qos1_route() -> None:
 def test_dollar_topics_are_not_matched_by_leading_wildcards() -> None:
     trie = TopicTrie([("#", "all"), ("+/x", "plus"), ("$SYS/#", "sys")])
     assert trie.match("$SYS/x") == ("sys",)
+    assert trie.covering("$SYS/x") == ("sys",)
+    assert trie.overlapping("+/+") == ("all", "plus")
     assert minimal_subscriptions([("#", 1), ("$SYS/#", 1)]) == (("#", 1), ("$SYS/#", 1))
 
 
