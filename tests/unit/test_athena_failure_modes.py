@@ -16,8 +16,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from gateway.routefile.loader import load_routes_text
 from gateway.model import Message, Record
+from gateway.routefile.loader import load_routes_text
 from tests.support.athena_shape import (
     WELDER_COLUMNS,
     GlueTable,

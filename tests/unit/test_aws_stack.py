@@ -19,7 +19,7 @@ from cfnlint.config import ManualArgs
 
 from gateway.cli import main
 from gateway.routefile.loader import load_routes
-from tests.support.athena_shape import Delivery, GlueTable, record_problems
+from tests.support.athena_shape import WELDER_COLUMNS, Delivery, GlueTable, column_parameters, record_problems
 from tests.support.cfn import ROOT, Stack, load_template
 
 AWS = ROOT / "deploy" / "aws"
@@ -36,6 +36,17 @@ MESSAGES: list[tuple[str, list[str]]] = [
         {"name": "w7", "model": "welder", "status": "idle", "sensor_1": 24, "sensor_2": 98, "sensor_3": 16,
          "sensor_4": 1, "sensor_5": 5, "sensor_6": 100})]),
 ]
+
+
+METADATA_COLUMNS = ("route string", "topic string", "received_at bigint", "qos int", "retained boolean",
+                    "content_type string", "user_properties map<string,string>")
+ENVELOPE = ("{route: 'welders', topic: topic(), received_at: timestamp(), qos: qos(), retained: retained(), "
+            "content_type: content_type(), user_properties: user_properties(), payload: @}")
+RECIPES = {  # docs/athena.md's other shapes: (transform, the columns the guide gives for it)
+    "payload-as-is": (None, WELDER_COLUMNS),
+    "envelope": (ENVELOPE, (*METADATA_COLUMNS, "payload struct<" + ",".join(
+        c.replace(" ", ":") for c in WELDER_COLUMNS) + ">")),
+}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +118,20 @@ def test_a_column_whose_type_changes_fails_the_agreement(
         capsys: pytest.CaptureFixture[str], template: dict[str, Any]) -> None:
     problems = problems_of(capsys, ROUTES, Stack(template, {"Column04": "qos string"}))
     assert problems[0] == "pretty-printed payload, MQTT 3.1.1: field 'qos' = 0 does not fit column type string"
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_the_guides_other_recipes_write_the_columns_it_gives_for_them(
+        capsys: pytest.CaptureFixture[str], template: dict[str, Any], tmp_path: Path, recipe: str) -> None:
+    transform, columns = RECIPES[recipe]
+    guide = " ".join((ROOT / "docs" / "athena.md").read_text(encoding="utf-8").split())
+    assert transform is None or transform in guide
+    assert all(c in guide for c in columns if not c.startswith("sensor_"))
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("version: 1\nroutes:\n  - name: welders\n    topic: 'factory/+/welder/#'\n    stream: s\n"
+                      "    partition_key: name\n    append_newline: true\n"
+                      + (f'    transform: "{transform}"\n' if transform else ""), encoding="utf-8")
+    assert problems_of(capsys, routes, Stack(template, column_parameters(columns))) == []
 
 
 def test_example_route_file_is_valid_and_targets_the_stacks_stream(template: dict[str, Any]) -> None:

@@ -197,8 +197,9 @@ def test_explain_shows_explicit_hash_key(capsys: pytest.CaptureFixture[str], tmp
 
 def test_explain_shows_the_mqtt5_metadata_it_used_and_the_transform_sees_it(
         capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    routes = write(tmp_path, "routes.yaml", ROUTE_NAME + "    transform: \"{name: name, qos: qos(), retained: retained(), "
-                   "site: user_property('site'), props: user_properties(), type: content_type()}\"\n")
+    transform = ("{name: name, qos: qos(), retained: retained(), site: user_property('site'), "
+                 "props: user_properties(), type: content_type()}")
+    routes = write(tmp_path, "routes.yaml", ROUTE_NAME + f'    transform: "{transform}"\n')
     code, out, err = run(capsys, "explain", routes, "--topic", "factory/l/welder/w", "--payload", SEED_PAYLOAD,
                          "--qos", "0", "--retain", "--user-property", "site=plant-7", "--user-property", "line=a=b",
                          "--content-type", "application/json")
