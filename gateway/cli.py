@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--payload", help="payload text (UTF-8)")
     payload.add_argument("--payload-file", metavar="PATH", help="file holding the payload bytes")
     explain.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS the message arrives with (default 1)")
+    explain.add_argument("--retain", action="store_true", help="the message comes from the broker's retained store")
+    explain.add_argument("--user-property", action="append", default=[], metavar="KEY=VALUE", dest="user_properties",
+                         help="an MQTT 5 user property (repeatable, in the order sent)")
+    explain.add_argument("--content-type", metavar="TYPE", help="the MQTT 5 content type, e.g. application/json")
     explain.set_defaults(handler=_cmd_explain)
 
     test = commands.add_parser("test", help="run a YAML file of routing cases against a route file")
@@ -165,6 +169,24 @@ def _message(topic: str, payload: bytes, qos: int) -> Message:
     return Message(topic=topic, payload=payload, qos=qos, received_ms=int(time.time() * 1000))
 
 
+def _user_properties(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    parsed: list[tuple[str, str]] = []
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise _UsageError(f"--user-property {pair!r}: expected KEY=VALUE")
+        parsed.append((key, value))
+    return tuple(parsed)
+
+
+def _metadata_line(message: Message) -> str:
+    """What the metadata functions return for ``message``, as explain shows it on stderr."""
+    shown = {"topic()": message.topic, "timestamp()": message.received_ms, "qos()": message.qos,
+             "retained()": message.retain, "content_type()": message.content_type,
+             "user_properties()": dict(message.user_properties)}
+    return "metadata: " + json.dumps(shown, ensure_ascii=False)
+
+
 def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.payload_file is not None:
         try:
@@ -174,8 +196,10 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise _UsageError(f"{args.payload_file}: cannot read the payload: {exc.strerror or exc}") from None
     else:
         payload = args.payload.encode("utf-8", "surrogateescape")
-    message = _message(args.topic, payload, args.qos)
+    message = _message(args.topic, payload, args.qos)._replace(
+        retain=args.retain, user_properties=_user_properties(args.user_properties), content_type=args.content_type)
     table = _load_table(args.routes, err)
+    err.write(_metadata_line(message) + "\n")
     outcomes = table.route(message)
     for outcome in outcomes:
         out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")

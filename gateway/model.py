@@ -80,6 +80,9 @@ class Message(NamedTuple):
     payload: bytes
     qos: int
     received_ms: int
+    retain: bool = False
+    user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5, in the order sent
+    content_type: str | None = None  # MQTT 5
 
 
 class Record(NamedTuple):

@@ -3,7 +3,9 @@
 Three things happen here that jmespath itself does not do:
 
 * the gateway functions ``topic()``, ``topic(`n`)``, ``uuid()`` and ``timestamp()`` mirror AWS IoT
-  rule templates, so users' habits carry over;
+  rule templates, so users' habits carry over; ``qos()``, ``retained()``, ``content_type()``,
+  ``user_property(name)`` and ``user_properties()`` expose the MQTT metadata that a Kinesis record
+  has no header for, so a ``transform`` can carry it in the record data (docs/athena.md);
 * ``jmespath.compile`` accepts unknown function names and wrong argument counts (they fail only
   when evaluated), so the parsed tree is checked against the function table here, at load time;
 * the common shapes are specialised: a literal is a constant, a field path such as ``name`` or
@@ -11,8 +13,9 @@ Three things happen here that jmespath itself does not do:
   ``topic(`n`)`` becomes an index into the topic's levels. Only the rest goes through the
   generic interpreter.
 
-The per-message context (topic, receipt time) reaches the functions through a thread-local, set
-once per message by the route table: routing runs on one thread at a time per table user.
+The per-message context (topic, receipt time, the message's MQTT metadata) reaches the functions
+through a thread-local, set once per message by the route table: routing runs on one thread at a
+time per table user.
 """
 
 from __future__ import annotations
@@ -50,17 +53,23 @@ class EvalContext(threading.local):
     topic: str = ""
     levels: list[str] = []  # noqa: RUF012 - per-thread value, replaced per message
     received_ms: int = 0
+    message: Any = None  # the routing.table.Message being routed, for its MQTT metadata
 
-    def set(self, topic: str, received_ms: int) -> None:
+    def set(self, topic: str, received_ms: int, message: Any = None) -> None:
         self.topic = topic
         self.levels = topic.split("/")
         self.received_ms = received_ms
+        self.message = message
 
 
 CONTEXT = EvalContext()
 
 # name -> (minimum, maximum) argument count
-GATEWAY_FUNCTIONS: dict[str, tuple[int, int]] = {"topic": (0, 1), "uuid": (0, 0), "timestamp": (0, 0)}
+GATEWAY_FUNCTIONS: dict[str, tuple[int, int]] = {
+    "topic": (0, 1), "uuid": (0, 0), "timestamp": (0, 0),
+    "qos": (0, 0), "retained": (0, 0), "content_type": (0, 0), "user_property": (1, 1), "user_properties": (0, 0),
+}
+_METADATA_FUNCTIONS = frozenset({"qos", "retained", "content_type", "user_property", "user_properties"})
 
 
 def _topic_level(n: Any) -> str | None:
@@ -73,6 +82,34 @@ def _topic_level(n: Any) -> str | None:
     return None
 
 
+def _metadata(function_name: str, resolved_args: list[Any]) -> Any:
+    """The MQTT metadata functions. Without a message (no routing in progress) each is null.
+
+    A user property sent more than once (MQTT 5 allows it) has its last value, in both
+    ``user_property(name)`` and ``user_properties()``."""
+    message = CONTEXT.message
+    if function_name == "user_property":
+        name = resolved_args[0]
+        if not isinstance(name, str):
+            raise jmespath_errors.JMESPathTypeError("user_property", name, type(name).__name__, ["string"])
+        if message is None:
+            return None
+        found = None
+        for key, value in message.user_properties:
+            if key == name:
+                found = value
+        return found
+    if message is None:
+        return None
+    if function_name == "qos":
+        return message.qos
+    if function_name == "retained":
+        return bool(message.retain)
+    if function_name == "content_type":
+        return message.content_type
+    return dict(message.user_properties)  # user_properties
+
+
 class _GatewayFunctions(jmespath_functions.Functions):
     """jmespath's built-ins plus the gateway functions (arity is checked at load time)."""
 
@@ -83,6 +120,8 @@ class _GatewayFunctions(jmespath_functions.Functions):
             return str(_uuid.uuid4())
         if function_name == "timestamp":
             return CONTEXT.received_ms or int(time.time() * 1000)
+        if function_name in _METADATA_FUNCTIONS:
+            return _metadata(function_name, resolved_args)
         return super().call_function(function_name, resolved_args)
 
 

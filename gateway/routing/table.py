@@ -156,10 +156,24 @@ class Route:
             if hash_key is None:
                 return Rejected(self.name, "explicit hash key is not a decimal integer in 0..2^128-1", "hash_key")
         data = message.payload if self.transform is None else _encode(self.transform.evaluate(document))
-        if self.append_newline and not data.endswith(b"\n"):
-            data += b"\n"
+        if self.append_newline:
+            data = data + b"\n" if self.transform is not None else _one_line(data, document, self.format)
         assert key is not None  # _key_problem returned None
         return Record(self.name, self.stream, key, data, hash_key, record_size(key, data))
+
+
+def _one_line(payload: bytes, document: Any, payload_format: str) -> bytes:
+    """``append_newline`` for a payload sent as is: exactly one record per line.
+
+    A JSON payload spread over lines (pretty-printed, CRLF) is written compactly first, because
+    line readers (Athena's JSON SerDe, DuckDB's read_ndjson) take each line for a record; JSON
+    allows a line break only as whitespace, so the compact form says the same. A ``raw`` payload
+    is never parsed, so it is only given its newline."""
+    ends_with_newline = payload.endswith(b"\n")
+    body = payload[:-1] if ends_with_newline else payload
+    if payload_format == "json" and (b"\n" in body or b"\r" in body):
+        return _encode(document) + b"\n"
+    return payload if ends_with_newline else payload + b"\n"
 
 
 def _truthy(value: Any) -> bool:
@@ -213,7 +227,7 @@ class RouteTable:
         routes = self.matching(message.topic)
         if not routes:
             return []
-        CONTEXT.set(message.topic, message.received_ms)
+        CONTEXT.set(message.topic, message.received_ms, message)
         document = _NOT_PARSED
         outcomes: list[RoutingOutcome] = []
         for route in routes:

@@ -58,6 +58,14 @@ _PACE_BELOW_RATE = 1000      # msg/s under which reads of a drained socket are p
 _PAUSED_POLL_S = 0.05        # how often a paused loop re-checks the backlog
 
 
+def _publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
+    paho sets an attribute only for a property the packet carries."""
+    if properties is None:
+        return (), None
+    user_properties = getattr(properties, "UserProperty", None)
+    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
+
 
 class MqttSource:
     """One broker connection: intake of messages, ordered acks, subscriptions, backpressure."""
@@ -357,8 +365,10 @@ class MqttSource:
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self.acks.arrived(mid, qos, 0)
             return
-        self._intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos,
-                             received_ms=now_ms()), mid, qos)
+        user_properties, content_type = _publish_properties(msg.properties)
+        self._intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
+                             retain=bool(msg.retain), user_properties=user_properties,
+                             content_type=content_type), mid, qos)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         results = self.subscriptions.suback(mid, [(int(rc.value), str(rc)) for rc in codes])

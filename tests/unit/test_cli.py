@@ -282,6 +282,30 @@ def test_explain_shows_explicit_hash_key(capsys: pytest.CaptureFixture[str], tmp
     assert code == 0 and _records(out)[0]["explicit_hash_key"] == "42"
 
 
+def test_explain_shows_the_mqtt5_metadata_it_used_and_the_transform_sees_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    transform = ("{name: name, qos: qos(), retained: retained(), site: user_property('site'), "
+                 "props: user_properties(), type: content_type()}")
+    routes = write(tmp_path, "routes.yaml", ROUTE_NAME + f'    transform: "{transform}"\n')
+    code, out, err = run(capsys, "explain", routes, "--topic", "factory/l/welder/w", "--payload", SEED_PAYLOAD,
+                         "--qos", "0", "--retain", "--user-property", "site=plant-7", "--user-property", "line=a=b",
+                         "--content-type", "application/json")
+    assert code == 0
+    (record,) = _records(out)
+    assert json.loads(record["data"]) == {"name": "device123", "qos": 0, "retained": True, "site": "plant-7",
+                                          "props": {"site": "plant-7", "line": "a=b"}, "type": "application/json"}
+    (line,) = [x for x in err.splitlines() if x.startswith("metadata: ")]
+    shown = json.loads(line.removeprefix("metadata: "))
+    assert shown["qos()"] == 0 and shown["retained()"] is True and shown["content_type()"] == "application/json"
+    assert shown["user_properties()"] == {"site": "plant-7", "line": "a=b"}
+    assert shown["topic()"] == "factory/l/welder/w" and isinstance(shown["timestamp()"], int)
+
+
+def test_explain_user_property_without_equals_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "explain", EXAMPLE, "--topic", "a", "--payload", "{}", "--user-property", "site")
+    assert code == 2 and out == "" and "expected KEY=VALUE" in err and len(err.strip().splitlines()) == 1
+
+
 def test_explain_invalid_route_file_exits_2_with_findings_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     path = FIXTURES / "invalid" / "qos2-route.yaml"
     code, out, err = run(capsys, "explain", path, "--topic", "factory/l/welder/w", "--payload", "{}")

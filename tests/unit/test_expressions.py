@@ -155,3 +155,64 @@ def test_the_budgeted_interpreter_agrees_with_jmespath(source: str, document: ob
     except jmespath.exceptions.JMESPathError as error:
         got = type(error)
     assert got == expected
+
+
+def test_metadata_functions_read_the_message_being_routed() -> None:
+    from gateway.model import Message
+
+    message = Message("plant/7/welder", b"{}", 1, 1700000000000, retain=True,
+                      user_properties=(("site", "plant-7"), ("shift", "a"), ("site", "plant-8")),
+                      content_type="application/json")
+    CONTEXT.set(message.topic, message.received_ms, message)
+    assert compile_expression("qos()").evaluate(None) == 1
+    assert compile_expression("retained()").evaluate(None) is True
+    assert compile_expression("content_type()").evaluate(None) == "application/json"
+    assert compile_expression("user_property('shift')").evaluate(None) == "a"
+    assert compile_expression("user_property('site')").evaluate(None) == "plant-8"  # sent twice: the last value
+    assert compile_expression("user_property('absent')").evaluate(None) is None
+    assert compile_expression("user_properties()").evaluate(None) == {"site": "plant-8", "shift": "a"}
+    envelope = compile_expression("merge(@, {topic: topic(), received_at: timestamp(), qos: qos()})")
+    assert envelope.evaluate({"name": "d"}) == {"name": "d", "topic": "plant/7/welder",
+                                                "received_at": 1700000000000, "qos": 1}
+
+
+def test_metadata_functions_are_null_outside_routing_and_empty_without_mqtt5_properties() -> None:
+    from gateway.model import Message
+
+    CONTEXT.set("t", 0)
+    assert compile_expression("[qos(), retained(), content_type(), user_property('a'), user_properties()]"
+                              ).evaluate({}) == [None, None, None, None, None]
+    CONTEXT.set("t", 0, Message("t", b"", 0, 0))
+    assert compile_expression("[qos(), retained(), content_type(), user_property('a'), user_properties()]"
+                              ).evaluate({}) == [0, False, None, None, {}]
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("qos(@)", "function qos() takes 0 argument(s), got 1"),
+        ("retained(`1`)", "function retained() takes 0 argument(s), got 1"),
+        ("user_property()", "function user_property() takes 1 argument(s), got 0"),
+        ("user_properties('a')", "function user_properties() takes 0 argument(s), got 1"),
+        ("content_type(@)", "function content_type() takes 0 argument(s), got 1"),
+    ],
+)
+def test_metadata_functions_have_their_arity_checked_at_load_time(source: str, fragment: str) -> None:
+    with pytest.raises(ExpressionError) as caught:
+        compile_expression(source)
+    assert fragment in caught.value.message and caught.value.kind == "function"
+
+
+def test_user_property_name_must_be_a_string() -> None:
+    from jmespath.exceptions import JMESPathTypeError
+
+    from gateway.model import Message
+
+    CONTEXT.set("t", 0, Message("t", b"", 1, 0))
+    with pytest.raises(JMESPathTypeError):
+        compile_expression("user_property(`1`)").evaluate(None)
+
+
+def test_metadata_functions_never_reference_the_payload() -> None:
+    for source in ("qos()", "retained()", "content_type()", "user_property('a')", "user_properties()"):
+        assert not compile_expression(source).references_payload

@@ -320,6 +320,28 @@ def test_message_becomes_a_gateway_message_and_is_acked_in_order(fake: Any) -> N
     assert client.sent("ack") == [("ack", 1, 1), ("ack", 2, 1)]
 
 
+def test_retain_flag_and_mqtt5_properties_travel_in_the_message(fake: Any) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    _, client, pipeline = fake()
+    client.fire_connect()
+    msg = MQTTMessage(1, b"t/1")
+    msg.payload, msg.qos, msg.retain = b"{}", 1, True
+    msg.properties = Properties(PacketTypes.PUBLISH)
+    msg.properties.UserProperty = ("site", "plant-7")
+    msg.properties.UserProperty = ("site", "plant-8")
+    msg.properties.ContentType = "application/json"
+    client.on_message(client, None, msg)
+    bare = MQTTMessage(2, b"t/2")        # MQTT 3.1.1: no properties at all
+    bare.payload, bare.qos = b"{}", 1
+    client.on_message(client, None, bare)
+    v5, v311 = pipeline.messages
+    assert v5.retain is True and v5.content_type == "application/json"
+    assert v5.user_properties == (("site", "plant-7"), ("site", "plant-8"))
+    assert (v311.retain, v311.user_properties, v311.content_type) == (False, (), None)
+
+
 def test_topic_that_is_not_utf8_is_acked_and_counted_without_intake(fake: Any) -> None:
     source, client, pipeline = fake()
     client.fire_connect()

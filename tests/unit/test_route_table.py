@@ -114,3 +114,43 @@ def test_an_expression_that_fails_on_a_payload_rejects_without_quoting_it() -> N
     assert isinstance(rejected, Rejected) and "JMESPathTypeError" in rejected.reason
     assert "device123" not in rejected.reason
     assert isinstance(record, Record)
+
+
+PRETTY = b'{\n  "name": "device123",\n  "sensor_1": 24.5,\n  "note": "caf\xc3\xa9"\n}\n'
+
+
+@pytest.mark.parametrize("payload", [PRETTY, PRETTY.replace(b"\n", b"\r\n"), PRETTY.rstrip(), b"\n" + SEED])
+def test_append_newline_writes_a_multi_line_json_payload_as_one_compact_line(payload: bytes) -> None:
+    t = table(Route("lines", ("#",), "s", expr("name"), append_newline=True))
+    (record,) = t.route(message(payload=payload))
+    assert record.data.count(b"\n") == 1 and record.data.endswith(b"\n")
+    assert orjson.loads(record.data) == orjson.loads(payload)
+    assert record.size == len(record.data) + len("device123")
+
+
+def test_append_newline_keeps_a_one_line_payload_byte_for_byte() -> None:
+    t = table(Route("lines", ("#",), "s", expr("name"), append_newline=True))
+    (record,) = t.route(message(payload=SEED))
+    assert record.data == SEED + b"\n"
+    (record,) = t.route(message(payload=SEED + b"\n"))
+    assert record.data == SEED + b"\n"
+
+
+def test_append_newline_never_rewrites_a_raw_payload() -> None:
+    t = table(Route("raw", ("#",), "s", expr("topic(`1`)"), format="raw", append_newline=True))
+    (record,) = t.route(message(payload=b"line 1\nline 2"))
+    assert record.data == b"line 1\nline 2\n"
+
+
+def test_metadata_reaches_the_transform_of_every_matching_route() -> None:
+    envelope = expr("merge(@, {topic: topic(), qos: qos(), retained: retained(), content_type: content_type(), "
+                    "site: user_property('site'), props: user_properties()})")
+    t = table(Route("a", ("#",), "s", expr("name"), transform=envelope),
+              Route("b", ("#",), "s", expr("user_property('site')")))
+    m = Message("factory/line1/welder/w7", b'{"name": "d"}', 1, 5, retain=True,
+                user_properties=(("site", "plant-7"),), content_type="application/json")
+    a, b = t.route(m)
+    assert orjson.loads(a.data) == {"name": "d", "topic": "factory/line1/welder/w7", "qos": 1, "retained": True,
+                                    "content_type": "application/json", "site": "plant-7",
+                                    "props": {"site": "plant-7"}}
+    assert b.partition_key == "plant-7"
