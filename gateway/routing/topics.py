@@ -141,7 +141,12 @@ class TopicTrie(Generic[T]):
                 continue
             level = levels[i]
             if level == "#":
-                continue  # only a broad "#" (handled above) covers the rest of the levels
+                # Only a broad "#" (handled above) covers the rest of the levels, with one exception:
+                # after a single empty first level ("/#"), "#" cannot stand for zero levels (the
+                # topic "" is not valid), so "+/#" there covers it too.
+                if i == 1 and levels[0] == "" and node.plus is not None and node.plus.hash_values:
+                    found.update(node.plus.hash_values)
+                continue
             if level != "+":  # a literal level is covered by the same literal or by "+"
                 child = node.children.get(level)
                 if child is not None:
