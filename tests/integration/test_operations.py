@@ -101,7 +101,7 @@ def test_metrics_count_every_route_with_traffic_and_label_only_route_stream_reas
         fams = _families(gw)
         return (_value(fams, "records_put_total", route="welders", stream=s_weld) == counts["welders"]
                 and _value(fams, "records_put_total", route="presses", stream=s_press) == counts["presses"]
-                and (_value(fams, "records_dropped_total", route="welders") or 0) >= 1)
+                and (_value(fams, "records_dropped_total", route="welders", reason="not_json") or 0) >= 1)
     _wait(delivered, 20, "every record put and the bad payload dropped")
     fams = _families(gw)
 
