@@ -2,9 +2,9 @@
 
 Mosquitto's limits are written into the generated config on purpose and reported with the
 results: with the stock `max_queued_messages 1000` a 100k burst loses 19–47 % of its messages at
-the broker before any subscriber can act (reliability.md §11), which would make every subject look
+the broker before any subscriber can act (docs/performance.md#what-it-compares), which would make every subject look
 lossy. `max_inflight_messages` is the QoS 1 window for 3.1.1 clients; v5 clients bring their own
-Receive Maximum, which Mosquitto uses instead (§1.5).
+Receive Maximum, which Mosquitto uses instead (docs/delivery.md#backpressure).
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ from typing import Any
 from botocore.exceptions import NoRegionError
 
 from gateway import __version__
-from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
-from gateway.settings.settings import Settings, SettingsError
-from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import Pipeline
+from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
+from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable
+from gateway.settings.settings import Settings, SettingsError
 from gateway.sink.aws import make_kinesis_client
 from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink

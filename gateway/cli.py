@@ -23,18 +23,18 @@ from importlib import resources
 from typing import Any, TextIO
 
 from gateway import __version__
+from gateway.model import Message, Record, Rejected, RoutingOutcome
+from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.routefile.configmap import is_configmap, looks_like_configmap, route_entries
 from gateway.routefile.findings import REPORTERS, FileReport, Finding, report_text
 from gateway.routefile.loader import LoadResult, check_schema_in_child, load_routes, load_routes_bytes, load_routes_text
 from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routefile.yamlreader import read_yaml
-from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
-from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
-from gateway.model import Message, Record, Rejected, RoutingOutcome
 from gateway.routing.table import RouteTable
 from gateway.routing.topics import topic_name_error
+from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 PROG = "mqtt-kinesis-gateway"
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.model import Message, Record, Rejected
+from gateway.model import PUT, Failed, Message, Record, Rejected
 from gateway.routing.table import Route, RouteTable
-from gateway.model import Failed, PUT
 from gateway.source.acks import AckTracker, Ticket
 
 __all__ = ["Pipeline"]
@@ -54,7 +53,7 @@ class _Token:
     carries a copy of it rather than the payload itself (a transform, an appended newline).
     """
 
-    __slots__ = ("ticket", "message", "route", "is_dead_letter", "size")
+    __slots__ = ("is_dead_letter", "message", "route", "size", "ticket")
 
     def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False,
                  size: int = 0) -> None:

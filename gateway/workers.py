@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["supervise", "DEFAULT_SHARE_GROUP"]
+__all__ = ["DEFAULT_SHARE_GROUP", "supervise"]
 
 log = logging.getLogger("gateway.workers")
 

@@ -3,7 +3,7 @@
 Deliberately naive (this is the comparison point, not a recommendation): paho defaults (MQTT 3.1.1,
 clean session, auto-ack on receipt, so QoS 1 is acknowledged before Kinesis has the record), the
 stdlib json module for the partition key, and a blocking network call inside the callback, which
-reliability.md headline 7 shows is a data-loss bug under load. The endpoint comes from boto3's own
+docs/delivery.md#callbacks-never-block-or-raise explains is a data-loss bug under load. The endpoint comes from boto3's own
 AWS_ENDPOINT_URL_KINESIS. Prints one JSON line `{"ready": true}` once subscribed.
 """
 

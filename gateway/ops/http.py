@@ -185,7 +185,7 @@ class HealthServer:
         if path == "/metrics":
             try:
                 return 200, CONTENT_TYPE, self._render_metrics()
-            except Exception:  # noqa: BLE001 - a scrape must not take the listener down
+            except Exception:
                 log.exception("rendering metrics failed")
                 return 500, _JSON, _json({"error": "metrics unavailable"})
         return 404, _JSON, _json({"error": "not found"})
@@ -196,7 +196,7 @@ class HealthServer:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(self._serve(listener))
-        except BaseException:  # noqa: BLE001 - logged once; ``alive`` turns False for liveness to see
+        except BaseException:
             log.exception("HTTP listener stopped unexpectedly; probes and metrics are no longer served")
         finally:
             for sock in self._open.values():
@@ -279,7 +279,7 @@ class HealthServer:
                 await self._exchange(sock)
         except OSError:  # includes TimeoutError: a slow, gone or resetting client is cut, not news
             log.debug("HTTP connection dropped", exc_info=True)
-        except Exception:  # noqa: BLE001 - one connection's bug must not end the listener
+        except Exception:
             log.exception("HTTP connection failed")
         finally:
             self._closed(sock, asyncio.current_task())  # type: ignore[arg-type]
@@ -363,7 +363,7 @@ def _safely(check: Callable[[], Any], failed: Any) -> Any:
     """A probe callable that raises counts as failing; the exception is logged, not returned."""
     try:
         return check()
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.exception("health check raised")
         return failed
 

@@ -33,7 +33,7 @@ from jmespath import functions as jmespath_functions
 
 from gateway.routing import cost
 
-__all__ = ["Expression", "ExpressionError", "compile_expression", "EvalContext", "GATEWAY_FUNCTIONS"]
+__all__ = ["GATEWAY_FUNCTIONS", "EvalContext", "Expression", "ExpressionError", "compile_expression"]
 
 
 class ExpressionError(ValueError):
@@ -227,7 +227,7 @@ def _path_getter(keys: tuple[str, ...]) -> Callable[[Any], Any]:
 class Expression:
     """A compiled route expression. ``evaluate`` is what the hot path calls."""
 
-    __slots__ = ("source", "references_payload", "evaluate", "is_constant")
+    __slots__ = ("evaluate", "is_constant", "references_payload", "source")
 
     def __init__(self, source: str, parsed: dict[str, Any], compiled: Any) -> None:
         self.source = source

@@ -16,7 +16,14 @@ from typing import Any, Literal
 import orjson
 
 from gateway.model import (
-    MAX_PARTITION_KEY_CHARS, Message, Record, Rejected, RoutingOutcome, Skipped, is_hash_key, record_size,
+    MAX_PARTITION_KEY_CHARS,
+    Message,
+    Record,
+    Rejected,
+    RoutingOutcome,
+    Skipped,
+    is_hash_key,
+    record_size,
 )
 from gateway.routing.cost import ExpressionTooLarge
 from gateway.routing.expressions import CONTEXT, Expression, compile_expression

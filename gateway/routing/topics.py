@@ -168,8 +168,10 @@ class TopicTrie(Generic[T]):
             node, i = stack.pop()
             top = i == 0
             if i == len(levels):
-                found.update(node.values)
-                found.update(node.hash_values)
+                # The one topic shared here is the filter's own levels; the topic "" is not valid.
+                if not (i == 1 and (levels[0] == "" or node is self._root.children.get(""))):
+                    found.update(node.values)
+                    found.update(node.hash_values)
                 continue
             level = levels[i]
             dollar = top and level.startswith("$")

@@ -8,7 +8,7 @@ dead-lettered on purpose). Records finish out of order (many batches, retries), 
 acks in arrival order ([MQTT-4.6.0-2]); so completed tickets wait behind the oldest incomplete one
 (a low-water mark over a deque). Acks belong to one connection: paho's reconnect drops queued acks
 and a broker may reuse a packet id on the new connection, so `new_connection()` forgets every
-pending ticket of the old one and their later settlements do nothing (reliability.md §2, §9.1).
+pending ticket of the old one and their later settlements do nothing (docs/delivery.md#acks-and-ordering).
 
 Threading: `arrived()` and `new_connection()` run on the MQTT network thread; `settle()` runs on
 sink threads, in bulk (one lock round-trip per call). `send_ack` is called while the lock is held,
@@ -41,7 +41,7 @@ class Ticket:
     observe receipt→ack latency for the tickets the tracker reports as done.
     """
 
-    __slots__ = ("mid", "qos", "generation", "received_ms", "_remaining", "_done")
+    __slots__ = ("_done", "_remaining", "generation", "mid", "qos", "received_ms")
 
     def __init__(self, mid: int, qos: int, generation: int, parts: int, received_ms: int) -> None:
         self.mid = mid

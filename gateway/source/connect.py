@@ -1,7 +1,7 @@
 """From `MqttConfig` to a configured paho client: the only place connection options are decided.
 
 Why apart from the source: these are the choices that decide whether delivery survives a restart
-(reliability.md §0.2: paho's v5 default `clean_start` wipes the session; use clean_start=False and
+(docs/delivery.md#persistent-session: paho's v5 default `clean_start` wipes the session; use clean_start=False and
 SessionExpiryInterval > 0, or clean_session=False on 3.1.1) and whether TLS verifies the broker
 (on unless `tls_insecure` is set explicitly). They are easy to review and test in one screen.
 """

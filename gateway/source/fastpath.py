@@ -27,8 +27,8 @@ import logging
 from typing import Any
 
 import paho.mqtt
-from paho.mqtt.client import Client as PahoClient
 from paho.mqtt import _packet
+from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.properties import Properties
 
 __all__ = ["BufferedClient", "SharedTableProperties", "install"]

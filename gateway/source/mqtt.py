@@ -7,7 +7,7 @@ acks), yet we keep writing acks and PINGREQs. paho closes the link itself only w
 outstanding and nothing at all was read for a whole keepalive (`_check_keepalive` re-arms the ping
 whenever bytes arrived), so while paused we read one packet every keepalive/4 s: at most four
 messages per keepalive slip past the backlog bound, and a slow Kinesis never starves the keepalive
-(reliability.md §0.7, test 20).
+(docs/delivery.md#backpressure).
 
 Why a read interval (`read_interval_s`, MQTT_READ_INTERVAL_MS): at low rates a message wakes an
 idle process, and that wake-up costs several times the work the message needs. Once a read has
@@ -22,7 +22,7 @@ Invariants held here:
   work (acks, subscription changes) and wake the loop. The one exception is `publish()`, which
   paho supports from other threads (it queues and calls our write-registration hook to wake us).
 - an exception in a callback is logged in one line and counted, never raised into paho, because
-  it would kill the loop thread silently (reliability.md §0.6); if the thread dies anyway,
+  it would kill the loop thread silently (docs/delivery.md#callbacks-never-block-or-raise); if the thread dies anyway,
   `alive` turns False and `on_fatal` is told.
 - an ack owed to an earlier connection never goes out on a new one (AckTracker generations plus
   clearing our own ack queue on every connection change).
