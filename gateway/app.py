@@ -9,6 +9,7 @@ acked by then is redelivered by the broker to the next process with this client 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -26,8 +27,10 @@ from gateway.pipeline import Pipeline
 from gateway.routing.table import RouteTable
 from gateway.sink.aws import make_kinesis_client
 from gateway.sink.kinesis import KinesisSink, SinkConfig
+from gateway.settings.settings import MqttConfig
 from gateway.source.acks import AckTracker
-from gateway.source.mqtt import MqttConfig, MqttSource
+from gateway.source.mqtt import MqttSource
+from gateway.source.outbound import Outbound
 
 __all__ = ["EXIT_CONFIG", "EXIT_FAILED", "EXIT_OK", "Gateway"]
 
@@ -37,11 +40,11 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:
+    """The settings' MQTT config with `persistent` decided: by the route table unless set."""
     mqtt = settings.mqtt
-    persistent = mqtt.persistent if mqtt.persistent is not None else any(q >= 1 for _, q in table.subscriptions)
-    fields = {name: getattr(mqtt, name) for name in MqttConfig.__dataclass_fields__ if hasattr(mqtt, name)}
-    fields["persistent"] = persistent
-    return MqttConfig(**fields)
+    if mqtt.persistent is not None:
+        return mqtt
+    return dataclasses.replace(mqtt, persistent=any(q >= 1 for _, q in table.subscriptions))
 
 
 class Gateway:
@@ -67,16 +70,14 @@ class Gateway:
             backoff_cap_s=kinesis.retry_cap_s, record_ttl_s=kinesis.record_ttl_s,
             aggregate_routes=frozenset(r.name for r in table.routes if r.aggregate),
         ), on_settled=self._settled, metrics=self.metrics)
-        self.source = MqttSource(_mqtt_config(settings, table), intake=self._intake, metrics=self.metrics)
-        self.acks = AckTracker(self.source.ack)
-        self.source.set_ack_tracker(self.acks)
+        self.outbound = Outbound()
+        self.acks = AckTracker(self.outbound)
         self.pipeline = Pipeline(self.active, self.sink, self.acks, self.metrics, settings.backlog,
-                                 dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True)
-        self.source.set_backlog_full(self.pipeline.backlog_full)
-        self.source.set_after_read(self.pipeline.hand_over)
-        self.pipeline.set_on_backlog_freed(self.source.backlog_freed)
+                                 dead_letter_mqtt=self.outbound, echo=settings.stdout, hand_over_in_bulk=True)
+        self.pipeline.set_on_backlog_freed(self.outbound.wake)
         self.metrics.before_render(self.pipeline.flush_counts)
-        self.source.set_subscriptions(list(table.subscriptions))
+        self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
+                                 outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
         self.reloader: Reloader | None = None
         self.watcher: DirectoryWatcher | None = None
         if settings.routes_file:
@@ -89,9 +90,6 @@ class Gateway:
 
     # -- callbacks --------------------------------------------------------------------------
 
-    def _intake(self, message: Any, mid: int, qos: int) -> None:
-        self.pipeline.intake(message, mid, qos)
-
     def _settled(self, results: list[tuple[Any, Any]]) -> None:
         self.pipeline.settled(results)
 
@@ -99,7 +97,7 @@ class Gateway:
         """Runs on the reload worker after the swap: subscriptions follow the new table."""
         self.metrics.declare_routes((r.name, r.stream) for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
-        self.source.set_subscriptions(list(new.subscriptions))
+        self.source.update_subscriptions(new.subscriptions)
 
     # -- health -----------------------------------------------------------------------------
 

@@ -43,7 +43,9 @@ class ActiveTableReader(Protocol):
 
 
 class DeadLetterPublisher(Protocol):
-    def publish_dead_letter(self, topic: str, payload: bytes, done: Callable[[bool], None]) -> None: ...
+    """`gateway.source.outbound.Outbound`: the MQTT loop publishes it; `done(ok, reason)` on its thread."""
+
+    def publish(self, topic: str, payload: bytes, qos: int, done: Callable[[bool, str], None]) -> None: ...
 
 
 class _Token:
@@ -182,6 +184,10 @@ class Pipeline:
             )
             self._dead_letter(_Token(ticket, message, route), rejection.reason, code)
 
+    def after_read(self) -> None:
+        """SourceHooks: the MQTT source ended a read round."""
+        self.hand_over()
+
     def hand_over(self) -> None:
         """Give the sink every record routed since the last call (MQTT thread)."""
         outbox = self._outbox
@@ -256,14 +262,14 @@ class Pipeline:
             self._release([token.ticket])
             return
 
-        def done(ok: bool) -> None:
+        def done(ok: bool, _reason: str) -> None:
             if ok:
                 self._metrics.records_dead_lettered(token.route.name, 1)
             else:
                 self._drop(token, f"dead letter topic publish failed: {reason}", "dead_letter_failed")
             self._release([token.ticket])
 
-        publisher.publish_dead_letter(target.target, envelope, done)
+        publisher.publish(target.target, envelope, 1, done)
 
     def _drop(self, token: _Token, reason: str, code: str) -> None:
         self._metrics.records_dropped(token.route.name, code, 1)

@@ -27,8 +27,8 @@ import logging
 from typing import Any
 
 import paho.mqtt
-from paho.mqtt.client import Client as PahoClient
 from paho.mqtt import _packet
+from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.properties import Properties
 
 __all__ = ["BufferedClient", "SharedTableProperties", "install"]
@@ -60,7 +60,7 @@ def install() -> bool:
     if not paho.mqtt.__version__.startswith("2.") or getattr(_packet, "Properties", None) is not Properties:
         log.info("paho-mqtt %s: PUBLISH properties decoded by paho's own code", paho.mqtt.__version__)
         return False
-    _packet.Properties = SharedTableProperties  # type: ignore[attr-defined]
+    _packet.Properties = SharedTableProperties  # type: ignore[attr-defined,misc]
     return True
 
 

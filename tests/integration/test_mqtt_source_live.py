@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +20,47 @@ import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from gateway.model import Message
-from gateway.source.mqtt import MqttConfig, MqttSource
-from tests.support.publisher import Publisher
+from gateway.settings.settings import load_settings
+from gateway.source.acks import AckTracker
+from gateway.source.fastpath import BufferedClient
+from gateway.source.mqtt import MqttSource
+from gateway.source.outbound import Outbound
 from tests.support.certs import make_test_pki
+from tests.support.publisher import Publisher
 from tests.support.services import Mosquitto, TlsFiles, free_port
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 PROTOCOLS = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
 
 
 class Intake:
-    """The pipeline's seat: keeps every message and ticket; settles at once unless `hold`."""
+    """The pipeline's seat (the source's hooks): keeps every message and ticket; settles at once
+    unless `hold`; `full` is the backlog."""
 
-    def __init__(self, hold: bool = False) -> None:
-        self.hold = hold
-        self.source: MqttSource | None = None
+    def __init__(self, acks: AckTracker, outbound: Outbound, hold: bool = False) -> None:
+        self.acks, self.outbound, self.hold = acks, outbound, hold
+        self.full = threading.Event()
         self.cond = threading.Condition()
         self.seqs: list[int] = []
         self.mids: list[int] = []
         self.tickets: list[Any] = []
 
-    def __call__(self, message: Message, mid: int, qos: int) -> None:
-        assert self.source is not None
-        ticket = self.source.acks.arrived(mid, qos, 1)
+    def intake(self, message: Message, mid: int, qos: int) -> None:
+        ticket = self.acks.arrived(mid, qos, 1)
         with self.cond:
             self.seqs.append(json.loads(message.payload).get("seq", -1))
             self.mids.append(mid)
             self.tickets.append(ticket)
             self.cond.notify_all()
         if not self.hold:
-            self.source.acks.settle([ticket])
+            self.acks.settle([ticket])
+
+    def after_read(self) -> None:
+        pass
+
+    def backlog_full(self) -> bool:
+        return self.full.is_set()
 
     def wait_for(self, predicate: Callable[[list[int]], bool], timeout: float = 15.0) -> bool:
         with self.cond:
@@ -70,30 +81,44 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         m.stop()
 
 
+class RecordingClient(BufferedClient):
+    """The gateway's paho client, noting every ack it is asked to put on the wire."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acked: list[int] = []
+
+    def ack(self, mid: int, qos: int) -> Any:
+        self.acked.append(mid)
+        return super().ack(mid, qos)
+
+
 @pytest.fixture
 def sources() -> Iterator[Callable[..., tuple[MqttSource, Intake]]]:
-    started: list[MqttSource] = []
+    started: list[tuple[MqttSource, Outbound]] = []
+    documented = load_settings({"MQTT_HOST": "127.0.0.1", "GATEWAY_ROUTES": "routes.yaml"}).mqtt
 
     def start(port: int, *, client_id: str = "gw-test", protocol: str = "5", hold: bool = False,
               subscriptions: list[tuple[str, int]] | None = None, wait: bool = True,
-              **kwargs: Any) -> tuple[MqttSource, Intake]:
-        intake = Intake(hold)
-        backlog_full = kwargs.pop("backlog_full", None)
-        config = MqttConfig(host="127.0.0.1", port=port, client_id=client_id, protocol=protocol,
-                            **kwargs)
-        source = MqttSource(config, intake, backlog_full=backlog_full)
-        intake.source = source
-        source.set_subscriptions(subscriptions or [("welder/#", 1)])
+              client_factory: Callable[..., Any] = BufferedClient, **kwargs: Any) -> tuple[MqttSource, Intake]:
+        outbound = Outbound()
+        acks = AckTracker(outbound)
+        intake = Intake(acks, outbound, hold)
+        config = replace(documented, **{"port": port, "client_id": client_id, "protocol": protocol,
+                                        "persistent": True, "read_interval_s": 0.0, **kwargs})
+        source = MqttSource(config, hooks=intake, acks=acks, outbound=outbound,
+                            subscriptions=subscriptions or [("welder/#", 1)], client_factory=client_factory)
         source.start()
-        started.append(source)
+        started.append((source, outbound))
         if wait:
             assert source.wait_connected(10), "source did not connect"
             assert source.wait_subscribed(10), source.subscriptions.status()
         return source, intake
 
     yield start
-    for source in started:
+    for source, outbound in started:
         source.stop(5)
+        outbound.close()
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
@@ -128,21 +153,20 @@ def test_unacked_messages_are_redelivered_after_reconnect(broker: Mosquitto, sou
 
 def test_acks_go_out_in_arrival_order_whatever_order_kinesis_answers(
         broker: Mosquitto, sources: Any) -> None:
-    source, intake = sources(broker.port, client_id="gw-order", hold=True)
-    acked: list[int] = []
-    client_ack = source._client.ack
+    clients: list[RecordingClient] = []
 
-    def recording_ack(mid: int, qos: int) -> Any:
-        acked.append(mid)
-        return client_ack(mid, qos)
+    def recording(*args: Any, **kwargs: Any) -> RecordingClient:
+        clients.append(RecordingClient(*args, **kwargs))
+        return clients[-1]
 
-    source._client.ack = recording_ack
+    source, intake = sources(broker.port, client_id="gw-order", hold=True, client_factory=recording)
+    acked = clients[0].acked
     with Publisher(port=broker.port) as pub:
         pub.publish_range(20)        # mosquitto's default in-flight window is 20
         assert intake.wait_for(lambda seqs: len(seqs) == 20)
         tickets = list(intake.tickets)
         random.Random(7).shuffle(tickets)
-        settlers = [threading.Thread(target=source.acks.settle, args=(tickets[i::4],)) for i in range(4)]
+        settlers = [threading.Thread(target=intake.acks.settle, args=(tickets[i::4],)) for i in range(4)]
         for t in settlers:
             t.start()
         for t in settlers:
@@ -160,9 +184,8 @@ def test_acks_go_out_in_arrival_order_whatever_order_kinesis_answers(
 
 
 def test_paused_source_keeps_its_connection_across_keepalives(broker: Mosquitto, sources: Any) -> None:
-    full = threading.Event()
-    source, intake = sources(broker.port, client_id="gw-pause", keepalive_s=2,
-                             backlog_full=full.is_set)
+    source, intake = sources(broker.port, client_id="gw-pause", keepalive_s=2)
+    full = intake.full
     full.set()
     with Publisher(port=broker.port) as pub:
         pub.publish_range(200)
@@ -172,14 +195,14 @@ def test_paused_source_keeps_its_connection_across_keepalives(broker: Mosquitto,
         assert intake.count() <= 6.5 * 4 / 2 + 2   # one packet per keepalive/4 slips through
         assert "exceeded timeout" not in broker.log_text()
         full.clear()
-        source.resume()
+        intake.outbound.wake()                     # what the pipeline does when its backlog has room
         assert intake.wait_for(lambda seqs: set(range(200)) <= set(seqs))
     assert source.stats()["connects"] == 1
 
 
 def test_subscription_changes_apply_on_the_same_connection(broker: Mosquitto, sources: Any) -> None:
     source, intake = sources(broker.port, client_id="gw-diff", subscriptions=[("a/#", 1)])
-    source.set_subscriptions([("b/#", 1)])
+    source.update_subscriptions([("b/#", 1)])
     assert source.wait_subscribed(10) and set(source.subscriptions.status()) == {"b/#"}
     with Publisher(port=broker.port, topic_for=lambda seq: "a/x" if seq == 0 else "b/x") as pub:
         pub.publish_range(2)
