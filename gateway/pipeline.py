@@ -188,6 +188,12 @@ class Pipeline:
         """SourceHooks: the MQTT source ended a read round."""
         self.hand_over()
 
+    def send_now(self) -> None:
+        """SourceHooks: the broker waits for our acks (its in-flight window is full); the linger
+        would only stall it."""
+        self.hand_over()
+        self._sink.send_now()
+
     def hand_over(self) -> None:
         """Give the sink every record routed since the last call (MQTT thread)."""
         outbox = self._outbox

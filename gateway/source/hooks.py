@@ -25,6 +25,11 @@ class SourceHooks(Protocol):
     def after_read(self) -> None:
         """A read round ended (it may have taken in messages): hand them on in bulk."""
 
+    def send_now(self) -> None:
+        """The broker sends nothing more until we ack what we hold (its in-flight window is full):
+        send the records handed over so far without waiting out the linger
+        (docs/performance.md#what-gets-it-there)."""
+
     def backlog_full(self) -> bool:
         """While True the source stops reading; the pipeline calls `Outbound.wake()` when the
         backlog has room again (docs/delivery.md#backpressure)."""

@@ -14,7 +14,9 @@ process, and that wake-up costs several times the work the message needs. Once a
 the socket, the next read waits for the interval, so a trickle is handled a few times a second in
 small groups; acks released meanwhile ride that round (docs/performance.md#what-gets-it-there). A
 busy socket is never paced (a read that stops at its packet budget reads again at once), nor is any
-read while more than _PACE_BELOW_RATE messages a second arrive.
+read while more than _PACE_BELOW_RATE messages a second arrive, nor while the broker waits for our
+acks because its in-flight window is full (`gateway.source.window`): then the pipeline is also
+asked to send what it holds at once, since the broker sends nothing more until it is acked.
 
 Invariants held here:
 - every paho call that touches the connection runs on this loop's thread; other threads only queue
@@ -40,6 +42,7 @@ from typing import Any, Protocol
 from gateway.settings.settings import MqttConfig
 from gateway.source.hooks import SourceHooks
 from gateway.source.outbound import Outbound, Taken
+from gateway.source.window import WindowWatch
 
 __all__ = ["LoopClient", "NetworkLoop", "NetworkLoopError", "Session"]
 
@@ -80,6 +83,9 @@ class Session(Protocol):
     @property
     def received(self) -> int:
         """PUBLISH packets taken in so far, over all connections."""
+    @property
+    def outstanding(self) -> int:
+        """QoS 1 messages of this connection taken in and not yet acked."""
     def connect_once(self) -> bool:
         """One connection attempt; False (logged, counted) if it failed at once."""
     def service(self, taken: Taken) -> None:
@@ -122,6 +128,9 @@ class NetworkLoop:
         self._slow = True             # the message rate is below _PACE_BELOW_RATE (see _pace)
         self._rate_since = 0.0
         self._rate_base = 0
+        self._window = WindowWatch()
+        self._window_connection = 0.0  # the connection (its CONNACK time) the window watch is about
+        self._window_full = False      # the last read found the broker waiting for our acks
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -259,13 +268,19 @@ class NetworkLoop:
         self._watched = (sock, events)
 
     def _read(self, client: LoopClient, paused: bool) -> None:
+        self._window_full = False
         try:
             self._read_packets(client, paused)
         finally:
-            try:
-                self._hooks.after_read()
-            except Exception as exc:  # noqa: BLE001 - never let the loop die of a hook
-                self._session.callback_failed("after_read", exc)
+            self._run_hook("after_read", self._hooks.after_read)
+            if self._window_full:
+                self._run_hook("send_now", self._hooks.send_now)
+
+    def _run_hook(self, name: str, hook: Callable[[], None]) -> None:
+        try:
+            hook()
+        except Exception as exc:  # noqa: BLE001 - never let the loop die of a hook
+            self._session.callback_failed(name, exc)
 
     def _read_packets(self, client: LoopClient, paused: bool) -> None:
         if paused:      # just enough to keep paho's keepalive happy; the rest waits in the socket
@@ -278,16 +293,24 @@ class NetworkLoop:
             if client.loop_read() != 0 or client.socket() is None:
                 return
             if session.received == before:       # drained: what the broker sent is all read
-                self._pace()
+                self._drained()
                 return
             if self._hooks.backlog_full():
                 return
 
-    def _pace(self) -> None:
-        """After a drained read, wait out the read interval, but only while the rate is low: a QoS 1
-        stream is bounded by the broker's in-flight window per round trip, and pacing would
-        lengthen the trip."""
+    def _drained(self) -> None:
         now = self._clock()
+        session = self._session
+        if session.connected_at != self._window_connection:
+            self._window_connection = session.connected_at
+            self._window.new_connection()
+        self._window_full = self._window.drained(session.outstanding, now)
+        self._pace(now)
+
+    def _pace(self, now: float) -> None:
+        """After a drained read, wait out the read interval, but only while the rate is low and the
+        broker is not waiting for our acks: a QoS 1 stream is bounded by the broker's in-flight
+        window per round trip, and pacing would lengthen the trip."""
         interval = self._config.read_interval_s
         elapsed = now - self._rate_since
         count = self._session.received - self._rate_base
@@ -297,8 +320,7 @@ class NetworkLoop:
         elif elapsed >= 1.0:
             self._slow = True            # ...its end after a second below the rate
             self._rate_since, self._rate_base = now, self._session.received
-        if self._slow:
-            self._next_read = now + interval
+        self._next_read = now + interval if self._slow and not self._window_full else 0.0
 
     def _retry_delay(self) -> float:
         """Capped exponential backoff with full jitter above the floor; resets after a stable link."""

@@ -105,6 +105,10 @@ class PahoSession:
         return self._received
 
     @property
+    def outstanding(self) -> int:
+        return self._acks.pending
+
+    @property
     def session_present(self) -> bool | None:
         return self._session_present
 

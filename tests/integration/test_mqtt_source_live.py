@@ -1,4 +1,5 @@
-"""MqttSource against a real mosquitto on 127.0.0.1: sessions, redelivery, ack order, backpressure.
+"""MqttSource against a real mosquitto on 127.0.0.1: sessions, redelivery, ack order, backpressure,
+and a broker's in-flight window (the last also through a whole gateway process and moto).
 
 Each test starts its own broker (tests.support.services.Mosquitto, stopped by pid) with
 `max_queued_messages` raised so the broker's own queue limit never hides a gateway bug.
@@ -26,6 +27,8 @@ from gateway.source.fastpath import BufferedClient
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
 from tests.support.certs import make_test_pki
+from tests.support.gatewayproc import GatewayProcess, write_routes
+from tests.support.oracle import emit, wait_delivered, wait_until
 from tests.support.publisher import Publisher
 from tests.support.services import Mosquitto, TlsFiles, free_port
 
@@ -57,6 +60,9 @@ class Intake:
             self.acks.settle([ticket])
 
     def after_read(self) -> None:
+        pass
+
+    def send_now(self) -> None:
         pass
 
     def backlog_full(self) -> bool:
@@ -100,10 +106,12 @@ def sources() -> Iterator[Callable[..., tuple[MqttSource, Intake]]]:
 
     def start(port: int, *, client_id: str = "gw-test", protocol: str = "5", hold: bool = False,
               subscriptions: list[tuple[str, int]] | None = None, wait: bool = True,
-              client_factory: Callable[..., Any] = BufferedClient, **kwargs: Any) -> tuple[MqttSource, Intake]:
+              client_factory: Callable[..., Any] = BufferedClient,
+              make_hooks: Callable[[AckTracker, Outbound, bool], Intake] = Intake,
+              **kwargs: Any) -> tuple[MqttSource, Intake]:
         outbound = Outbound()
         acks = AckTracker(outbound)
-        intake = Intake(acks, outbound, hold)
+        intake = make_hooks(acks, outbound, hold)
         config = replace(documented, **{"port": port, "client_id": client_id, "protocol": protocol,
                                         "persistent": True, "read_interval_s": 0.0, **kwargs})
         source = MqttSource(config, hooks=intake, acks=acks, outbound=outbound,
@@ -145,7 +153,7 @@ def test_unacked_messages_are_redelivered_after_reconnect(broker: Mosquitto, sou
         again, intake = sources(broker.port, client_id="gw-redeliver")
         assert intake.wait_for(lambda seqs: set(range(15)) <= set(seqs))
         assert again.stop(5)                       # this time everything was acked
-        last, after = sources(broker.port, client_id="gw-redeliver")
+        _last, after = sources(broker.port, client_id="gw-redeliver")
         pub.publish(1000)
         assert after.wait_for(lambda seqs: 1000 in seqs)
     assert after.seqs == [1000]
@@ -239,8 +247,8 @@ def test_mutual_tls_connects_with_verification_on(tmp_path: Path, sources: Any) 
     pki = make_test_pki(tmp_path / "pki")
     tls = TlsFiles(pki.ca, pki.server.cert, pki.server.key)
     with Mosquitto(tmp_path / "tls", tls=tls, require_certificate=True) as m:
-        source, intake = sources(m.tls_port, client_id="gw-tls", tls=True, ca_file=str(pki.ca),
-                                 cert_file=str(pki.client.cert), key_file=str(pki.client.key))
+        _source, intake = sources(m.tls_port, client_id="gw-tls", tls=True, ca_file=str(pki.ca),
+                                  cert_file=str(pki.client.cert), key_file=str(pki.client.key))
         with Publisher(port=m.port) as pub:
             pub.publish(1)
             assert intake.wait_for(lambda seqs: 1 in seqs)
@@ -261,3 +269,93 @@ def test_wrong_ca_is_one_log_line_and_bounded_retries(tmp_path: Path, sources: A
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.source.mqtt"]
     assert len(lines) == 1 and "TLS certificate verification failed" in lines[0]
     assert all(r.exc_info is None for r in caplog.records)
+
+
+# --- a broker whose in-flight window is one message (ejabberd's) --------------------------------
+
+WINDOW_MESSAGES = 200
+
+
+class Lingering(Intake):
+    """Settles what it holds once a linger has passed, as the pipeline's sink does, or at once
+    when the source calls `send_now()`."""
+
+    def __init__(self, acks: AckTracker, outbound: Outbound, linger_s: float = 0.2) -> None:
+        super().__init__(acks, outbound, hold=True)
+        self.sent_now = 0
+        self._urgent = threading.Event()
+        self._done = threading.Event()
+        self._settled = 0
+        self._sender = threading.Thread(target=self._send, args=(linger_s,), daemon=True)
+        self._sender.start()
+
+    def send_now(self) -> None:
+        self.sent_now += 1
+        self._urgent.set()
+
+    def close(self) -> None:
+        self._done.set()
+        self._urgent.set()
+        self._sender.join(5)
+
+    def _send(self, linger_s: float) -> None:
+        while not self._done.is_set():
+            self._urgent.wait(linger_s)
+            self._urgent.clear()
+            with self.cond:
+                due, self._settled = self.tickets[self._settled:], len(self.tickets)
+            self.acks.settle(due)
+
+
+def test_the_source_asks_for_held_messages_at_once_when_the_window_is_full(
+        mosquitto_factory: Callable[..., Mosquitto], sources: Any) -> None:
+    broker = mosquitto_factory(max_inflight_messages=1)
+    lingering: list[Lingering] = []
+
+    def hooks(acks: AckTracker, outbound: Outbound, hold: bool) -> Lingering:
+        lingering.append(Lingering(acks, outbound))
+        return lingering[-1]
+
+    _source, intake = sources(broker.port, client_id="gw-window", protocol="3.1.1", read_interval_s=0.1,
+                             make_hooks=hooks)
+    try:
+        with Publisher(port=broker.port, protocol=PROTOCOLS["3.1.1"]) as pub:
+            started = time.monotonic()
+            pub.publish_range(WINDOW_MESSAGES)
+            assert intake.wait_for(lambda seqs: len(seqs) >= WINDOW_MESSAGES, timeout=60), f"got {intake.count()}"
+            elapsed = time.monotonic() - started
+    finally:
+        lingering[0].close()
+    assert elapsed < 10, f"{WINDOW_MESSAGES} messages through a window of one took {elapsed:.1f}s"
+    assert lingering[0].sent_now >= WINDOW_MESSAGES - 2      # every message but the first ones
+
+
+@pytest.mark.timeout(120)
+def test_a_window_of_one_message_does_not_make_the_linger_the_throughput_limit(
+        tmp_path: Path, kinesis_stream: str, kinesis: Any, mosquitto_factory: Callable[..., Mosquitto],
+        gateway_process: Callable[..., GatewayProcess], publisher: Callable[..., Publisher]) -> None:
+    """Mosquitto's max_inflight_messages 1 on MQTT 3.1.1 sends the next QoS 1 message only after
+    the previous PUBACK, as ejabberd does. Held for the read interval and the linger (100 + 200 ms
+    by default), 200 messages would take a minute; the gateway must see the window and not wait."""
+    broker = mosquitto_factory(max_inflight_messages=1)
+    routes = write_routes(tmp_path / "routes.yaml", f"""\
+version: 1
+routes:
+  - name: welders
+    topic: "welder/#"
+    stream: {kinesis_stream}
+    partition_key: name
+    qos: 1
+""")
+    gw = gateway_process(routes, mqtt_port=broker.port, extra_env={"MQTT_PROTOCOL": "3.1.1"})
+    pub = publisher(port=broker.port)
+    started = time.monotonic()
+    pub.publish_range(WINDOW_MESSAGES)
+    assert pub.wait_acked(30)
+    assert wait_until(lambda: gw.metric("records_put_total") >= WINDOW_MESSAGES, 80, poll_s=0.05), (
+        f"put {gw.metric('records_put_total'):.0f} of {WINDOW_MESSAGES}\n{gw.output_tail()}")
+    elapsed = time.monotonic() - started
+    report, _ = wait_delivered(kinesis, kinesis_stream, pub.acked, WINDOW_MESSAGES, timeout=30)
+    emit("window-of-one", f"{report} | duration={elapsed:.1f}s")
+    report.assert_no_loss()
+    assert elapsed < 10, f"{WINDOW_MESSAGES} messages through a window of one took {elapsed:.1f}s"

@@ -207,6 +207,7 @@ class Pipeline:
         self.messages: list[Message] = []
         self.tickets: list[Ticket] = []
         self.rounds: list[int] = []
+        self.sent_now = 0
         self.full = False
         self.client: FakeClient | None = None
 
@@ -218,6 +219,9 @@ class Pipeline:
 
     def after_read(self) -> None:
         self.rounds.append(self.client.reads if self.client is not None else -1)
+
+    def send_now(self) -> None:
+        self.sent_now += 1
 
     def backlog_full(self) -> bool:
         return self.full
@@ -580,6 +584,45 @@ def test_reads_are_not_paced_while_messages_arrive_fast(fake: Any) -> None:
     reads = m.client.reads
     m.source.step()
     assert m.client.reads == reads + 1                       # no read interval at 1,200 msg/s
+
+
+def test_a_broker_waiting_for_our_acks_is_not_paced_and_gets_them_at_once(fake: Any) -> None:
+    m = fake(config(read_interval_s=60))
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.client.inbox = [(b"t", b"1", 1)]
+    m.source.step()                                          # one message held: maybe a trickle
+    assert m.pipeline.sent_now == 0
+    m.pipeline.acks.settle(m.pipeline.tickets)               # the linger ran out, Kinesis holds it
+    m.clock.advance(60)
+    m.client.inbox = [(b"t", b"2", 2)]                       # the broker sent the next only now
+    m.source.step()
+    assert ("ack", 1, 1) in m.client.wire
+    assert m.pipeline.sent_now == 1                          # a window of one: send what is held now
+    m.pipeline.acks.settle(m.pipeline.tickets[1:])
+    m.client.inbox = [(b"t", b"3", 3)]
+    reads = m.client.reads
+    m.source.step()                                          # no read interval in between
+    assert m.client.reads > reads and len(m.pipeline.messages) == 3
+    assert m.pipeline.sent_now == 2
+
+
+def test_a_wide_window_at_a_low_rate_is_still_paced(fake: Any) -> None:
+    m = fake(config(read_interval_s=60))
+    m.client.fire_connect()
+    m.client.make_readable()
+    mids = itertools.count(1)
+    for arriving in (2, 3, 1, 3, 2, 4):                      # a trickle; each group acked later
+        m.pipeline.acks.settle(m.pipeline.tickets)
+        m.client.inbox = [(b"t", b"x", next(mids)) for _ in range(arriving)]
+        while m.client.inbox:
+            m.source.step()
+        m.source.step()
+        reads = m.client.reads
+        m.source.step()
+        assert m.client.reads == reads                       # paced: the next read waits
+        m.clock.advance(60)
+    assert m.pipeline.sent_now == 0
 
 
 def test_read_interval_zero_reads_whenever_the_socket_is_readable(fake: Any) -> None:
