@@ -1,19 +1,26 @@
 """`mqtt-kinesis-gateway run`: wiring and lifecycle.
 
+The graph is built top to bottom in the order of the data flow's return path (docs/architecture.md):
+the outbound queue and the ack tracker first, then the pipeline (which builds the sink it settles
+with), then the MQTT source that feeds the pipeline. Each component gets what it needs in its
+constructor; nothing is wired afterwards.
+
 Start order is outside-in (metrics and health first, then the sink, then the MQTT source) so
 that no message is taken off the connection before everything downstream of it exists. Stop order
 is the reverse, and it is the delivery promise on SIGTERM: stop intake, flush what Kinesis can
-take before the deadline, let the acks of what it holds go out, then disconnect. Anything not
-acked by then is redelivered by the broker to the next process with this client id.
+take before the deadline, let the acks of what it holds go out, then disconnect. Anything QoS 1
+not acked by then is redelivered by the broker to the next process with this client id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import NoRegionError
@@ -21,16 +28,17 @@ from botocore.exceptions import NoRegionError
 from gateway import __version__
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import Metrics
-from gateway.pipeline import Pipeline
+from gateway.pipeline import OnSettled, Pipeline
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable
-from gateway.settings.settings import Settings, SettingsError
+from gateway.settings.settings import MqttConfig, Settings, SettingsError
 from gateway.sink.aws import make_kinesis_client
 from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink
 from gateway.source.acks import AckTracker
-from gateway.source.mqtt import MqttConfig, MqttSource
+from gateway.source.mqtt import MqttSource
+from gateway.source.outbound import Outbound
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
@@ -44,11 +52,17 @@ class StartupError(SettingsError):
 
 
 def _mqtt_config(settings: Settings, table: RouteTable) -> MqttConfig:
+    """The settings' MQTT config with `persistent` decided: by the route table unless set."""
     mqtt = settings.mqtt
-    persistent = mqtt.persistent if mqtt.persistent is not None else any(q >= 1 for _, q in table.subscriptions)
-    fields = {name: getattr(mqtt, name) for name in MqttConfig.__dataclass_fields__ if hasattr(mqtt, name)}
-    fields["persistent"] = persistent
-    return MqttConfig(**fields)
+    if mqtt.persistent is not None:
+        return mqtt
+    return dataclasses.replace(mqtt, persistent=any(q >= 1 for _, q in table.subscriptions))
+
+
+def _kinesis_streams(table: RouteTable) -> set[str]:
+    """Every stream the table writes to, dead-letter streams included."""
+    return {r.stream for r in table.routes} | {
+        r.dead_letter.target for r in table.routes if r.dead_letter is not None and r.dead_letter.kind == "kinesis"}
 
 
 def _undelivered_fate(qos_levels: set[int]) -> str:
@@ -90,30 +104,20 @@ class Gateway:
         self._stop = threading.Event()
         self._exit_code = EXIT_OK
         os.environ.update(settings.aws_env_overrides)
-        aws = settings.aws
-        clients = RegionalClients(
-            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
-                                               session_name=aws.session_name,
-                                               max_pool_connections=settings.kinesis.max_in_flight + 2),
-            default_region=aws.region)
-        self.sink = KinesisSink(clients, settings.kinesis, on_settled=self._settled, metrics=self.metrics,
-                                aggregate_routes=(r.name for r in table.routes if r.aggregate))
+        self.outbound = Outbound()
+        self.acks = AckTracker(self.outbound)
+        self.pipeline = Pipeline(self.active, self.acks, self.metrics, make_sink=self._sink_factory(table),
+                                 outbound=self.outbound, backlog_capacity=settings.backlog,
+                                 backlog_capacity_bytes=settings.backlog_bytes, echo=settings.stdout)
+        self.sink = self.pipeline.sink
         try:
             self.sink.check_streams(_kinesis_streams(table))
         except NoRegionError:
             raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
                                " (e.g. us-east-1) to the region of the streams") from None
-        self.source = MqttSource(_mqtt_config(settings, table), intake=self._intake, metrics=self.metrics)
-        self.acks = AckTracker(self.source.ack)
-        self.source.set_ack_tracker(self.acks)
-        self.pipeline = Pipeline(self.active, self.sink, self.acks, self.metrics, settings.backlog,
-                                 dead_letter_mqtt=self.source, echo=settings.stdout, hand_over_in_bulk=True,
-                                 backlog_capacity_bytes=settings.backlog_bytes)
-        self.source.set_backlog_full(self.pipeline.backlog_full)
-        self.source.set_after_read(self.pipeline.hand_over)
-        self.pipeline.set_on_backlog_freed(self.source.backlog_freed)
         self.metrics.before_render(self.pipeline.flush_counts)
-        self.source.set_subscriptions(list(table.subscriptions))
+        self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
+                                 outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
         self.reloader: Reloader | None = None
         self.watcher: DirectoryWatcher | None = None
         if settings.routes_file:
@@ -124,26 +128,36 @@ class Gateway:
                                   liveness=self.alive, readiness=self.readiness)
                      if settings.http.port else None)
 
-    # -- callbacks --------------------------------------------------------------------------
+    def _sink_factory(self, table: RouteTable) -> Callable[[OnSettled], KinesisSink[Any]]:
+        """How the pipeline builds its sink: one Kinesis client per region, the route table's
+        aggregate routes, settlements reported to the pipeline."""
+        aws, kinesis = self.settings.aws, self.settings.kinesis
+        clients = RegionalClients(
+            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
+                                               session_name=aws.session_name,
+                                               max_pool_connections=kinesis.max_in_flight + 2),
+            default_region=aws.region)
 
-    def _intake(self, message: Any, mid: int, qos: int) -> None:
-        self.pipeline.intake(message, mid, qos)
+        def make(on_settled: OnSettled) -> KinesisSink[Any]:
+            return KinesisSink(clients, kinesis, on_settled=on_settled, metrics=self.metrics,
+                               aggregate_routes=(r.name for r in table.routes if r.aggregate))
 
-    def _settled(self, results: list[tuple[Any, Any]]) -> None:
-        self.pipeline.settled(results)
+        return make
+
+    # -- reload -----------------------------------------------------------------------------
 
     def _swapped(self, old: RouteTable, new: RouteTable, diff: TableDiff) -> None:
-        """Runs on the reload worker after the swap: subscriptions follow the new table."""
+        """Runs on the reload worker after the swap: metrics, the sink and subscriptions follow."""
         self.metrics.declare_routes((r.name, r.stream, r.drop_codes) for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
         self.sink.check_streams(_kinesis_streams(new))
-        self.source.set_subscriptions(list(new.subscriptions))
+        self.source.update_subscriptions(new.subscriptions)
 
     # -- health -----------------------------------------------------------------------------
 
     def alive(self) -> bool:
         """Liveness: our own threads run. Independent of the broker and of Kinesis on purpose."""
-        return self.source.alive and self.sink.alive
+        return self.source.alive and self.sink.alive and (self.http is None or self.http.alive)
 
     def readiness(self) -> tuple[bool, dict[str, bool], dict[str, str]]:
         checks = {
@@ -202,6 +216,7 @@ class Gateway:
         drained = self.sink.drain(max(0.0, deadline - time.monotonic() - 1.0))
         self.source.stop(max(0.5, min(2.0, deadline - time.monotonic())))
         self.sink.close()
+        self.outbound.close()
         if self.http is not None:
             self.http.stop()
         self.pipeline.flush(everything=True)

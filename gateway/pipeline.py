@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from gateway.model import PUT, Failed, Message, Record, Rejected
+from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Message, Record, Rejected, Settlement, record_size
 from gateway.routing.table import Route, RouteTable
 from gateway.source.acks import AckTracker, Ticket
 
@@ -39,11 +39,29 @@ _INTAKE_ERRORS_UNREADY = 100   # consecutive failing messages before readiness f
 
 
 class ActiveTableReader(Protocol):
-    current: RouteTable
+    @property
+    def current(self) -> RouteTable: ...
 
 
-class DeadLetterPublisher(Protocol):
-    def publish_dead_letter(self, topic: str, payload: bytes, done: Callable[[bool], None]) -> None: ...
+class Outbound(Protocol):
+    """``gateway.source.outbound.Outbound``: what the pipeline asks the MQTT loop to do."""
+
+    def publish(self, topic: str, payload: bytes, qos: int, done: Callable[[bool, str], None]) -> None:
+        """A dead letter to an MQTT topic; ``done(ok, reason)`` runs on the loop thread."""
+
+    def wake(self) -> None:
+        """The full backlog has room again: read on."""
+
+
+class Sink(Protocol):
+    """``gateway.sink.kinesis.KinesisSink`` as the pipeline uses it."""
+
+    def put(self, entries: Sequence[tuple[Record, Any]]) -> None: ...
+
+    def send_now(self) -> None: ...
+
+
+OnSettled = Callable[[Sequence[tuple[Any, Settlement]]], None]
 
 
 class _Token:
@@ -104,15 +122,15 @@ class _RateLimitedLog:
 class Pipeline:
     """Wires one message through routing, the sink and the dead letters to its acknowledgement."""
 
-    def __init__(self, active: ActiveTableReader, sink: Any, acks: AckTracker, metrics: Any,
-                 backlog_capacity: int, dead_letter_mqtt: DeadLetterPublisher | None = None,
-                 echo: bool = False, hand_over_in_bulk: bool = False,
-                 backlog_capacity_bytes: int = 64 * 1024 * 1024) -> None:
-        """With `hand_over_in_bulk`, records wait in an outbox until `hand_over()` (the MQTT
-        source calls it after each read round): one sink lock round-trip per round, not per
-        message."""
+    def __init__(self, active: ActiveTableReader, acks: AckTracker, metrics: Any, *,
+                 make_sink: Callable[[OnSettled], Sink], outbound: Outbound | None = None,
+                 backlog_capacity: int, backlog_capacity_bytes: int = 64 * 1024 * 1024,
+                 echo: bool = False) -> None:
+        """``make_sink(on_settled)`` builds the sink that reports its settlements to this pipeline
+        (so neither needs the other afterwards). Routed records wait in an outbox until
+        ``after_read()``, which the MQTT source calls after each read round: one sink lock
+        round-trip per round, not per message."""
         self._active = active
-        self._sink = sink
         self._acks = acks
         self._metrics = metrics
         self.backlog_capacity = backlog_capacity
@@ -122,10 +140,8 @@ class Pipeline:
         self._intake_errors = 0   # consecutive messages whose intake raised; reset by a clean one
         self._arrivals = 0        # messages the ack tracker was told about (MQTT thread only)
         self._held_lock = threading.Lock()
-        self._mqtt_dead_letter = dead_letter_mqtt
+        self._outbound = outbound
         self._echo = echo
-        self._in_bulk = hand_over_in_bulk
-        self._on_backlog_freed: Callable[[], None] | None = None
         self._outbox: list[tuple[Record, _Token]] = []
         self._rate_limited = _RateLimitedLog()
         # Per-message counts are plain running totals written only by the MQTT thread;
@@ -136,6 +152,7 @@ class Pipeline:
         self._flushed: dict[str, int] = {}
         self._flushed_unrouted = 0
         self._flush_lock = threading.Lock()  # the app's tick and a /metrics scrape may meet
+        self.sink = make_sink(self.settled)
 
     @property
     def held(self) -> int:
@@ -157,14 +174,6 @@ class Pipeline:
 
     def _is_full(self) -> bool:  # under _held_lock
         return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
-
-    def set_on_backlog_freed(self, callback: Callable[[], None] | None) -> None:
-        """Told (on a sink thread) when a full backlog has room again: the source resumes reading
-        at once instead of at its next poll."""
-        self._on_backlog_freed = callback
-
-    def set_dead_letter_publisher(self, publisher: DeadLetterPublisher) -> None:
-        self._mqtt_dead_letter = publisher
 
     # -- MQTT network thread ------------------------------------------------------------------
 
@@ -222,8 +231,6 @@ class Pipeline:
         if records:
             self._outbox.extend([(record, _Token(ticket, message, route, size=_held_bytes(record, message)))
                                  for record, route in records])
-            if not self._in_bulk:
-                self.hand_over()
         if not rejected:
             return
         with self._held_lock:
@@ -237,6 +244,16 @@ class Pipeline:
             )
             self._dead_letter(_Token(ticket, message, route, size=len(message.payload)), rejection.reason, code)
 
+    def after_read(self) -> None:
+        """SourceHooks: the MQTT source ended a read round."""
+        self.hand_over()
+
+    def send_now(self) -> None:
+        """SourceHooks: the broker waits for our acks (its in-flight window is full); the linger
+        would only stall it."""
+        self.hand_over()
+        self.sink.send_now()
+
     def hand_over(self) -> None:
         """Give the sink every record routed since the last call (MQTT thread)."""
         outbox = self._outbox
@@ -248,9 +265,9 @@ class Pipeline:
             self._held += len(outbox)
             self._held_size += size
             full = self._is_full()
-        self._sink.put(outbox)
+        self.sink.put(outbox)
         if full:
-            self._sink.send_now()
+            self.sink.send_now()
 
     # -- sink threads -------------------------------------------------------------------------
 
@@ -290,8 +307,8 @@ class Pipeline:
             self._held_size -= size
             freed = was_full and not self._is_full()
         self._acks.settle([token.ticket for token in tokens])
-        if freed and self._on_backlog_freed is not None:
-            self._on_backlog_freed()
+        if freed and self._outbound is not None:  # the source reads on at once, not at its next poll
+            self._outbound.wake()
 
     # -- dead letters -------------------------------------------------------------------------
 
@@ -304,25 +321,25 @@ class Pipeline:
             return
         envelope = _envelope(token.message, token.route.name, reason)
         if target.kind == "kinesis":
-            key = token.message.topic[:256]
-            record = Record(token.route.name, target.target, key, envelope, None, len(envelope) + len(key.encode()))
-            self._sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True,
+            key = token.message.topic[:MAX_PARTITION_KEY_CHARS]
+            record = Record(token.route.name, target.target, key, envelope, None, record_size(key, envelope))
+            self.sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True,
                                             size=token.size))])
             return
-        publisher = self._mqtt_dead_letter
+        publisher = self._outbound
         if publisher is None:
             self._drop(token, reason, code)
             self._release([token])
             return
 
-        def done(ok: bool) -> None:
+        def done(ok: bool, _reason: str) -> None:
             if ok:
                 self._metrics.records_dead_lettered(token.route.name, 1)
             else:
                 self._drop(token, f"dead letter topic publish failed: {reason}", "dead_letter_failed")
             self._release([token])
 
-        publisher.publish_dead_letter(target.target, envelope, done)
+        publisher.publish(target.target, envelope, 1, done)
 
     def _drop(self, token: _Token, reason: str, code: str) -> None:
         self._metrics.records_dropped(token.route.name, code, 1)

@@ -27,7 +27,7 @@ from gateway.model import MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST
 from gateway.settings.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
 
 __all__ = [
-    "AwsSettings", "HttpSettings", "LegacyRoute", "LoggingSettings", "MqttSettings",
+    "AwsSettings", "HttpSettings", "LegacyRoute", "LoggingSettings", "MqttConfig",
     "ReloadSettings", "Settings", "SettingsError", "SinkConfig", "find_env_file", "load_settings",
 ]
 
@@ -57,8 +57,9 @@ class LegacyRoute(NamedTuple):
 
 
 @dataclass(frozen=True, kw_only=True)
-class MqttSettings:
-    """Field names match ``MqttConfig`` of the MQTT source one to one."""
+class MqttConfig:
+    """The MQTT source's connection values, as ``load_settings`` validated them (one place: the
+    loader, whose errors name the variables); the defaults live there and in docs/settings.md."""
 
     host: str
     port: int
@@ -69,8 +70,8 @@ class MqttSettings:
     username: str | None
     password: str | None = field(repr=False)
     keepalive_s: int
-    session_expiry_s: int
-    receive_maximum: int
+    session_expiry_s: int  # MQTT 5 only, used when persistent
+    receive_maximum: int  # MQTT 5 only
     persistent: bool | None  # None: decided by the route table (persistent when any route is QoS 1)
     share_group: str | None
     tls: bool
@@ -80,7 +81,14 @@ class MqttSettings:
     tls_insecure: bool
     reconnect_min_s: float
     reconnect_max_s: float
-    read_interval_s: float
+    read_interval_s: float  # at most one read of a drained socket per interval (docs/performance.md)
+
+    def __post_init__(self) -> None:
+        # The one rule the loader cannot check alone: `persistent` may be decided later, by the
+        # route table, and an MQTT 5 session that expires at once would lose what it queued.
+        if self.persistent and self.protocol == "5" and self.session_expiry_s <= 0:
+            raise SettingsError("MQTT_SESSION_EXPIRY_S: 0 ends the session at every disconnect, but QoS 1"
+                                " routes need a persistent session; set it above 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +147,7 @@ class ReloadSettings:
 class Settings:
     routes_file: str | None
     legacy_route: LegacyRoute | None
-    mqtt: MqttSettings
+    mqtt: MqttConfig
     kinesis: SinkConfig
     aws: AwsSettings
     http: HttpSettings
@@ -206,7 +214,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
     )
 
 
-def _mqtt(src: Source) -> MqttSettings:
+def _mqtt(src: Source) -> MqttConfig:
     host_value = src.get("MQTT_HOST", "BROKER")
     if host_value is None:
         raise SettingsError("MQTT_HOST: not set (the broker host, or a URL such as"
@@ -255,7 +263,7 @@ def _mqtt(src: Source) -> MqttSettings:
     if reconnect_max < reconnect_min:
         raise SettingsError(f"MQTT_RECONNECT_MAX_S: {reconnect_max:g} is below"
                             f" MQTT_RECONNECT_MIN_S {reconnect_min:g}")
-    return MqttSettings(
+    return MqttConfig(
         host=host, port=port, transport=cast(_Transport, transport), ws_path=ws_path,
         protocol=cast(_Protocol, protocol),
         client_id=src.text("MQTT_CLIENT_ID", "CLIENTID")

@@ -8,14 +8,15 @@ dead-lettered on purpose). Records finish out of order (many batches, retries), 
 acks in arrival order ([MQTT-4.6.0-2]); so completed tickets wait behind the oldest incomplete one
 (a low-water mark over a deque). Acks belong to one connection: paho's reconnect drops queued acks
 and a broker may reuse a packet id on the new connection, so `new_connection()` forgets every
-pending ticket of the old one and their later settlements do nothing (docs/delivery.md#acks-and-ordering).
+pending ticket of the old one and their later settlements do nothing
+(docs/delivery.md#acks-and-ordering).
 
 Threading: `arrived()` and `new_connection()` run on the MQTT network thread; `settle()` runs on
-sink threads, in bulk (one lock round-trip per call). `send_ack` is called while the lock is held,
-which is what keeps acks released by two concurrent `settle()` calls in order, and what guarantees
-that once `new_connection()` returns no ack of the old connection is handed out any more. So
-`send_ack` must be quick and must not block: `MqttSource.ack` only queues the ack for its network
-thread. It must never call back into the tracker.
+sink threads, in bulk (one lock round-trip per call). Released acks are handed to the outlet
+(`Outbound.ack`) while the lock is held, which is what keeps acks released by two concurrent
+`settle()` calls in order, and what guarantees that once `new_connection()` returns no ack of the
+old connection is handed out any more. So the outlet must be quick, must not block and must never
+call back into the tracker: `Outbound` only queues the ack for the network loop.
 """
 
 from __future__ import annotations
@@ -23,14 +24,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from gateway.model import now_ms
 
-__all__ = ["AckTracker", "Ticket"]
+__all__ = ["AckOutlet", "AckTracker", "Ticket"]
 
 log = logging.getLogger(__name__)
 
+
+
+class AckOutlet(Protocol):
+    """Where released acks go (`gateway.source.outbound.Outbound`)."""
+
+    def ack(self, mid: int, qos: int) -> None: ...
 
 
 class Ticket:
@@ -69,17 +77,9 @@ class Ticket:
 class AckTracker:
     """Releases acks as a low-water mark over the tickets of the current connection."""
 
-    def __init__(self, send_ack: Callable[[int, int], None], *,
-                 on_done: Callable[[Sequence[Ticket]], None] | None = None,
-                 clock_ms: Callable[[], int] = now_ms) -> None:
-        """`send_ack(mid, qos)` puts the ack on the wire (see module docstring: quick, no re-entry).
-
-        `on_done(tickets)` is told, outside the lock, about tickets that finished in one call: acked
-        QoS 1/2 tickets in ack order, and QoS 0 tickets whose parts all settled. It is for metrics
-        (delivery latency from `ticket.received_ms`); an exception in it is logged, not raised.
-        """
-        self._send_ack = send_ack
-        self._on_done = on_done
+    def __init__(self, outlet: AckOutlet, *, clock_ms: Callable[[], int] = now_ms) -> None:
+        """`outlet.ack(mid, qos)` is told each released ack (see module docstring: quick, no re-entry)."""
+        self._outlet = outlet
         self._clock_ms = clock_ms
         self._lock = threading.Lock()
         self._generation = 0
@@ -117,19 +117,18 @@ class AckTracker:
             if qos <= 0:
                 if parts == 0:
                     ticket._done = True
-                    done.append(ticket)
             else:
                 self._pending.append(ticket)
                 if parts == 0 and len(self._pending) == 1:
                     self._release(done)
-        self._notify(done)
         return ticket
 
     def settle(self, tickets: Iterable[Ticket]) -> list[Ticket]:
         """One part of each given ticket is finished (a ticket may appear several times).
 
-        Returns the tickets that became done through this call (see `on_done`). Settling a ticket
-        of an earlier connection, or more often than its parts, does nothing.
+        Returns the tickets that became done through this call: acked QoS 1/2 tickets in ack order,
+        and QoS 0 tickets whose parts all settled. Settling a ticket of an earlier connection, or
+        more often than its parts, does nothing.
         """
         done: list[Ticket] = []
         with self._lock:
@@ -148,7 +147,6 @@ class AckTracker:
                     head_completed = True
             if head_completed:
                 self._release(done)
-        self._notify(done)
         return done
 
     def _release(self, done: list[Ticket]) -> None:
@@ -158,14 +156,7 @@ class AckTracker:
             ticket = pending.popleft()
             ticket._done = True
             try:
-                self._send_ack(ticket.mid, ticket.qos)
+                self._outlet.ack(ticket.mid, ticket.qos)
             except Exception as exc:  # noqa: BLE001 - an unsent ack means a redelivery, not a loss
                 log.error("sending ack for mid %d failed: %s: %s", ticket.mid, type(exc).__name__, exc)
             done.append(ticket)
-
-    def _notify(self, done: list[Ticket]) -> None:
-        if done and self._on_done is not None:
-            try:
-                self._on_done(done)
-            except Exception as exc:  # noqa: BLE001 - metrics must never break acking
-                log.error("ack on_done callback failed: %s: %s", type(exc).__name__, exc)

@@ -1,9 +1,10 @@
 """From `MqttConfig` to a configured paho client: the only place connection options are decided.
 
 Why apart from the source: these are the choices that decide whether delivery survives a restart
-(docs/delivery.md#persistent-session: paho's v5 default `clean_start` wipes the session; use clean_start=False and
-SessionExpiryInterval > 0, or clean_session=False on 3.1.1) and whether TLS verifies the broker
-(on unless `tls_insecure` is set explicitly). They are easy to review and test in one screen.
+(paho's MQTT 5 default `clean_start` wipes the session, docs/delivery.md#persistent-session: use
+clean_start=False and SessionExpiryInterval > 0, or clean_session=False on 3.1.1) and whether TLS
+verifies the broker (on unless `tls_insecure` is set explicitly). They are easy to review and test
+in one screen.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -20,63 +20,16 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.settings.settings import MqttConfig
 from gateway.source import fastpath
 
-__all__ = ["MqttConfig", "MqttSourceError", "build_client", "describe_error"]
+__all__ = ["MqttSourceError", "build_client", "describe_error"]
 
 log = logging.getLogger("gateway.source.mqtt")
 
 
 class MqttSourceError(Exception):
     """A configuration the source cannot start with (single-line message)."""
-
-
-@dataclass(frozen=True)
-class MqttConfig:
-    """Plain connection values; `gateway.settings.settings` maps the environment onto them."""
-
-    host: str = "localhost"
-    port: int = 1883
-    transport: str = "tcp"               # "tcp" | "websockets"
-    ws_path: str = "/mqtt"
-    protocol: str = "5"                  # "5" | "3.1.1"
-    client_id: str = "mqtt-kinesis-gateway"
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = 30
-    session_expiry_s: int = 86400        # v5 only, used when persistent
-    receive_maximum: int = 1000          # v5 only
-    persistent: bool = True
-    share_group: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    tls_insecure: bool = False
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    read_interval_s: float = 0.0         # see MqttSource: at most one read of a drained socket per interval
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.transport not in ("tcp", "websockets"):
-            problems.append(f"transport must be tcp or websockets, got {self.transport!r}")
-        if self.protocol not in ("5", "3.1.1"):
-            problems.append(f"protocol must be 5 or 3.1.1, got {self.protocol!r}")
-        if self.keepalive_s < 1:
-            problems.append(f"keepalive_s must be >= 1, got {self.keepalive_s}")
-        if not 1 <= self.receive_maximum <= 65535:
-            problems.append(f"receive_maximum must be 1..65535, got {self.receive_maximum}")
-        if self.persistent and self.protocol == "5" and self.session_expiry_s <= 0:
-            problems.append("a persistent v5 session needs session_expiry_s > 0")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            problems.append("reconnect delays must satisfy 0 < reconnect_min_s <= reconnect_max_s")
-        if self.read_interval_s < 0:
-            problems.append(f"read_interval_s must be >= 0, got {self.read_interval_s}")
-        if not self.client_id and self.persistent:
-            problems.append("a persistent session needs a client id")
-        if problems:
-            raise MqttSourceError("; ".join(problems))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -99,6 +52,8 @@ def describe_error(exc: BaseException) -> str:
 def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) -> Any:
     """A paho client (VERSION2 callbacks, manual acks) ready for `reconnect()`; no I/O yet."""
     c = config
+    if c.persistent is None:
+        raise MqttSourceError("MqttConfig.persistent is undecided: resolve it from the route table first")
     v5 = c.protocol == "5"
     kwargs: dict[str, Any] = {
         "client_id": c.client_id, "transport": c.transport, "manual_ack": True,

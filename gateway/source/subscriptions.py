@@ -2,7 +2,7 @@
 
 Pure (no I/O, no paho): the MQTT source asks it what to (un)subscribe and tells it what SUBACK
 said. Why its own module: the hot reload changes subscriptions on a live connection, and a refused
-subscription must be reported, never silently ignored (docs/delivery.md#overlapping-subscriptions); that
+subscription must be reported, never silently ignored (docs/route-file.md#hot-reload); that
 logic deserves tests that need no broker.
 
 A refused subscription is a SUBACK reason code >= 0x80, or a granted QoS lower than asked (a QoS 1
@@ -118,7 +118,7 @@ class SubscriptionBook:
             asked = self._pending.pop(mid, None)
         if asked is None:
             return []
-        entries = []
+        entries: list[tuple[str, int, int | None, str]] = []
         for i, (f, q) in enumerate(asked):
             if i >= len(codes):
                 entries.append((f, q, None, "no reason code in SUBACK"))

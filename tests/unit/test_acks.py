@@ -11,12 +11,12 @@ from gateway.source.acks import AckTracker, Ticket
 
 
 class Wire:
-    """Records what the tracker put on the wire."""
+    """The tracker's outlet (Outbound in the gateway): records the acks released to it."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[int, int]] = []
 
-    def __call__(self, mid: int, qos: int) -> None:
+    def ack(self, mid: int, qos: int) -> None:
         self.sent.append((mid, qos))
 
     @property
@@ -24,15 +24,15 @@ class Wire:
         return [mid for mid, _ in self.sent]
 
 
-def make(clock: int = 1000) -> tuple[AckTracker, Wire, list[Ticket]]:
-    wire, done = Wire(), []
-    tracker = AckTracker(wire, on_done=done.extend, clock_ms=lambda: clock)
+def make(clock: int = 1000) -> tuple[AckTracker, Wire]:
+    wire = Wire()
+    tracker = AckTracker(wire, clock_ms=lambda: clock)
     tracker.new_connection()
-    return tracker, wire, done
+    return tracker, wire
 
 
 def test_out_of_order_settles_release_acks_in_arrival_order() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     t1, t2, t3 = (tracker.arrived(mid, 1, 1) for mid in (11, 12, 13))
     tracker.settle([t3])
     tracker.settle([t2])
@@ -43,7 +43,7 @@ def test_out_of_order_settles_release_acks_in_arrival_order() -> None:
 
 
 def test_ack_is_released_only_when_every_part_is_settled() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     ticket = tracker.arrived(5, 1, 3)
     tracker.settle([ticket, ticket])
     assert wire.sent == [] and not ticket.complete
@@ -52,13 +52,13 @@ def test_ack_is_released_only_when_every_part_is_settled() -> None:
 
 
 def test_message_without_records_is_acked_at_once() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     ticket = tracker.arrived(7, 1, 0)
     assert wire.sent == [(7, 1)] and ticket.done
 
 
 def test_message_without_records_waits_behind_an_earlier_incomplete_one() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     first = tracker.arrived(1, 1, 1)
     tracker.arrived(2, 1, 0)
     assert wire.sent == []
@@ -67,24 +67,24 @@ def test_message_without_records_waits_behind_an_earlier_incomplete_one() -> Non
 
 
 def test_qos0_messages_never_ack_and_never_hold_back_others() -> None:
-    tracker, wire, done = make()
+    tracker, wire = make()
     q0 = tracker.arrived(0, 0, 1)
     q1 = tracker.arrived(8, 1, 1)
-    tracker.settle([q1])
+    done = tracker.settle([q1])
     assert wire.sent == [(8, 1)]
-    tracker.settle([q0])
+    done += tracker.settle([q0])
     assert wire.sent == [(8, 1)]
     assert q0.done and done == [q1, q0]
 
 
 def test_qos2_ticket_is_acked_with_its_qos() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     tracker.settle([tracker.arrived(3, 2, 1)])
     assert wire.sent == [(3, 2)]
 
 
 def test_acks_owed_to_an_earlier_connection_are_never_sent() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     old_first = tracker.arrived(1, 1, 1)
     old_second = tracker.arrived(2, 1, 1)
     tracker.settle([old_second])
@@ -98,7 +98,7 @@ def test_acks_owed_to_an_earlier_connection_are_never_sent() -> None:
 
 
 def test_stale_ticket_does_not_release_the_new_connections_head() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     old = tracker.arrived(9, 1, 1)
     tracker.new_connection()
     new_first = tracker.arrived(10, 1, 1)
@@ -110,7 +110,7 @@ def test_stale_ticket_does_not_release_the_new_connections_head() -> None:
 
 
 def test_settling_more_often_than_parts_is_ignored() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     ticket = tracker.arrived(4, 1, 1)
     tracker.settle([ticket, ticket, ticket])
     tracker.settle([ticket])
@@ -118,41 +118,31 @@ def test_settling_more_often_than_parts_is_ignored() -> None:
 
 
 def test_done_tickets_carry_their_receipt_time_for_latency() -> None:
-    tracker, _, done = make(clock=123)
+    tracker, _ = make(clock=123)
     ticket = tracker.arrived(1, 1, 1)
     explicit = tracker.arrived(2, 1, 1, received_ms=99)
-    returned = tracker.settle([explicit, ticket])
-    assert returned == [ticket, explicit] == done
+    done = tracker.settle([explicit, ticket])
+    assert done == [ticket, explicit]
     assert [t.received_ms for t in done] == [123, 99]
 
 
-def test_failing_send_ack_does_not_block_later_acks() -> None:
+def test_failing_outlet_does_not_block_later_acks() -> None:
     sent: list[int] = []
 
-    def flaky(mid: int, qos: int) -> None:
-        if mid == 1:
-            raise OSError("socket gone")
-        sent.append(mid)
+    class Flaky:
+        def ack(self, mid: int, qos: int) -> None:
+            if mid == 1:
+                raise OSError("socket gone")
+            sent.append(mid)
 
-    tracker = AckTracker(flaky)
+    tracker = AckTracker(Flaky())
     a, b = tracker.arrived(1, 1, 1), tracker.arrived(2, 1, 1)
     tracker.settle([a, b])
     assert sent == [2]
 
 
-def test_failing_on_done_callback_does_not_break_acking() -> None:
-    wire = Wire()
-
-    def broken(_: object) -> None:
-        raise RuntimeError("metrics down")
-
-    tracker = AckTracker(wire, on_done=broken)
-    tracker.settle([tracker.arrived(1, 1, 1)])
-    assert wire.mids == [1]
-
-
 def test_negative_parts_is_refused() -> None:
-    tracker, _, _ = make()
+    tracker, _ = make()
     try:
         tracker.arrived(1, 1, -1)
     except ValueError as exc:
@@ -162,7 +152,7 @@ def test_negative_parts_is_refused() -> None:
 
 
 def test_concurrent_settles_from_many_threads_keep_arrival_order() -> None:
-    tracker, wire, _ = make()
+    tracker, wire = make()
     tickets = [tracker.arrived(mid, 1, 2) for mid in range(1, 2001)]
     halves = [tickets[::-1], tickets[::2] + tickets[1::2]]
     barrier = threading.Barrier(len(halves))
@@ -196,7 +186,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[tuple[int, int]], list[int]]:
 def test_any_settle_order_acks_a_prefix_of_arrival_and_all_fully_settled(
         scenario: tuple[list[tuple[int, int]], list[int]], batch: int) -> None:
     msgs, order = scenario
-    tracker, wire, _ = make()
+    tracker, wire = make()
     tickets = [tracker.arrived(mid, qos, parts) for mid, (qos, parts) in enumerate(msgs, start=1)]
     for i in range(0, len(order), batch):
         tracker.settle([tickets[j] for j in order[i:i + batch]])

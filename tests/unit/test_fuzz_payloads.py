@@ -22,6 +22,8 @@ number of cases is printed at the end of the module.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 import logging
 import random
@@ -164,9 +166,12 @@ class MqttDeadLetters:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes]] = []
 
-    def publish_dead_letter(self, topic: str, payload: bytes, done: Any) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, done: Any) -> None:
         self.published.append((topic, payload))
-        done(True)
+        done(True, "Success")
+
+    def wake(self) -> None:
+        pass
 
 
 class CountingMetrics:
@@ -237,16 +242,16 @@ def run_and_check(table: RouteTable, catcher: TracebackCatcher,
     clock = FakeClock()
     kinesis = ScriptedKinesis(seed, fail_share)
     acked: list[tuple[int, int]] = []
-    acks = AckTracker(lambda mid, qos: acked.append((mid, qos)))
+    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append((mid, qos))))
     metrics = CountingMetrics()
-    holder: dict[str, Pipeline] = {}
-    sink = KinesisSink(RegionalClients.sharing(kinesis),
-                       SinkConfig(linger_s=0.05, backoff_base_s=0.1, backoff_cap_s=1.0),
-                       on_settled=lambda results: holder["p"].settled(results), metrics=metrics,
-                       clock=clock.now, sleep=clock.sleep, rng=random.Random(seed))
     mqtt_dlq = MqttDeadLetters()
-    pipeline = holder["p"] = Pipeline(_Active(table), sink, acks, metrics, backlog_capacity=10**9,
-                                      dead_letter_mqtt=mqtt_dlq)
+    pipeline = Pipeline(_Active(table), acks, metrics, outbound=mqtt_dlq, backlog_capacity=10**9,
+                        make_sink=lambda on_settled: KinesisSink(
+                            RegionalClients.sharing(kinesis),
+                            SinkConfig(linger_s=0.05, backoff_base_s=0.1, backoff_cap_s=1.0),
+                            on_settled=on_settled, metrics=metrics,
+                            clock=clock.now, sleep=clock.sleep, rng=random.Random(seed)))
+    sink = pipeline.sink
 
     expected_held: Counter[tuple[str, str, bytes, str | None]] = Counter()
     expected_dead: Counter[str] = Counter()     # route name -> dead letters
@@ -273,6 +278,7 @@ def run_and_check(table: RouteTable, catcher: TracebackCatcher,
                 assert "\n" not in outcome.reason and len(outcome.reason) < 200
                 expected_dead[outcome.route] += 1
         pipeline.intake(message, mid, qos)  # must never raise
+        pipeline.after_read()               # as the source does after each read round
     assert sink.drain(1e9), "sink did not settle every record"
     pipeline.flush()  # per-message counts reach the metrics on the app's tick
 

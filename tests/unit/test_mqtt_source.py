@@ -1,17 +1,22 @@
 """MqttSource against a scripted fake paho client: no broker, no network, no sleeps.
 
 The fake records what the source asked paho to do and lets the test fire paho's callbacks
-(CONNACK, PUBLISH, SUBACK, disconnect) the way paho's loop thread would. Loop-level tests drive one
-`_iterate()` round directly instead of running the thread.
+(CONNACK, PUBLISH, SUBACK, disconnect) the way paho does inside the loop's reads. Loop-level tests
+drive one round at a time with `step()` and move an injected clock instead of waiting.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
+import resource
+import select
 import socket
-import time
 import ssl
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,13 +26,34 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.model import Message
-from gateway.source.acks import AckTracker
-from gateway.source.mqtt import MqttConfig, MqttSource, MqttSourceError
+from gateway.settings.settings import MqttConfig, load_settings
+from gateway.source.acks import AckTracker, Ticket
+from gateway.source.loop import NetworkLoopError
+from gateway.source.mqtt import MqttSource, MqttSourceError
+from gateway.source.outbound import Outbound
 from gateway.source.subscriptions import SubscriptionBook
+
+_DOCUMENTED = load_settings({"MQTT_HOST": "127.0.0.1", "MQTT_CLIENT_ID": "gw-1", "GATEWAY_ROUTES": "routes.yaml"}).mqtt
+
+
+def config(**changes: Any) -> MqttConfig:
+    """The documented defaults, persistent, without pacing unless a test asks for it."""
+    return replace(_DOCUMENTED, **{"persistent": True, "read_interval_s": 0.0, **changes})
 
 
 class Boom(BaseException):
     """Something a callback guard must not swallow (stands in for a paho bug killing the loop)."""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class FakeClient:
@@ -39,11 +65,17 @@ class FakeClient:
         self.out: list[tuple[Any, ...]] = []
         self.wire: list[tuple[Any, ...]] = []
         self.sock: socket.socket | None = None
-        self._peer: socket.socket | None = None
+        self.peer: socket.socket | None = None
         self._mids = itertools.count(1)
         self.reads = 0
+        self.inbox: list[tuple[bytes, bytes, int]] = []     # PUBLISHes the next reads deliver
+        self.read_error: Exception | None = None
         self.reconnect_error: BaseException | None = None
+        self.reconnects: list[float] = []
+        self.clock: Clock | None = None
+        self.high_fd: int | None = None
         self.socket_error: BaseException | None = None
+        self.socket_touched = threading.Event()
         self.on_publish: Any = None
 
     # configuration ---------------------------------------------------------------------------
@@ -69,13 +101,20 @@ class FakeClient:
 
     # network ---------------------------------------------------------------------------------
     def reconnect(self) -> int:
+        if self.clock is not None:
+            self.reconnects.append(self.clock())
         if self.reconnect_error is not None:
             raise self.reconnect_error
-        self.sock, self._peer = socket.socketpair()
+        self.sock, self.peer = socket.socketpair()
+        if self.high_fd is not None:       # the same socket, behind a file descriptor >= 1024
+            os.dup2(self.sock.fileno(), self.high_fd)
+            self.sock.close()
+            self.sock = socket.socket(fileno=self.high_fd)
         return 0
 
     def socket(self) -> socket.socket | None:
         if self.socket_error is not None:
+            self.socket_touched.set()
             raise self.socket_error
         return self.sock
 
@@ -84,6 +123,10 @@ class FakeClient:
 
     def loop_read(self) -> int:
         self.reads += 1
+        if self.read_error is not None:
+            raise self.read_error
+        if self.inbox:
+            self.fire_message(*self.inbox.pop(0))
         return 0
 
     def loop_write(self) -> int:
@@ -122,7 +165,7 @@ class FakeClient:
         self.out.append(("disconnect",))
         return 0
 
-    # paho's loop thread, scripted --------------------------------------------------------------
+    # paho's reads, scripted --------------------------------------------------------------------
     def fire_connect(self, session_present: bool = False, rc: int = 0) -> None:
         if self.sock is None:
             self.reconnect()
@@ -142,56 +185,89 @@ class FakeClient:
     def fire_suback(self, mid: int, codes: list[int]) -> None:
         self.on_subscribe(self, None, mid, [ReasonCode(PacketTypes.SUBACK, identifier=c) for c in codes], None)
 
+    def make_readable(self) -> None:
+        """Bytes wait in the socket (the fake's reads never consume them)."""
+        assert self.peer is not None
+        self.peer.sendall(b"pending publishes")
+
     def sent(self, kind: str) -> list[tuple[Any, ...]]:
         return [p for p in self.out + self.wire if p[0] == kind]
 
     def close(self) -> None:
-        for s in (self.sock, self._peer):
+        for s in (self.sock, self.peer):
             if s is not None:
                 s.close()
 
 
 class Pipeline:
-    """Intake that makes one part per message, keeping tickets for the test to settle."""
+    """The source's hooks: one part per message, tickets kept for the test to settle."""
 
-    def __init__(self, parts: int = 1, fail: bool = False) -> None:
-        self.parts, self.fail = parts, fail
+    def __init__(self, acks: AckTracker, fail: bool = False) -> None:
+        self.acks, self.fail = acks, fail
         self.messages: list[Message] = []
-        self.tickets: list[Any] = []
-        self.source: MqttSource | None = None
+        self.tickets: list[Ticket] = []
+        self.rounds: list[int] = []
+        self.sent_now = 0
+        self.full = False
+        self.client: FakeClient | None = None
 
-    def __call__(self, message: Message, mid: int, qos: int) -> None:
+    def intake(self, message: Message, mid: int, qos: int) -> None:
         if self.fail:
             raise RuntimeError("router bug")
         self.messages.append(message)
-        assert self.source is not None
-        self.tickets.append(self.source.acks.arrived(mid, qos, self.parts))
+        self.tickets.append(self.acks.arrived(mid, qos, 1))
+
+    def after_read(self) -> None:
+        self.rounds.append(self.client.reads if self.client is not None else -1)
+
+    def send_now(self) -> None:
+        self.sent_now += 1
+
+    def backlog_full(self) -> bool:
+        return self.full
 
 
-def make(config: MqttConfig | None = None, **kwargs: Any) -> tuple[MqttSource, FakeClient, Pipeline]:
-    pipeline = Pipeline(fail=kwargs.pop("fail", False))
-    source = MqttSource(config or MqttConfig(client_id="gw-1"), pipeline,
-                        client_factory=FakeClient, **kwargs)
-    pipeline.source = source
-    return source, source._client, pipeline
+class Made:
+    def __init__(self, source: MqttSource, client: FakeClient, pipeline: Pipeline, outbound: Outbound,
+                 clock: Clock) -> None:
+        self.source, self.client, self.pipeline, self.outbound, self.clock = source, client, pipeline, outbound, clock
 
 
 @pytest.fixture
-def fake() -> Any:
-    made: list[FakeClient] = []
+def fake() -> Iterator[Callable[..., Made]]:
+    made: list[Made] = []
 
-    def _make(config: MqttConfig | None = None, **kwargs: Any) -> tuple[MqttSource, FakeClient, Pipeline]:
-        source, client, pipeline = make(config, **kwargs)
-        made.append(client)
-        return source, client, pipeline
+    def _make(cfg: MqttConfig | None = None, *, fail: bool = False, **kwargs: Any) -> Made:
+        clock = Clock()
+        outbound = Outbound(clock=clock)
+        acks = AckTracker(outbound)
+        pipeline = Pipeline(acks, fail=fail)
+        clients: list[FakeClient] = []
+
+        def factory(*args: Any, **kw: Any) -> FakeClient:
+            clients.append(FakeClient(*args, **kw))
+            return clients[-1]
+
+        source = MqttSource(cfg or config(), hooks=pipeline, acks=acks, outbound=outbound,
+                            client_factory=factory, clock=clock, **kwargs)
+        client = clients[0]
+        client.clock, pipeline.client = clock, client
+        result = Made(source, client, pipeline, outbound, clock)
+        made.append(result)
+        return result
 
     yield _make
-    for client in made:
-        client.close()
+    for m in made:
+        m.source.stop(0)
+        m.client.close()
+        m.outbound.close()
+
+
+# --- connection options ---------------------------------------------------------------------
 
 
 def test_v5_persistent_session_connects_without_clean_start(fake: Any) -> None:
-    _, client, _ = fake(MqttConfig(client_id="gw", session_expiry_s=600, receive_maximum=50))
+    client = fake(config(client_id="gw", session_expiry_s=600, receive_maximum=50)).client
     assert client.kwargs["protocol"] == MQTTProtocolVersion.MQTTv5
     assert client.kwargs["manual_ack"] is True and "clean_session" not in client.kwargs
     _, _, _, kwargs = client.calls["connect_async"]
@@ -201,41 +277,44 @@ def test_v5_persistent_session_connects_without_clean_start(fake: Any) -> None:
 
 
 def test_v311_persistent_session_uses_clean_session_false(fake: Any) -> None:
-    _, client, _ = fake(MqttConfig(client_id="gw", protocol="3.1.1", keepalive_s=7))
+    client = fake(config(client_id="gw", protocol="3.1.1", keepalive_s=7)).client
     assert client.kwargs["protocol"] == MQTTProtocolVersion.MQTTv311
     assert client.kwargs["clean_session"] is False
     assert client.calls["connect_async"][2] == 7
 
 
 def test_tls_verifies_certificates_unless_explicitly_insecure(fake: Any) -> None:
-    _, client, _ = fake(MqttConfig(tls=True, ca_file="ca.pem", cert_file="c.pem", key_file="k.pem"))
+    client = fake(config(tls=True, ca_file="ca.pem", cert_file="c.pem", key_file="k.pem")).client
     assert client.calls["tls_set"]["cert_reqs"] == ssl.CERT_REQUIRED
     assert "tls_insecure_set" not in client.calls
-    _, insecure, _ = fake(MqttConfig(tls=True, tls_insecure=True))
+    insecure = fake(config(tls=True, tls_insecure=True)).client
     assert insecure.calls["tls_insecure_set"] is True
 
 
 def test_unreadable_tls_file_is_a_single_line_error(fake: Any) -> None:
     with pytest.raises(MqttSourceError, match="TLS setup failed") as info:
-        fake(MqttConfig(tls=True, ca_file="missing.pem"))
+        fake(config(tls=True, ca_file="missing.pem"))
     assert "\n" not in str(info.value)
 
 
 def test_websockets_transport_and_credentials_are_configured(fake: Any) -> None:
-    _, client, _ = fake(MqttConfig(transport="websockets", ws_path="/ws", username="u", password="p"))
+    client = fake(config(transport="websockets", ws_path="/ws", username="u", password="p")).client
     assert client.kwargs["transport"] == "websockets"
     assert client.calls["ws_set_options"] == "/ws"
     assert client.calls["username_pw_set"] == ("u", "p")
 
 
-def test_invalid_config_is_refused_in_one_line() -> None:
-    with pytest.raises(MqttSourceError, match="protocol must be 5 or 3.1.1"):
-        MqttConfig(protocol="4")
+def test_undecided_persistence_is_refused_in_one_line(fake: Any) -> None:
+    with pytest.raises(MqttSourceError, match="persistent is undecided") as info:
+        fake(config(persistent=None))
+    assert "\n" not in str(info.value)
+
+
+# --- subscriptions --------------------------------------------------------------------------
 
 
 def test_every_connack_resubscribes_the_whole_set(fake: Any) -> None:
-    source, client, _ = fake()
-    source.set_subscriptions([("a/#", 1), ("b/+", 1)])
+    client = fake(subscriptions=[("a/#", 1), ("b/+", 1)]).client
     client.fire_connect()
     client.fire_disconnect()
     client.out.clear()
@@ -245,13 +324,13 @@ def test_every_connack_resubscribes_the_whole_set(fake: Any) -> None:
 
 
 def test_subscription_changes_are_applied_as_a_diff_on_the_live_connection(fake: Any) -> None:
-    source, client, _ = fake()
-    source.set_subscriptions([("a/#", 1), ("b/+", 1), ("c", 1)])
+    m = fake(subscriptions=[("a/#", 1), ("b/+", 1), ("c", 1)])
+    source, client = m.source, m.client
     client.fire_connect()
     client.fire_suback(1, [1, 1, 1])
     client.out.clear()
-    source.set_subscriptions([("b/+", 0), ("c", 1), ("d", 1)])
-    source._service()
+    source.update_subscriptions([("b/+", 0), ("c", 1), ("d", 1)])
+    source.step()
     # new filters first, then the removed ones: no moment with neither at the broker
     assert client.sent("subscribe") == [("subscribe", 2, [("b/+", 0), ("d", 1)])]
     assert client.sent("unsubscribe") == [("unsubscribe", 3, ["a/#"])]
@@ -263,32 +342,29 @@ def test_subscription_changes_are_applied_as_a_diff_on_the_live_connection(fake:
 
 
 def test_share_group_prefixes_every_filter(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(share_group="gw"))
-    source.set_subscriptions([("welder/#", 1)])
+    client = fake(config(share_group="gw"), subscriptions=[("welder/#", 1)]).client
     client.fire_connect()
     assert client.sent("subscribe")[0][2] == [("$share/gw/welder/#", 1)]
 
 
 def test_refused_subscription_is_reported_not_ignored(fake: Any, caplog: Any) -> None:
-    source, client, _ = fake()
-    source.set_subscriptions([("ok/#", 1), ("secret/#", 1)])
-    client.fire_connect()
+    m = fake(subscriptions=[("ok/#", 1), ("secret/#", 1)])
+    m.client.fire_connect()
     with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
-        client.fire_suback(1, [1, 0x87])
-    assert not source.subscriptions_granted
-    assert source.subscriptions.status()["secret/#"] == "refused: Not authorized"
-    assert source.stats()["subscriptions_refused"] == 1
+        m.client.fire_suback(1, [1, 0x87])
+    assert not m.source.subscriptions_granted
+    assert m.source.subscriptions.status()["secret/#"] == "refused: Not authorized"
+    assert m.source.stats()["subscriptions_refused"] == 1
     [line] = [r.getMessage() for r in caplog.records]
     assert "secret/#" in line and "Not authorized" in line
 
 
 def test_lower_granted_qos_counts_as_refused(fake: Any) -> None:
-    source, client, _ = fake()
-    source.set_subscriptions([("a/#", 1)])
-    client.fire_connect()
-    client.fire_suback(1, [0])
-    assert not source.subscriptions_granted
-    assert "lower than requested" in source.subscriptions.refused["a/#"]
+    m = fake(subscriptions=[("a/#", 1)])
+    m.client.fire_connect()
+    m.client.fire_suback(1, [0])
+    assert not m.source.subscriptions_granted
+    assert "lower than requested" in m.source.subscriptions.refused["a/#"]
 
 
 def test_suback_for_a_superseded_request_is_ignored() -> None:
@@ -304,20 +380,23 @@ def test_suback_for_a_superseded_request_is_ignored() -> None:
     assert book.all_granted
 
 
+# --- messages and acks ----------------------------------------------------------------------
+
+
 def test_message_becomes_a_gateway_message_and_is_acked_in_order(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"t/1", b"one", mid=1)
-    client.fire_message(b"t/2", b"two", mid=2)
-    first, second = pipeline.messages
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"t/1", b"one", mid=1)
+    m.client.fire_message(b"t/2", b"two", mid=2)
+    first, _second = m.pipeline.messages
     assert isinstance(first, Message) and first.topic == "t/1" and first.payload == b"one"
     assert first.qos == 1 and first.received_ms > 0
-    source.acks.settle([pipeline.tickets[1]])
-    source._service()
-    assert client.sent("ack") == []
-    source.acks.settle([pipeline.tickets[0]])
-    source._service()
-    assert client.sent("ack") == [("ack", 1, 1), ("ack", 2, 1)]
+    m.pipeline.acks.settle([m.pipeline.tickets[1]])
+    m.source.step()
+    assert m.client.sent("ack") == []
+    m.pipeline.acks.settle([m.pipeline.tickets[0]])
+    m.source.step()
+    assert m.client.sent("ack") == [("ack", 1, 1), ("ack", 2, 1)]
 
 
 def test_retain_flag_and_mqtt5_properties_travel_in_the_message(fake: Any) -> None:
@@ -343,208 +422,304 @@ def test_retain_flag_and_mqtt5_properties_travel_in_the_message(fake: Any) -> No
 
 
 def test_topic_that_is_not_utf8_is_acked_and_counted_without_intake(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"bad/\xff", b"x", mid=5)
-    source._service()
-    assert pipeline.messages == []
-    assert client.sent("ack") == [("ack", 5, 1)]
-    assert source.stats()["invalid_topic"] == 1
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"bad/\xff", b"x", mid=5)
+    m.source.step()
+    assert m.pipeline.messages == []
+    assert m.client.sent("ack") == [("ack", 5, 1)]
+    assert m.source.stats()["invalid_topic"] == 1
 
 
 def test_exception_in_intake_is_logged_and_never_reaches_paho(fake: Any, caplog: Any) -> None:
-    source, client, _ = fake(fail=True)
-    client.fire_connect()
+    m = fake(fail=True)
+    m.client.fire_connect()
     with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
-        client.fire_message(b"t", b"x", mid=1)
-    assert source.stats()["callback_errors"] == 1
+        m.client.fire_message(b"t", b"x", mid=1)
+    assert m.source.stats()["callback_errors"] == 1
     [record] = caplog.records
     assert "router bug" in record.getMessage() and record.exc_info is None
 
 
 def test_ack_owed_to_an_earlier_connection_is_never_sent(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"t", b"x", mid=1)
-    client.fire_disconnect()
-    source.acks.settle(pipeline.tickets)        # Kinesis answered while we were disconnected
-    client.fire_connect(session_present=True)
-    source._service()
-    assert client.sent("ack") == []
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"t", b"x", mid=1)
+    m.client.fire_disconnect()
+    m.pipeline.acks.settle(m.pipeline.tickets)        # Kinesis answered while we were disconnected
+    m.client.fire_connect(session_present=True)
+    m.source.step()
+    assert m.client.sent("ack") == []
 
 
 def test_ack_released_just_before_a_reconnect_is_dropped(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"t", b"x", mid=1)
-    source.acks.settle(pipeline.tickets)        # queued for the loop, not yet flushed
-    client.fire_disconnect()
-    client.fire_connect(session_present=True)
-    source._service()
-    assert client.sent("ack") == []
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"t", b"x", mid=1)
+    m.pipeline.acks.settle(m.pipeline.tickets)        # queued for the loop, not yet sent
+    m.client.fire_disconnect()
+    m.client.fire_connect(session_present=True)
+    m.source.step()
+    assert m.client.sent("ack") == []
+
+
+def test_the_tracker_it_was_given_starts_a_generation_per_connection(fake: Any) -> None:
+    m = fake()
+    m.client.fire_connect()
+    assert m.pipeline.acks.generation == 1
+
+
+# --- connecting -----------------------------------------------------------------------------
 
 
 def test_lost_session_on_reconnect_is_warned_and_counted(fake: Any, caplog: Any) -> None:
-    source, client, _ = fake()
+    m = fake()
     with caplog.at_level(logging.WARNING, logger="gateway.source.mqtt"):
-        client.fire_connect(session_present=False)          # first start: nothing to lose
-        client.fire_disconnect()
-        client.fire_connect(session_present=False)
+        m.client.fire_connect(session_present=False)          # first start: nothing to lose
+        m.client.fire_disconnect()
+        m.client.fire_connect(session_present=False)
     warnings = [r.getMessage() for r in caplog.records if "session lost" in r.getMessage()]
     assert warnings == ["broker session lost; messages queued while disconnected may be gone"]
-    assert source.stats()["session_lost"] == 1 and source.session_present is False
+    assert m.source.stats()["session_lost"] == 1 and m.source.session_present is False
 
 
 def test_refused_connection_is_logged_once_per_reason(fake: Any, caplog: Any) -> None:
-    source, client, _ = fake()
-    client.reconnect_error = ConnectionRefusedError(111, "Connection refused")
+    m = fake()
+    m.client.reconnect_error = ConnectionRefusedError(111, "Connection refused")
     with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
-        assert not source._connect_once()
-        assert not source._connect_once()
-        client.reconnect_error = None
-        client.fire_connect(rc=0x86)                         # bad user name or password
+        m.source.step()
+        m.clock.advance(60)                                   # past any backoff
+        m.source.step()
+        m.client.reconnect_error = None
+        m.client.fire_connect(rc=0x86)                        # bad user name or password
     lines = [r.getMessage() for r in caplog.records]
+    assert len(m.client.reconnects) == 3
     assert len(lines) == 2 and "connection refused" in lines[0]
     assert "Bad user name or password" in lines[1]
-    assert source.stats()["connect_failures"] == 3 and not source.connected
+    assert m.source.stats()["connect_failures"] == 3 and not m.source.connected
 
 
 def test_reconnect_delay_grows_with_jitter_up_to_the_cap(fake: Any) -> None:
-    source, _, _ = fake(MqttConfig(reconnect_min_s=1, reconnect_max_s=8))
-    delays = [source._next_delay() for _ in range(10)]
+    m = fake(config(reconnect_min_s=1, reconnect_max_s=8))
+    m.client.reconnect_error = ConnectionRefusedError(111, "Connection refused")
+    tick = 0.05
+    while len(m.client.reconnects) < 11:
+        m.source.step()
+        m.clock.advance(tick)
+    times = m.client.reconnects
+    delays = [later - earlier for earlier, later in itertools.pairwise(times)]
     caps = [1, 2, 4, 8, 8, 8, 8, 8, 8, 8]
-    assert all(1 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    assert all(1 <= d <= cap + tick + 1e-9 for d, cap in zip(delays, caps, strict=True))
 
 
-def test_publish_reports_delivery_even_when_puback_beats_the_return(fake: Any) -> None:
-    source, client, _ = fake()
-    client.fire_connect()
+# --- publishing -----------------------------------------------------------------------------
+
+
+def test_publish_reports_delivery_once_even_when_puback_beats_the_return(fake: Any) -> None:
+    m = fake()
+    m.client.fire_connect()
     results: list[tuple[bool, str]] = []
-    early = source.publish("puback/before/return", b"x", on_delivered=lambda ok, r: results.append((ok, r)))
-    later = source.publish("dead/letter", b"y", on_delivered=lambda ok, r: results.append((ok, r)))
-    client.on_publish(client, None, later.mid, ReasonCode(PacketTypes.PUBACK, identifier=0x87), None)
+    m.outbound.publish("puback/before/return", b"x", 1, lambda ok, r: results.append((ok, r)))
+    m.outbound.publish("dead/letter", b"y", 1, lambda ok, r: results.append((ok, r)))
+    m.source.step()
+    (_, early, *_), (_, later, *_) = m.client.sent("publish")
+    m.client.on_publish(m.client, None, later, ReasonCode(PacketTypes.PUBACK, identifier=0x87), None)
     assert results == [(True, "Success"), (False, "Not authorized")]
-    assert early.mid != later.mid and source._pub_early == {} and source._pub_callbacks == {}
+    for mid in (early, later):                                # answered once: nothing is kept
+        m.client.on_publish(m.client, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None)
+    assert early != later and len(results) == 2
+
+
+def test_dead_letter_publish_reports_broker_answer_or_refusal(fake: Any) -> None:
+    m = fake()
+    m.client.fire_connect()
+    outcomes: list[bool] = []
+    m.outbound.publish("dlq/gateway", b"x", 1, lambda ok, _reason: outcomes.append(ok))
+    m.source.step()
+    [(_, mid, topic, _, qos)] = m.client.sent("publish")
+    assert (topic, qos, outcomes) == ("dlq/gateway", 1, [])
+    m.client.on_publish(m.client, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None)
+    m.outbound.publish("dlq/+", b"x", 1, lambda ok, _reason: outcomes.append(ok))
+    m.source.step()
+    assert outcomes == [True, False]
+
+
+# --- the loop's read policy -----------------------------------------------------------------
 
 
 def test_paused_source_reads_one_packet_per_quarter_keepalive(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(keepalive_s=60))
-    client.fire_connect()
-    client._peer.sendall(b"pending publishes")            # the socket is readable
-    source.pause()
-    source._iterate(max_wait=0)
-    assert client.reads == 1                              # the first paused round reads one
-    source._iterate(max_wait=0)
-    assert client.reads == 1                              # next read only after keepalive/4
-    source._next_paused_read = 0
-    source._iterate(max_wait=0)
-    assert client.reads == 2
-    source.resume()
-    source._iterate(max_wait=0)
-    assert client.reads == 3                              # a burst stops when no PUBLISH came in
+    m = fake(config(keepalive_s=60))
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.pipeline.full = True
+    m.source.step()
+    assert m.client.reads == 1                              # the first paused round reads one
+    m.source.step()
+    assert m.client.reads == 1                              # next read only after keepalive/4
+    m.clock.advance(15)
+    m.source.step()
+    assert m.client.reads == 2
+    m.pipeline.full = False
+    m.outbound.wake()                                       # what the pipeline does when it has room
+    m.source.step()
+    assert m.client.reads == 3                              # a burst stops when no PUBLISH came in
 
 
 def test_drained_socket_is_read_again_only_after_the_read_interval(fake: Any) -> None:
-    source, client, pipeline = fake(MqttConfig(read_interval_s=60))
-    client.fire_connect()
-    client.fire_message(b"t", b"x", mid=4)
-    client._peer.sendall(b"more publishes")               # the socket stays readable
-    source._iterate(max_wait=0)
-    assert client.reads == 1                              # read until drained...
-    source._iterate(max_wait=0)
-    assert client.reads == 1                              # ...then not again within the interval
-    source.acks.settle(pipeline.tickets)
-    source._iterate(max_wait=0)
-    assert ("ack", 4, 1) in client.wire                   # acks do not wait for it
-    source._next_read = 0
-    source._iterate(max_wait=0)
-    assert client.reads == 2
+    m = fake(config(read_interval_s=60))
+    m.client.fire_connect()
+    m.client.fire_message(b"t", b"x", mid=4)
+    m.client.make_readable()                                # the socket stays readable
+    m.source.step()
+    assert m.client.reads == 1                              # read until drained...
+    m.source.step()
+    assert m.client.reads == 1                              # ...then not again within the interval
+    m.pipeline.acks.settle(m.pipeline.tickets)
+    m.source.step()
+    assert ("ack", 4, 1) in m.client.wire                   # acks do not wait for it
+    m.clock.advance(60)
+    m.source.step()
+    assert m.client.reads == 2
 
 
-def test_every_read_round_ends_with_after_read_even_when_intake_fails(fake: Any) -> None:
-    source, client, _ = fake()
-    rounds: list[int] = []
-    source.set_after_read(lambda: rounds.append(client.reads))
-    client.fire_connect()
-    client._peer.sendall(b"pending publishes")
-    source._iterate(max_wait=0)
-    client.loop_read = lambda: (_ for _ in ()).throw(RuntimeError("paho bug"))  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError):
-        source._read(paused=False)
-    assert rounds == [1, 1]
-
-
-def test_an_ack_wakes_the_loop_only_when_its_next_round_is_far_off(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(read_interval_s=0.1))
-    client.fire_connect()
-
-    def woken() -> bool:
-        source._wake_r.setblocking(False)
-        try:
-            return bool(source._wake_r.recv(64))
-        except BlockingIOError:
-            return False
-        finally:
-            source._ack_wake_sent = False
-
-    woken()
-    source._round_due = time.monotonic() + 0.05          # a paced select ends soon: no wake-up
-    source.ack(1, 1)
-    assert not woken()
-    source._round_due = time.monotonic() + 15            # a long keepalive select: wake it
-    source.ack(2, 1)
-    assert woken()
-    source._iterate(max_wait=0)
-    assert ("ack", 1, 1) in client.wire and ("ack", 2, 1) in client.wire
+def test_every_read_round_ends_with_after_read_even_when_reading_fails(fake: Any) -> None:
+    m = fake()
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.source.step()
+    m.client.read_error = RuntimeError("paho bug")
+    m.source.step()
+    assert m.pipeline.rounds == [1, 2]
+    assert m.source.stats()["loop_errors"] == 1
 
 
 def test_reads_are_not_paced_while_messages_arrive_fast(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(read_interval_s=0.5))
-    client.fire_connect()
-    client._peer.sendall(b"pending publishes")
-    source._rate_since, source._received = time.monotonic() - 1.0, 5000   # 5,000 msg/s so far
-    source._iterate(max_wait=0)
-    source._iterate(max_wait=0)
-    assert client.reads == 2
+    m = fake(config(read_interval_s=0.5))
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.source.step()                                          # a drained read starts the rate count
+    m.clock.advance(0.5)
+    m.client.inbox = [(b"t", b"x", mid) for mid in range(1, 601)]   # 600 in half a second
+    while m.client.inbox:
+        m.source.step()
+    m.source.step()                                          # the read that finds the socket drained
+    reads = m.client.reads
+    m.source.step()
+    assert m.client.reads == reads + 1                       # no read interval at 1,200 msg/s
+
+
+def test_a_broker_waiting_for_our_acks_is_not_paced_and_gets_them_at_once(fake: Any) -> None:
+    m = fake(config(read_interval_s=60))
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.client.inbox = [(b"t", b"1", 1)]
+    m.source.step()                                          # one message held: maybe a trickle
+    assert m.pipeline.sent_now == 0
+    m.pipeline.acks.settle(m.pipeline.tickets)               # the linger ran out, Kinesis holds it
+    m.clock.advance(60)
+    m.client.inbox = [(b"t", b"2", 2)]                       # the broker sent the next only now
+    m.source.step()
+    assert ("ack", 1, 1) in m.client.wire
+    assert m.pipeline.sent_now == 1                          # a window of one: send what is held now
+    m.pipeline.acks.settle(m.pipeline.tickets[1:])
+    m.client.inbox = [(b"t", b"3", 3)]
+    reads = m.client.reads
+    m.source.step()                                          # no read interval in between
+    assert m.client.reads > reads and len(m.pipeline.messages) == 3
+    assert m.pipeline.sent_now == 2
+
+
+def test_a_wide_window_at_a_low_rate_is_still_paced(fake: Any) -> None:
+    m = fake(config(read_interval_s=60))
+    m.client.fire_connect()
+    m.client.make_readable()
+    mids = itertools.count(1)
+    for arriving in (2, 3, 1, 3, 2, 4):                      # a trickle; each group acked later
+        m.pipeline.acks.settle(m.pipeline.tickets)
+        m.client.inbox = [(b"t", b"x", next(mids)) for _ in range(arriving)]
+        while m.client.inbox:
+            m.source.step()
+        m.source.step()
+        reads = m.client.reads
+        m.source.step()
+        assert m.client.reads == reads                       # paced: the next read waits
+        m.clock.advance(60)
+    assert m.pipeline.sent_now == 0
 
 
 def test_read_interval_zero_reads_whenever_the_socket_is_readable(fake: Any) -> None:
-    source, client, _ = fake(MqttConfig(read_interval_s=0))
-    client.fire_connect()
-    client._peer.sendall(b"pending publishes")
+    m = fake(config(read_interval_s=0))
+    m.client.fire_connect()
+    m.client.make_readable()
     for _ in range(3):
-        source._iterate(max_wait=0)
-    assert client.reads == 3
+        m.source.step()
+    assert m.client.reads == 3
 
 
 def test_acks_and_pings_still_go_out_while_paused(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"t", b"x", mid=9)
-    source.pause()
-    source._next_paused_read = float("inf")
-    source.acks.settle(pipeline.tickets)
-    source._iterate(max_wait=0)
-    assert ("ack", 9, 1) in client.wire
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"t", b"x", mid=9)
+    m.pipeline.full = True
+    m.pipeline.acks.settle(m.pipeline.tickets)
+    m.source.step()
+    assert ("ack", 9, 1) in m.client.wire
 
 
-def test_loop_thread_death_turns_alive_false_and_tells_the_app(fake: Any) -> None:
-    fatal: list[BaseException] = []
-    source, client, _ = fake(on_fatal=fatal.append)
-    client.socket_error = Boom("paho bug")
-    source.start()
-    source._thread.join(5)
-    assert not source.alive
-    assert isinstance(fatal[0], Boom)
+def test_a_socket_with_a_file_descriptor_above_1023_is_served(fake: Any) -> None:
+    high_fd = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= high_fd:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} leaves no fd {high_fd}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, high_fd + 1), hard))
+    try:
+        m = fake()
+        m.client.high_fd = high_fd
+        m.client.fire_connect()
+        assert m.client.sock is not None and m.client.sock.fileno() == high_fd
+        m.client.make_readable()
+        m.client.inbox = [(b"t", b"x", 1)]
+        m.source.step()                 # select() would refuse this fd; the loop would retry forever
+        assert m.client.reads == 2 and len(m.pipeline.messages) == 1
+        assert m.source.stats()["loop_errors"] == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- failures and shutdown ------------------------------------------------------------------
+
+
+def test_rounds_that_keep_failing_end_the_loop_instead_of_spinning(fake: Any) -> None:
+    m = fake()
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.client.read_error = OSError("fd out of range")
+    with pytest.raises(NetworkLoopError, match="5 rounds in a row failed, the last with OSError: fd out of range"):
+        for _ in range(10):
+            m.source.step()
+            m.clock.advance(60)                              # past the backoff between rounds
+    assert m.source.stats()["loop_errors"] == 5
+
+
+def test_loop_thread_death_turns_alive_false(fake: Any, caplog: Any) -> None:
+    m = fake()
+    m.client.socket_error = Boom("paho bug")
+    with caplog.at_level(logging.CRITICAL, logger="gateway.source.mqtt"):
+        m.source.start()
+        assert m.client.socket_touched.wait(5)
+        assert m.source.stop(5)
+    assert not m.source.alive
+    assert [r.getMessage() for r in caplog.records] == ["MQTT network loop died: Boom: paho bug"]
 
 
 def test_stop_flushes_released_acks_then_disconnects(fake: Any) -> None:
-    source, client, pipeline = fake()
-    client.fire_connect()
-    client.fire_message(b"t", b"x", mid=3)
-    source.acks.settle(pipeline.tickets)
-    source._shutdown()
-    kinds = [p[0] for p in client.wire + client.out]
+    m = fake()
+    m.client.fire_connect()
+    m.client.fire_message(b"t", b"x", mid=3)
+    m.pipeline.acks.settle(m.pipeline.tickets)
+    m.source.start()
+    assert m.source.stop(5)
+    kinds = [p[0] for p in m.client.wire + m.client.out]
     assert kinds[-2:] == ["ack", "disconnect"]
 
 
@@ -558,8 +733,7 @@ class Metrics:
 
 def test_metrics_follow_connection_grants_and_lost_sessions(fake: Any) -> None:
     metrics = Metrics()
-    source, client, _ = fake(metrics=metrics)
-    source.set_subscriptions([("a", 1)])
+    client = fake(metrics=metrics, subscriptions=[("a", 1)]).client
     client.fire_connect(session_present=True)
     client.fire_suback(1, [1])
     client.fire_disconnect()
@@ -569,21 +743,22 @@ def test_metrics_follow_connection_grants_and_lost_sessions(fake: Any) -> None:
     assert ("set_connected", False) in metrics.calls and ("session_lost",) in metrics.calls
 
 
-def test_dead_letter_publish_reports_broker_answer_or_refusal(fake: Any) -> None:
-    source, client, _ = fake()
-    client.fire_connect()
-    outcomes: list[bool] = []
-    source.publish_dead_letter("dlq/gateway", b"x", outcomes.append)
-    [(_, mid, topic, _, qos)] = client.sent("publish")
-    assert (topic, qos, outcomes) == ("dlq/gateway", 1, [])
-    client.on_publish(client, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None)
-    source.publish_dead_letter("dlq/+", b"x", outcomes.append)
-    assert outcomes == [True, False]
+def readable(outbound: Outbound) -> bool:
+    return bool(select.select([outbound.fileno()], [], [], 0)[0])
 
 
-def test_tracker_built_outside_is_used_for_messages_and_connections(fake: Any) -> None:
-    source, client, _ = fake()
-    tracker = AckTracker(source.ack)
-    source.set_ack_tracker(tracker)
-    client.fire_connect()
-    assert tracker.generation == 1
+def test_an_ack_wakes_the_loop_only_when_its_next_round_is_far_off(fake: Any) -> None:
+    m = fake(config(read_interval_s=0.1))
+    m.client.fire_connect()
+    outbound = m.outbound
+    outbound.take()
+    assert not outbound.sleeping(0.05, patience=0.1)        # a paced wait ends soon: no wake-up
+    outbound.ack(1, 1)
+    assert not readable(outbound)
+    m.source.step()
+    assert ("ack", 1, 1) in m.client.wire                   # it rode the next round
+    assert not outbound.sleeping(15, patience=0.1)          # a long keepalive wait: wake it
+    outbound.ack(2, 1)
+    assert readable(outbound)
+    m.source.step()
+    assert ("ack", 2, 1) in m.client.wire

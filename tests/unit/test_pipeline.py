@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import logging
 from typing import Any
 
@@ -47,8 +49,9 @@ class CountingMetrics:
 def build(*routes: Route) -> tuple[Pipeline, FakeSink, list[int], CountingMetrics]:
     acked: list[int] = []
     sink, metrics = FakeSink(), CountingMetrics()
-    acks = AckTracker(lambda mid, qos: acked.append(mid))
-    return Pipeline(Active(RouteTable(routes)), sink, acks, metrics, backlog_capacity=3), sink, acked, metrics
+    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append(mid)))
+    pipeline = Pipeline(Active(RouteTable(routes)), acks, metrics, make_sink=lambda _settled: sink, backlog_capacity=3)
+    return pipeline, sink, acked, metrics
 
 
 def message(payload: bytes = b'{"name": "d1"}', topic: str = "t/1") -> Message:
@@ -110,9 +113,9 @@ def test_without_a_dead_letter_a_rejection_is_dropped_counted_logged_and_acked(c
 def test_in_bulk_mode_records_reach_the_sink_in_one_put_per_hand_over() -> None:
     acked: list[int] = []
     sink = FakeSink()
-    acks = AckTracker(lambda mid, qos: acked.append(mid))
-    pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))), sink, acks,
-                        CountingMetrics(), backlog_capacity=10, hand_over_in_bulk=True)
+    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append(mid)))
+    pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))), acks,
+                        CountingMetrics(), make_sink=lambda _settled: sink, backlog_capacity=10)
     for mid in (1, 2, 3):
         pipeline.intake(message(), mid=mid, qos=1)
     assert sink.puts == 0 and pipeline.held == 0        # nothing is held before the sink has it
@@ -124,11 +127,15 @@ def test_in_bulk_mode_records_reach_the_sink_in_one_put_per_hand_over() -> None:
 
 
 def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
-    pipeline, sink, _, _ = build(Route("a", ("t/#",), "s", expr("name")))
     freed: list[int] = []
-    pipeline.set_on_backlog_freed(lambda: freed.append(pipeline.held))
+    sink = FakeSink()
+    outbound = SimpleNamespace(wake=lambda: freed.append(pipeline.held))
+    pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))),
+                        AckTracker(SimpleNamespace(ack=lambda mid, qos: None)), CountingMetrics(),
+                        make_sink=lambda _settled: sink, outbound=outbound, backlog_capacity=3)  # type: ignore[arg-type]
     for mid in range(3):
         pipeline.intake(message(), mid=mid, qos=1)
+    pipeline.after_read()       # the source ends its read round
     assert pipeline.backlog_full()
     assert sink.urgent == 1      # a full backlog asks the sink not to wait out its linger
     pipeline.settled([(sink.entries[0][1], PUT)])

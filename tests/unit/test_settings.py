@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,16 @@ def test_route_file_replaces_the_legacy_route() -> None:
     assert settings.routes_file == "/etc/routes.yaml"
     assert settings.legacy_route is None
     assert settings.mqtt.persistent is None  # decided by the route table
+
+
+def test_persistent_mqtt5_session_that_expires_at_once_is_refused_in_one_line() -> None:
+    message = error_of({**MINIMAL, "QOS": "1", "MQTT_SESSION_EXPIRY_S": "0"})
+    assert message.startswith("MQTT_SESSION_EXPIRY_S: 0 ends the session at every disconnect")
+    routed = load_settings({"MQTT_HOST": "h", "GATEWAY_ROUTES": "routes.yaml", "MQTT_SESSION_EXPIRY_S": "0"}).mqtt
+    with pytest.raises(SettingsError, match=r"^MQTT_SESSION_EXPIRY_S: ") as info:
+        replace(routed, persistent=True)       # what the app does once the route table wants QoS 1
+    assert "\n" not in str(info.value)
+    assert replace(routed, protocol="3.1.1", persistent=True).persistent is True
 
 
 def test_legacy_route_without_partition_key_uses_the_topic_and_qos1_is_persistent() -> None:

@@ -1,0 +1,44 @@
+"""WindowWatch: telling a broker that waits for our acks from one that has nothing to send."""
+
+from __future__ import annotations
+
+from gateway.source.window import WindowWatch
+
+
+def test_a_window_of_one_is_seen_at_the_second_message() -> None:
+    watch = WindowWatch()
+    assert not watch.drained(1, now=0.0)          # one held: could be a trickle
+    assert watch.drained(1, now=0.3)              # one held again, never more: the broker waits
+
+
+def test_a_wide_window_at_a_low_rate_keeps_pacing() -> None:
+    watch = WindowWatch()
+    held = [3, 5, 2, 6, 4, 7, 1, 5, 8, 3, 6, 2]   # what a trickle leaves unacked at each read
+    assert not any(watch.drained(n, now=i * 0.1) for i, n in enumerate(held))
+
+
+def test_the_judgment_holds_for_a_while_after_the_last_sign() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    watch.drained(4, now=0.0)
+    assert watch.drained(4, now=0.1)
+    assert watch.drained(2, now=0.5)              # a partial refill: still the same broker
+    assert watch.bound(now=1.0)
+    assert not watch.bound(now=1.2)
+
+
+def test_more_held_than_ever_means_the_window_is_wider() -> None:
+    watch = WindowWatch()
+    watch.drained(2, now=0.0)
+    assert watch.drained(2, now=0.1)
+    assert not watch.drained(3, now=0.2)
+
+
+def test_nothing_held_is_no_evidence_and_a_new_connection_forgets() -> None:
+    watch = WindowWatch()
+    watch.drained(1, now=0.0)
+    assert not watch.drained(0, now=0.1)
+    assert not watch.drained(1, now=0.2)          # the streak restarted
+    assert watch.drained(1, now=0.3)
+    watch.new_connection()
+    assert not watch.bound(now=0.3)
+    assert not watch.drained(1, now=0.4)
