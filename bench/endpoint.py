@@ -43,7 +43,7 @@ SEQ_BASE = 49_000_000_000_000_000_000
 class Stream:
     """One stream: its shards' hash ranges and every record it was given, in arrival order."""
 
-    __slots__ = ("name", "shards", "records", "created")
+    __slots__ = ("created", "name", "records", "shards")
 
     def __init__(self, name: str, shards: int = 1) -> None:
         self.name = name

@@ -36,8 +36,8 @@ def _time_per_call(fn: Any, args: list[Any], min_s: float = 0.3) -> float:
 
 def measure_lookup(extra_routes: int = 10_000) -> dict[str, Any]:
     try:
-        from gateway.routefile.loader import load_routes
         from gateway.model import Message
+        from gateway.routefile.loader import load_routes
     except ImportError as exc:
         return {"skipped": f"gateway routing not importable: {exc}"}
     from bench.publisher import payload

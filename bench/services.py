@@ -135,7 +135,7 @@ class Endpoint:
         for s in self.streams:
             args += ["--stream", s]
         root = Path(__file__).resolve().parents[1]
-        log = open(self.workdir / "endpoint.log", "wb")  # noqa: SIM115 - handed to the child
+        log = open(self.workdir / "endpoint.log", "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, cwd=root,
                                      env={**os.environ, "PYTHONPATH": str(root)})
         assert self.proc.stdout is not None

@@ -86,12 +86,6 @@ def qos0_warning(table: RouteTable) -> str | None:
             "backlog or an undelivered shutdown is not redelivered; use qos: 1 (QOS=1) for at-least-once")
 
 
-def _kinesis_streams(table: RouteTable) -> set[str]:
-    """Every stream the table writes to, dead-letter streams included."""
-    return {r.stream for r in table.routes} | {
-        r.dead_letter.target for r in table.routes if r.dead_letter is not None and r.dead_letter.kind == "kinesis"}
-
-
 class Gateway:
     """One process's gateway: source → pipeline → sink, plus reload, health and metrics."""
 

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate",
                                    help="check route files (offline); exit 0 valid, 1 findings, 2 unreadable")
     validate.add_argument("files", nargs="+", metavar="FILE",
-                          help="route files to check, or Kubernetes ConfigMaps holding them (data entries *.yaml, *.yml)")
+                          help="route files to check, or Kubernetes ConfigMaps holding them"
+                               " (data entries *.yaml, *.yml)")
     validate.add_argument("--format", choices=sorted(REPORTERS), default="text",
                           help="text: path:line:col: message [rule]; json: one object; github: annotations")
     validate.set_defaults(handler=_cmd_validate)
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(handler=_cmd_schema)
 
     run = commands.add_parser("run", help="run the gateway")
-    run.add_argument("--routes", metavar="FILE", help="route file (default: GATEWAY_ROUTES, else the legacy .env route)")
+    run.add_argument("--routes", metavar="FILE",
+                     help="route file (default: GATEWAY_ROUTES, else the legacy .env route)")
     run.add_argument("--env-file", metavar="FILE", help="read settings from this .env file")
     run.add_argument("--workers", type=int, metavar="N", help="worker processes (default: GATEWAY_WORKERS or 1)")
     run.set_defaults(handler=_cmd_run)
@@ -149,7 +151,8 @@ def _load_table(path: str, err: TextIO) -> RouteTable:
 
 def _outcome_json(outcome: RoutingOutcome) -> dict[str, Any]:
     if isinstance(outcome, Record):
-        item: dict[str, Any] = {"route": outcome.route, "stream": outcome.stream, "partition_key": outcome.partition_key}
+        item: dict[str, Any] = {"route": outcome.route, "stream": outcome.stream,
+                                "partition_key": outcome.partition_key}
         if outcome.explicit_hash_key is not None:
             item["explicit_hash_key"] = outcome.explicit_hash_key
         try:
@@ -351,7 +354,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_USAGE
     workers = args.workers or settings.workers
     if workers > 1:  # the supervisor never imports boto3 or paho: it only starts processes
-        from gateway.workers import supervise
+        from gateway.workers import supervise  # noqa: PLC0415 - only the supervisor needs it
 
         return supervise(workers, settings, sys.argv)
     return _run_gateway(settings)
@@ -381,7 +384,7 @@ def _run_gateway(settings: Settings) -> int:
     table = _initial_table(settings)
     if table is None:
         return EXIT_USAGE
-    from gateway.app import Gateway  # lazy: boto3 and paho are imported only to run
+    from gateway.app import Gateway  # noqa: PLC0415 - boto3 and paho are imported only to run
 
     try:
         return int(Gateway(settings, table).run_until_stopped() or 0)

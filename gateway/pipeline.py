@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -119,11 +119,14 @@ class _RateLimitedLog:
                         "%.0f s", held, route, code, self._interval_s, extra={"route": route})
 
 
-class Pipeline:
+SinkT = TypeVar("SinkT", bound=Sink)
+
+
+class Pipeline(Generic[SinkT]):
     """Wires one message through routing, the sink and the dead letters to its acknowledgement."""
 
     def __init__(self, active: ActiveTableReader, acks: AckTracker, metrics: Any, *,
-                 make_sink: Callable[[OnSettled], Sink], outbound: Outbound | None = None,
+                 make_sink: Callable[[OnSettled], SinkT], outbound: Outbound | None = None,
                  backlog_capacity: int, backlog_capacity_bytes: int = 64 * 1024 * 1024,
                  echo: bool = False) -> None:
         """``make_sink(on_settled)`` builds the sink that reports its settlements to this pipeline
@@ -152,7 +155,7 @@ class Pipeline:
         self._flushed: dict[str, int] = {}
         self._flushed_unrouted = 0
         self._flush_lock = threading.Lock()  # the app's tick and a /metrics scrape may meet
-        self.sink = make_sink(self.settled)
+        self.sink: SinkT = make_sink(self.settled)
 
     @property
     def held(self) -> int:
@@ -216,7 +219,7 @@ class Pipeline:
         records: list[tuple[Record, Route]] = []
         rejected: list[tuple[Rejected, Route]] = []
         received = self._received
-        for route, outcome in zip(routes, outcomes):
+        for route, outcome in zip(routes, outcomes, strict=True):
             received[route.name] = received.get(route.name, 0) + 1
             kind = type(outcome)
             if kind is Record:
@@ -239,7 +242,8 @@ class Pipeline:
         for rejection, route in rejected:
             code = rejection.code
             self._rate_limited.warning(
-                route.name, code, f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
+                route.name, code,
+                f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
                 topic=_shown(message.topic),
             )
             self._dead_letter(_Token(ticket, message, route, size=len(message.payload)), rejection.reason, code)
@@ -285,7 +289,8 @@ class Pipeline:
                 tickets.append(token)
             elif isinstance(settlement, Failed):
                 if token.is_dead_letter:
-                    self._drop(token, f"dead letter stream refused the record: {settlement.reason}", "dead_letter_failed")
+                    self._drop(token, f"dead letter stream refused the record: {settlement.reason}",
+                               "dead_letter_failed")
                     tickets.append(token)
                 else:
                     code = settlement.code
@@ -346,7 +351,8 @@ class Pipeline:
         where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
         self._rate_limited.warning(
             token.route.name, "dropped:" + code,
-            f"dropped a message of route {token.route.name!r} on topic {_shown(token.message.topic)!r}{where}: {reason}",
+            f"dropped a message of route {token.route.name!r} on topic {_shown(token.message.topic)!r}{where}: "
+            f"{reason}",
             topic=_shown(token.message.topic),
         )
 

@@ -23,12 +23,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import paho.mqtt.client as mqtt  # noqa: E402
-import yaml  # noqa: E402
+import paho.mqtt.client as mqtt
+import yaml
 
-from gateway.cli import main as gateway_cli  # noqa: E402
-from tests.support.gatewayproc import GatewayProcess  # noqa: E402
-from tests.support.services import Mosquitto, MotoServer, create_stream, kinesis_client, wait_for_records  # noqa: E402
+from gateway.cli import main as gateway_cli
+from tests.support.gatewayproc import GatewayProcess
+from tests.support.services import Mosquitto, MotoServer, create_stream, kinesis_client, wait_for_records
 
 # The example routes write to these streams. press-telemetry is named by its ARN, in eu-west-1 of
 # moto's default account (123456789012), so the demo runs in that region (the gateway's client

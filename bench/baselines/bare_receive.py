@@ -19,8 +19,8 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 def peak_rss_kb() -> int:

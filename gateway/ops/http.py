@@ -31,6 +31,7 @@ queueing one render each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import json
@@ -159,10 +160,8 @@ class HealthServer:
             return
         self._stopping.set()
         if self._stop_requested is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop already ended (the thread died)
                 loop.call_soon_threadsafe(self._stop_requested.set)
-            except RuntimeError:  # the loop already ended (the thread died); nothing to wake
-                pass
         thread.join(timeout=_STOP_WAIT_S)
         if thread.is_alive():
             log.warning("HTTP listener did not stop within %.0f s", _STOP_WAIT_S)
@@ -178,7 +177,7 @@ class HealthServer:
             ready, checks = answer[0], answer[1]
             body: dict[str, Any] = {"status": "ready" if ready else "not ready",
                                     "checks": {str(k): bool(v) for k, v in checks.items()}}
-            problems = answer[2] if len(answer) > 2 else {}  # type: ignore[misc]
+            problems = answer[2] if len(answer) > 2 else {}
             if problems:  # what is wrong, by what: e.g. {"stream welder": "ResourceNotFoundException: ..."}
                 body["problems"] = {str(k): str(v) for k, v in problems.items()}
             return (200 if ready else 503), _JSON, _json(body)

@@ -117,7 +117,7 @@ class TextFormatter(logging.Formatter):
         return redact(_one_line(line))
 
 
-class _GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _GatewayHandler(logging.StreamHandler):
     """Marks the handler this module installed, so configuring twice replaces it (and only it)."""
 
 
@@ -165,8 +165,7 @@ def log_uncaught_exceptions(logger: logging.Logger | None = None) -> None:
         if args.exc_type is SystemExit:
             return
         name = args.thread.name if args.thread is not None else "?"
-        target.critical("uncaught exception in thread %s", name,
-                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        target.critical("uncaught exception in thread %s", name, exc_info=args.exc_value)
 
     sys.excepthook = main_hook
     threading.excepthook = thread_hook

@@ -213,4 +213,4 @@ class Metrics:
         """The text exposition format (``CONTENT_TYPE``) for ``/metrics``."""
         for hook in self._before_render:
             hook()
-        return generate_latest(self._view)  # type: ignore[arg-type]
+        return generate_latest(self._view)

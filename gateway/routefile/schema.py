@@ -105,7 +105,7 @@ class _SchemaMapper:
         self.findings: list[Finding] = []
         self.missing: set[JsonPath] = set()
 
-    def _at(self, node: yaml.Node | None, path: JsonPath, rule: str, message: str) -> None:
+    def add_at(self, node: yaml.Node | None, path: JsonPath, rule: str, message: str) -> None:
         line, col = position(node) if node is not None else (1, 1)
         self.findings.append(Finding(self.filename, line, col, format_path(path), rule, "error", message))
 
@@ -128,42 +128,42 @@ class _SchemaMapper:
                     hint = difflib.get_close_matches(key, allowed, n=1)
                     suggestion = f"; did you mean '{hint[0]}'?" if hint else f" (allowed: {', '.join(allowed)})"
                     where = located.key if located is not None else node
-                    self._at(where, path + (key,), "schema", f"unknown key '{key}'{suggestion}")
+                    self.add_at(where, path + (key,), "schema", f"unknown key '{key}'{suggestion}")
         elif kind == "required" and isinstance(value, dict):
             for key in error.validator_value:  # jsonschema reports each missing key: name it once
                 if key not in value and (*path, key) not in self.missing:
                     self.missing.add((*path, key))
-                    self._at(node, (*path, key), "missing-key", f"missing required key '{key}'")
+                    self.add_at(node, (*path, key), "missing-key", f"missing required key '{key}'")
         elif kind == "type":
             expected = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
             if ("boolean" in expected and isinstance(value, str) and value in YAML_1_1_BOOLEANS
                     and node is not None and is_plain(node)):
-                self._at(node, path, "yaml-ambiguous-scalar",
+                self.add_at(node, path, "yaml-ambiguous-scalar",
                          f"{name}: '{value}' is read as the string \"{value}\" (YAML 1.2), not a boolean;"
                          " write true or false")
                 return
             wanted = " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in expected)
-            self._at(node, path, "schema", f"{name}: expected {wanted}, got {_type_name(value)}")
+            self.add_at(node, path, "schema", f"{name}: expected {wanted}, got {_type_name(value)}")
         elif kind == "enum" and name == "qos" and value == 2 and not isinstance(value, bool):
-            self._at(node, path, "qos2-refused", QOS2_REASON)
+            self.add_at(node, path, "qos2-refused", QOS2_REASON)
         elif kind == "enum":
             choices = ", ".join(json.dumps(c) if not isinstance(c, str) else c for c in error.validator_value)
-            self._at(node, path, "schema", f"{name}: must be one of {choices}; got {json.dumps(value, default=str)}")
+            self.add_at(node, path, "schema", f"{name}: must be one of {choices}; got {json.dumps(value, default=str)}")
         elif kind == "const":
-            self._at(node, path, "schema", f"{name}: must be {json.dumps(error.validator_value)}")
+            self.add_at(node, path, "schema", f"{name}: must be {json.dumps(error.validator_value)}")
         elif kind == "pattern" and name == "stream":
-            self._at(node, path, "stream-name", f"stream '{value}' is not valid: {_STREAM_HELP}")
+            self.add_at(node, path, "stream-name", f"stream '{value}' is not valid: {_STREAM_HELP}")
         elif kind == "pattern" and name == "name":
-            self._at(node, path, "schema",
+            self.add_at(node, path, "schema",
                      f"route name '{value}' is not valid: 1 to 64 letters, digits, '_', '.' or '-'")
         elif kind == "minItems":
-            self._at(node, path, "schema", f"{name}: must not be an empty list")
+            self.add_at(node, path, "schema", f"{name}: must not be an empty list")
         elif kind == "minLength":
-            self._at(node, path, "schema", f"{name}: must not be empty")
+            self.add_at(node, path, "schema", f"{name}: must not be empty")
         elif kind in ("minProperties", "maxProperties") and name == "dead_letter":
-            self._at(node, path, "schema", "dead_letter: give exactly one of 'stream' or 'topic'")
+            self.add_at(node, path, "schema", "dead_letter: give exactly one of 'stream' or 'topic'")
         else:
-            self._at(node, path, "schema", f"{name}: {error.message}")
+            self.add_at(node, path, "schema", f"{name}: {error.message}")
 
 
 def schema_findings(doc: YamlDocument, filename: str) -> list[Finding]:
@@ -176,7 +176,7 @@ def schema_findings(doc: YamlDocument, filename: str) -> list[Finding]:
             if error.validator == "type" or tuple(error.absolute_path) not in typed:
                 mapper.add(error)
     except RecursionError:
-        mapper._at(None, (), "schema", "the document is nested too deeply to validate")
+        mapper.add_at(None, (), "schema", "the document is nested too deeply to validate")
     return mapper.findings
 
 

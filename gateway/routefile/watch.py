@@ -10,9 +10,10 @@ so it is tested with a scripted clock and no sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import select
+import selectors
 import signal
 import threading
 import time
@@ -131,10 +132,8 @@ class DirectoryWatcher:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the pipe is full (a wake-up is pending anyway) or closed
             os.write(self._wake_w, b"!")
-        except OSError:
-            pass  # the pipe is full (a wake-up is pending anyway) or closed (stopped)
 
     # -- the worker ------------------------------------------------------------------------
     def run_pending(self) -> str | None:
@@ -159,18 +158,23 @@ class DirectoryWatcher:
                 self._debouncer.succeeded()
         return reason
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def wait_s(self) -> float | None:
         with self._lock:
             return self._debouncer.wait_s(self._clock())
 
     def _run(self) -> None:
-        while not self._stopping:
-            select.select([self._wake_r], [], [], self.wait_s())
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
-            if not self._stopping:
+        with selectors.DefaultSelector() as selector:  # not select.select: fds past 1024 must work
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                selector.select(self.wait_s())
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                if self.stopping:  # set by stop() on another thread while we waited
+                    break
                 while self.run_pending() is not None:
                     pass
 
@@ -202,9 +206,9 @@ class DirectoryWatcher:
 
     def _watchdog_observer(self, mode: WatchMode) -> Any:
         if mode == "polling":
-            from watchdog.observers.polling import PollingObserver
+            from watchdog.observers.polling import PollingObserver  # noqa: PLC0415 - only in this mode
             return PollingObserver(timeout=self.poll_interval_s)
-        from watchdog.observers import Observer
+        from watchdog.observers import Observer  # noqa: PLC0415 - inotify only when watching
         return Observer()
 
     def stop(self, timeout_s: float = 5.0) -> None:

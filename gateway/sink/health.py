@@ -57,7 +57,7 @@ def check_stream(client: KinesisClient, stream: str) -> StreamCheck:
     """Ask Kinesis whether ``stream`` exists and takes writes (one DescribeStreamSummary call)."""
     try:
         summary = client.describe_stream_summary(**stream_target(stream))["StreamDescriptionSummary"]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is a reason the stream is not usable
         code = classify(exc)[1]
         if isinstance(exc, ClientError) and code in _DENIED:
             return StreamCheck(None, code, denied=True)

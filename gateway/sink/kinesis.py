@@ -320,7 +320,7 @@ class KinesisSink(Generic[T]):
         shard_map: kpl.ShardMap | None
         try:
             shard_map = kpl.load_shard_map(self._clients.for_stream(s.name), s.name)
-        except Exception as exc:  # fall back to one hash key per aggregate: always correct
+        except Exception as exc:  # noqa: BLE001 - fall back to one hash key per aggregate: always correct
             log.warning("kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1])
             shard_map = None
         with self._cond:
@@ -337,7 +337,7 @@ class KinesisSink(Generic[T]):
         error: BaseException | None = None
         try:
             response = self._clients.for_stream(s.name).put_records(**request)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified by retry.classify, never lost
             error = exc
         with self._cond:
             out, verdict = settle_response(s, batch, response, error, self._clock(), self._retry)
@@ -353,7 +353,7 @@ class KinesisSink(Generic[T]):
         if out.settled:
             try:
                 self._on_settled(out.settled)
-            except Exception as exc:  # never silently: count it, log the first, fail liveness
+            except Exception as exc:  # noqa: BLE001 - never silently: count it, log the first, fail liveness
                 if metrics is not None:
                     metrics.callback_error()
                 if self._callback_failure is None:

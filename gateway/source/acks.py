@@ -34,7 +34,6 @@ __all__ = ["AckOutlet", "AckTracker", "Ticket"]
 log = logging.getLogger(__name__)
 
 
-
 class AckOutlet(Protocol):
     """Where released acks go (`gateway.source.outbound.Outbound`)."""
 
@@ -46,32 +45,33 @@ class Ticket:
 
     Opaque to everyone but the tracker: the pipeline only passes it along with the records (as the
     sink's token) and hands it back to `settle()`. `received_ms` is public so the pipeline can
-    observe receipt→ack latency for the tickets the tracker reports as done.
+    observe receipt→ack latency for the tickets the tracker reports as done. `remaining` (parts not
+    yet settled) and `released` are written by the tracker only.
     """
 
-    __slots__ = ("_done", "_remaining", "generation", "mid", "qos", "received_ms")
+    __slots__ = ("generation", "mid", "qos", "received_ms", "released", "remaining")
 
     def __init__(self, mid: int, qos: int, generation: int, parts: int, received_ms: int) -> None:
         self.mid = mid
         self.qos = qos
         self.generation = generation
         self.received_ms = received_ms
-        self._remaining = parts
-        self._done = False
+        self.remaining = parts
+        self.released = False
 
     @property
     def complete(self) -> bool:
         """Every part settled (the ack may still wait behind an earlier ticket)."""
-        return self._remaining <= 0
+        return self.remaining <= 0
 
     @property
     def done(self) -> bool:
         """Acked (QoS 1/2), or complete (QoS 0), or dropped with its connection."""
-        return self._done
+        return self.released
 
     def __repr__(self) -> str:
         return (f"Ticket(mid={self.mid}, qos={self.qos}, gen={self.generation}, "
-                f"remaining={self._remaining}, done={self._done})")
+                f"remaining={self.remaining}, done={self.released})")
 
 
 class AckTracker:
@@ -100,7 +100,7 @@ class AckTracker:
             self._generation += 1
             dropped = len(self._pending)
             for ticket in self._pending:
-                ticket._done = True
+                ticket.released = True
             self._pending.clear()
         if dropped:
             log.info("new MQTT connection: %d unacknowledged message(s) of the previous connection "
@@ -116,7 +116,7 @@ class AckTracker:
             ticket = Ticket(mid, qos, self._generation, parts, stamp)
             if qos <= 0:
                 if parts == 0:
-                    ticket._done = True
+                    ticket.released = True
             else:
                 self._pending.append(ticket)
                 if parts == 0 and len(self._pending) == 1:
@@ -135,13 +135,13 @@ class AckTracker:
             head_completed = False
             generation = self._generation
             for ticket in tickets:
-                if ticket._done or ticket._remaining <= 0:
+                if ticket.released or ticket.remaining <= 0:
                     continue
-                ticket._remaining -= 1
-                if ticket._remaining > 0:
+                ticket.remaining -= 1
+                if ticket.remaining > 0:
                     continue
                 if ticket.qos <= 0:
-                    ticket._done = True
+                    ticket.released = True
                     done.append(ticket)
                 elif ticket.generation == generation:
                     head_completed = True
@@ -152,9 +152,9 @@ class AckTracker:
     def _release(self, done: list[Ticket]) -> None:
         """Pop and ack every complete ticket at the head (lock held)."""
         pending = self._pending
-        while pending and pending[0]._remaining <= 0:
+        while pending and pending[0].remaining <= 0:
             ticket = pending.popleft()
-            ticket._done = True
+            ticket.released = True
             try:
                 self._outlet.ack(ticket.mid, ticket.qos)
             except Exception as exc:  # noqa: BLE001 - an unsent ack means a redelivery, not a loss

@@ -60,7 +60,7 @@ def install() -> bool:
     if not paho.mqtt.__version__.startswith("2.") or getattr(_packet, "Properties", None) is not Properties:
         log.info("paho-mqtt %s: PUBLISH properties decoded by paho's own code", paho.mqtt.__version__)
         return False
-    _packet.Properties = SharedTableProperties  # type: ignore[attr-defined,misc]
+    _packet.Properties = SharedTableProperties  # type: ignore[attr-defined]
     return True
 
 

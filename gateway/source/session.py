@@ -42,6 +42,15 @@ _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callba
           "subscriptions_refused")
 
 
+
+def _publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
+    paho sets an attribute only for a property the packet carries."""
+    if properties is None:
+        return (), None
+    user_properties = getattr(properties, "UserProperty", None)
+    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
+
 class SourceMetrics(Protocol):
     """What the source tells the metrics (gateway.ops.metrics.Metrics)."""
 
@@ -224,7 +233,10 @@ class PahoSession:
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self._acks.arrived(mid, qos, 0)
             return
-        self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms()), mid, qos)
+        user_properties, content_type = _publish_properties(msg.properties)
+        self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
+                                   retain=bool(msg.retain), user_properties=user_properties,
+                                   content_type=content_type), mid, qos)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         results = self._subscriptions.suback(mid, [(int(rc.value), str(rc)) for rc in codes])

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.oracle import emit, wait_delivered, wait_until
 from tests.support.faultproxy import FaultProxy
 from tests.support.gatewayproc import GatewayProcess, write_routes
+from tests.support.oracle import emit, wait_delivered, wait_until
 from tests.support.publisher import Publisher, welder_payload
 from tests.support.services import Mosquitto, wait_for_records
 

@@ -23,8 +23,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.routefile.loader import load_routes_text
 from gateway.model import Message, Record, Rejected
+from gateway.routefile.loader import load_routes_text
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.publisher import Publisher
 from tests.support.services import HOST, Mosquitto, read_all

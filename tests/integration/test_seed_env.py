@@ -18,8 +18,8 @@ from typing import Any
 import boto3
 import pytest
 
-from tests.support.oracle import emit, wait_delivered
 from tests.support.gatewayproc import GatewayProcess
+from tests.support.oracle import emit, wait_delivered
 from tests.support.publisher import Publisher, welder_payload
 from tests.support.services import Mosquitto, MotoServer, create_stream, free_port
 
@@ -74,7 +74,7 @@ def sensor_topic(seq: int) -> str:
 @pytest.mark.parametrize("qos,where", [(0, "cwd"), (1, "env-file")],
                          ids=["qos0-dotenv-in-cwd", "qos1-env-file-flag"])
 def test_seed_dotenv_runs_unchanged_with_static_key_and_stdout_echo(
-        qos: int, where: str, tmp_path: Path, kinesis_endpoint: MotoServer,  # noqa: F811
+        qos: int, where: str, tmp_path: Path, kinesis_endpoint: MotoServer,
         mosquitto: Mosquitto, gateway_process: Callable[..., GatewayProcess],
         publisher: Callable[..., Publisher]) -> None:
     n = 300

@@ -19,8 +19,15 @@ from tests.support.certs import Pki
 from tests.support.faultproxy import ERROR_STATUS, FaultProxy
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.oracle import check_delivery
-from tests.support.services import (Mosquitto, MotoServer, TlsFiles, kinesis_client, read_all,
-                                    stop_process, websockets_supported)
+from tests.support.services import (
+    Mosquitto,
+    MotoServer,
+    TlsFiles,
+    kinesis_client,
+    read_all,
+    stop_process,
+    websockets_supported,
+)
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["AtomicWriter", "STEPS"]
+__all__ = ["STEPS", "AtomicWriter"]
 
 DATA_DIR = "..data"
 NEW_DATA_DIR = "..data_tmp"
@@ -88,7 +88,7 @@ class AtomicWriter:
     def _new_timestamped_dir(self) -> Path:
         # Go: os.MkdirTemp(dir, time.Now().UTC().Format("..2006_01_02_15_04_05.")): the pattern
         # plus a random numeric suffix, e.g. ..2026_11_30_04_00_00.123456789
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("..%Y_%m_%d_%H_%M_%S.")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("..%Y_%m_%d_%H_%M_%S.")
         while True:
             path = self.target / f"{stamp}{random.randrange(10**9):09d}"
             try:

@@ -56,7 +56,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
 
 def _make_ca(cn: str, path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
@@ -76,7 +76,7 @@ def _issue(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], cn: str, dir
            stem: str, *, server: bool, expired: bool = False) -> CertPair:
     ca_cert, ca_key = ca
     key = _key()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = ((now - dt.timedelta(days=30), now - dt.timedelta(days=1)) if expired
                   else (now - dt.timedelta(days=1), now + dt.timedelta(days=30)))
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)

@@ -31,7 +31,7 @@ def test_client_pins_standard_retries_and_skips_parameter_validation(aws_env: No
     config = client.meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 3}
     # meta.config does not echo parameter_validation; the serializer shows whether it is on.
-    assert not isinstance(client._serializer, ParamValidationDecorator)  # noqa: SLF001
+    assert not isinstance(client._serializer, ParamValidationDecorator)
     assert config.tcp_keepalive is True
     assert (config.connect_timeout, config.read_timeout) == (5.0, 10.0)
     assert config.max_pool_connections == 8
@@ -47,7 +47,7 @@ def test_endpoint_comes_from_boto3_service_env(aws_env: None, monkeypatch: pytes
 def test_assumed_role_uses_refreshable_credentials_and_works(aws_env: None) -> None:
     with mock_aws():
         client = make_kinesis_client("us-east-1", assume_role_arn=ROLE, session_name="edge-7")
-        credentials = client._request_signer._credentials  # noqa: SLF001 - the point of the test
+        credentials = client._request_signer._credentials
         assert isinstance(credentials, DeferredRefreshableCredentials)
         assert credentials.method == "assume-role"
         client.create_stream(StreamName="s", ShardCount=1)

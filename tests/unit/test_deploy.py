@@ -26,10 +26,10 @@ import yaml
 from kubernetes_validate import utils as kubernetes_validate
 
 from gateway.cli import build_parser
-from gateway.routefile.loader import load_routes_text
-from gateway.settings.settings import load_settings
 from gateway.ops.http import HealthServer
 from gateway.ops.metrics import METRIC_NAMES
+from gateway.routefile.loader import load_routes_text
+from gateway.settings.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"

@@ -6,10 +6,10 @@ import itertools
 import struct
 from typing import Any
 
+import paho.mqtt.client as paho_client
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import paho.mqtt.client as paho_client
 from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket

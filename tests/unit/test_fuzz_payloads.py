@@ -22,22 +22,21 @@ number of cases is printed at the end of the module.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.routefile.loader import load_routes_text
-from gateway.pipeline import Pipeline
 from gateway.model import Message, Record, Rejected
+from gateway.pipeline import Pipeline
+from gateway.routefile.loader import load_routes_text
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import SinkConfig
 from gateway.sink.clients import RegionalClients

@@ -7,9 +7,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.model import REASON_CODES
+from gateway.ops.metrics import FAILURE_CODES, METRIC_NAMES, PREFIX, Metrics
 from gateway.routing.expressions import compile_expression
 from gateway.routing.table import DeadLetter, Route
-from gateway.ops.metrics import FAILURE_CODES, METRIC_NAMES, PREFIX, Metrics
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

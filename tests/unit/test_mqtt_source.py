@@ -403,7 +403,8 @@ def test_retain_flag_and_mqtt5_properties_travel_in_the_message(fake: Any) -> No
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    _, client, pipeline = fake()
+    made = fake()
+    client, pipeline = made.client, made.pipeline
     client.fire_connect()
     msg = MQTTMessage(1, b"t/1")
     msg.payload, msg.qos, msg.retain = b"{}", 1, True

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from gateway.model import PUT, REASON_CODES, Failed, Message, Record
 from gateway.pipeline import Pipeline
 from gateway.routing.expressions import compile_expression as expr
-from gateway.model import REASON_CODES, Message, Record
 from gateway.routing.table import DeadLetter, Route, RouteTable
-from gateway.model import Failed, PUT
 from gateway.source.acks import AckTracker
 
 
@@ -61,6 +59,7 @@ def message(payload: bytes = b'{"name": "d1"}', topic: str = "t/1") -> Message:
 def test_a_message_is_acked_only_when_every_record_is_put() -> None:
     pipeline, sink, acked, _ = build(Route("a", ("t/#",), "s1", expr("name")), Route("b", ("t/+",), "s2", expr("name")))
     pipeline.intake(message(), mid=7, qos=1)
+    pipeline.after_read()
     assert len(sink.entries) == 2 and pipeline.held == 2
     pipeline.settled([(sink.entries[0][1], PUT)])
     assert acked == []
@@ -91,6 +90,7 @@ def test_a_record_kinesis_refuses_for_good_is_dead_lettered_then_acked() -> None
     route = Route("a", ("t/#",), "s", expr("name"), dead_letter=DeadLetter("kinesis", "dlq"))
     pipeline, sink, acked, _ = build(route)
     pipeline.intake(message(), mid=4, qos=1)
+    pipeline.after_read()
     pipeline.settled([(sink.entries[0][1], Failed("record too large", permanent=True))])
     assert sink.entries[1][0].stream == "dlq" and acked == []
     pipeline.settled([(sink.entries[1][1], PUT)])

@@ -7,9 +7,9 @@ from unittest import mock
 import orjson
 import pytest
 
+from gateway.model import Message, Record, Rejected, Skipped
 from gateway.routing import table as table_module
 from gateway.routing.expressions import compile_expression as expr
-from gateway.model import Message, Record, Rejected, Skipped
 from gateway.routing.table import Route, RouteTable
 
 SEED = (b'{"name": "device123", "model": "welder", "status": "running", "sensor_1": 24.5, '
