@@ -11,19 +11,25 @@ No input produces a traceback: anything unexpected is caught at the top and prin
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TextIO
+from typing import TextIO
 
 from gateway import __version__
-from gateway.model import Message, Record, Rejected, RoutingOutcome
+from gateway.explain import (
+    InputError,
+    compare,
+    make_message,
+    metadata_line,
+    outcome_json,
+    parse_cases,
+    parse_user_properties,
+)
+from gateway.model import Record
 from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
 from gateway.routefile.configmap import is_configmap, looks_like_configmap, route_entries
 from gateway.routefile.findings import REPORTERS, FileReport, Finding, report_text
@@ -31,7 +37,6 @@ from gateway.routefile.loader import LoadResult, check_schema_in_child, load_rou
 from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import RouteTable
-from gateway.routing.topics import topic_name_error
 from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
 
 __all__ = ["build_parser", "main"]
@@ -149,47 +154,6 @@ def _load_table(path: str, err: TextIO) -> RouteTable:
     return result.table
 
 
-def _outcome_json(outcome: RoutingOutcome) -> dict[str, Any]:
-    if isinstance(outcome, Record):
-        item: dict[str, Any] = {"route": outcome.route, "stream": outcome.stream,
-                                "partition_key": outcome.partition_key}
-        if outcome.explicit_hash_key is not None:
-            item["explicit_hash_key"] = outcome.explicit_hash_key
-        try:
-            item["data"] = outcome.data.decode("utf-8")
-        except UnicodeDecodeError:
-            item["data_base64"] = base64.b64encode(outcome.data).decode("ascii")
-        return item
-    if isinstance(outcome, Rejected):
-        return {"route": outcome.route, "rejected": outcome.reason}
-    return {"route": outcome.route, "skipped": outcome.reason}
-
-
-def _message(topic: str, payload: bytes, qos: int) -> Message:
-    problem = topic_name_error(topic)
-    if problem is not None:
-        raise _UsageError(f"topic {topic!r}: {problem}")
-    return Message(topic=topic, payload=payload, qos=qos, received_ms=int(time.time() * 1000))
-
-
-def _user_properties(pairs: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    parsed: list[tuple[str, str]] = []
-    for pair in pairs:
-        key, equals, value = pair.partition("=")
-        if not equals or not key:
-            raise _UsageError(f"--user-property {pair!r}: expected KEY=VALUE")
-        parsed.append((key, value))
-    return tuple(parsed)
-
-
-def _metadata_line(message: Message) -> str:
-    """What the metadata functions return for ``message``, as explain shows it on stderr."""
-    shown = {"topic()": message.topic, "timestamp()": message.received_ms, "qos()": message.qos,
-             "retained()": message.retain, "content_type()": message.content_type,
-             "user_properties()": dict(message.user_properties)}
-    return "metadata: " + json.dumps(shown, ensure_ascii=False)
-
-
 def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.payload_file is not None:
         try:
@@ -199,106 +163,16 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise _UsageError(f"{args.payload_file}: cannot read the payload: {exc.strerror or exc}") from None
     else:
         payload = args.payload.encode("utf-8", "surrogateescape")
-    message = _message(args.topic, payload, args.qos)._replace(
-        retain=args.retain, user_properties=_user_properties(args.user_properties), content_type=args.content_type)
+    message = make_message(args.topic, payload, args.qos)._replace(
+        retain=args.retain, user_properties=parse_user_properties(args.user_properties), content_type=args.content_type)
     table = _load_table(args.routes, err)
-    err.write(_metadata_line(message) + "\n")
+    err.write(metadata_line(message) + "\n")
     outcomes = table.route(message)
     for outcome in outcomes:
-        out.write(json.dumps(_outcome_json(outcome), ensure_ascii=False) + "\n")
+        out.write(json.dumps(outcome_json(outcome), ensure_ascii=False) + "\n")
     if not outcomes:
         err.write(f"no route matches topic {args.topic!r}\n")
     return EXIT_OK if any(isinstance(o, Record) for o in outcomes) else EXIT_FINDINGS
-
-
-@dataclass(frozen=True, slots=True)
-class _Case:
-    name: str
-    topic: str
-    payload: bytes
-    expect: tuple[dict[str, Any], ...]
-
-
-_EXPECT_KEYS = {"route", "stream", "partition_key", "explicit_hash_key", "data", "rejected", "skipped"}
-
-
-def _parse_cases(data: Any) -> list[_Case]:
-    """The cases file shape; raises _UsageError naming the first bad case."""
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
-        raise _UsageError("expected a mapping with a list under 'cases'")
-    parsed: list[_Case] = []
-    for index, item in enumerate(data["cases"]):
-        where = f"cases[{index}]"
-        if not isinstance(item, dict):
-            raise _UsageError(f"{where}: expected a mapping with name, topic, payload, expect")
-        unknown = set(item) - {"name", "topic", "payload", "expect"}
-        if unknown:
-            raise _UsageError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-        name, topic, payload, expect = (item.get(k) for k in ("name", "topic", "payload", "expect"))
-        if not isinstance(topic, str):
-            raise _UsageError(f"{where}.topic: expected a string")
-        if payload is None and "payload" not in item:
-            raise _UsageError(f"{where}.payload: missing (a string, or a mapping written as JSON)")
-        body = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else \
-            json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
-        if not isinstance(expect, list) or not all(isinstance(e, dict) for e in expect):
-            raise _UsageError(f"{where}.expect: expected a list of mappings")
-        for number, entry in enumerate(expect):
-            bad = set(entry) - _EXPECT_KEYS
-            if bad or not isinstance(entry.get("route"), str):
-                problem = f"unknown key {sorted(bad)[0]!r}" if bad else "'route' (a string) is required"
-                raise _UsageError(f"{where}.expect[{number}]: {problem}")
-        label = name if isinstance(name, str) and name else f"case {index + 1}"
-        parsed.append(_Case(label, topic, body, tuple(expect)))
-    return parsed
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _data_matches(expected: Any, item: dict[str, Any]) -> bool:
-    actual = item.get("data")
-    if isinstance(expected, str):
-        return actual == expected
-    if actual is None:
-        return False
-    try:
-        return bool(json.loads(actual) == expected)
-    except ValueError:
-        return False
-
-
-def _compare(case: _Case, actual: list[dict[str, Any]]) -> list[str]:
-    """Diff-like lines (``- expected`` / ``+ actual``); empty when the case passes."""
-    lines: list[str] = []
-    by_route = {item["route"]: item for item in actual}
-    for entry in case.expect:
-        route = entry["route"]
-        got = by_route.pop(route, None)
-        if got is None:
-            lines += [f"- {route}: {_show(entry)}", f"+ {route}: (no outcome: the route did not match)"]
-            continue
-        if "rejected" in entry or "skipped" in entry:
-            kind = "rejected" if "rejected" in entry else "skipped"
-            ok = kind in got and str(entry[kind]) in str(got[kind])
-            if not ok:
-                lines += [f"- {route}: {_show({kind: entry[kind]})}", f"+ {route}: {_show(got)}"]
-            continue
-        if "stream" not in got:
-            lines += [f"- {route}: a record", f"+ {route}: {_show(got)}"]
-            continue
-        for key in ("stream", "partition_key", "explicit_hash_key", "data"):
-            if key not in entry:
-                continue
-            same = _data_matches(entry[key], got) if key == "data" else got.get(key) == entry[key]
-            if not same:
-                shown = got.get(key, got.get("data_base64") if key == "data" else None)
-                lines += [f"- {route}.{key}: {_show(entry[key])}", f"+ {route}.{key}: {_show(shown)}"]
-    for route, got in by_route.items():
-        if "skipped" not in got:
-            lines += [f"- {route}: (not expected)", f"+ {route}: {_show(got)}"]
-    return lines
 
 
 def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -313,17 +187,17 @@ def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report_text([FileReport(args.cases, doc.findings)], err, err)
         raise _UsageError(f"{args.cases}: the cases file is not valid YAML")
     try:
-        parsed = _parse_cases(doc.data)
-    except _UsageError as exc:
+        parsed = parse_cases(doc.data)
+    except InputError as exc:
         raise _UsageError(f"{args.cases}: {exc}") from None
     failed = 0
     for case in parsed:
         try:
-            message = _message(case.topic, case.payload, 1)
-        except _UsageError as exc:
+            message = make_message(case.topic, case.payload, 1)
+        except InputError as exc:
             raise _UsageError(f"{args.cases}: case {case.name!r}: {exc}") from None
         outcomes = table.route(message)
-        problems = _compare(case, [_outcome_json(o) for o in outcomes])
+        problems = compare(case, [outcome_json(o) for o in outcomes])
         if problems:
             failed += 1
             out.write(f"FAIL {case.name}\n")
@@ -423,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         return int(args.handler(args, out, err))
-    except _UsageError as exc:
+    except (_UsageError, InputError) as exc:
         err.write(f"{PROG}: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
