@@ -8,8 +8,7 @@ import os
 import re
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routefile.schema import QOS2_REASON
 from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import DeadLetter
+from tests.support.nonblocking import finishes_without_blocking
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "routes"
@@ -284,19 +284,6 @@ def _refused(path: Path) -> str:
     return finding.message
 
 
-def _finishes(work: Callable[[], str], unblock: Callable[[], None]) -> str:
-    """``work()``'s result; fails (instead of hanging the run) if it blocks."""
-    box: list[str] = []
-    thread = threading.Thread(target=lambda: box.append(work()), daemon=True)
-    thread.start()
-    thread.join(30)
-    if thread.is_alive():
-        unblock()
-        thread.join(5)
-        pytest.fail("reading the route file blocked")
-    return box[0]
-
-
 def test_a_symlink_to_dev_zero_is_refused_without_reading_it(tmp_path: Path) -> None:
     link = tmp_path / "routes.yaml"
     link.symlink_to("/dev/zero")
@@ -310,7 +297,7 @@ def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     def unblock() -> None:  # a writer releases a blocked open()
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
-    assert _finishes(lambda: _refused(fifo), unblock) == "a FIFO (named pipe), not a regular file"
+    assert finishes_without_blocking(lambda: _refused(fifo), unblock, "reading the route file") == "a FIFO (named pipe), not a regular file"
 
 
 def test_a_directory_is_refused(tmp_path: Path) -> None:

@@ -11,8 +11,6 @@ import hashlib
 import logging
 import os
 import signal
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +23,7 @@ from gateway.routefile.watch import Debouncer, DirectoryWatcher, install_sighup,
 from gateway.routing.expressions import compile_expression
 from gateway.routing.table import DeadLetter, Route, RouteTable
 from tests.support.atomic_writer import AtomicWriter
+from tests.support.nonblocking import finishes_without_blocking
 
 V1 = b"""version: 1
 routes:
@@ -293,19 +292,6 @@ def test_missing_file_mid_swap_keeps_running_and_retries(tmp_path: Path) -> None
     assert rig.active.current is not old and len(rig.swaps) == 1
 
 
-def _without_blocking(work: Callable[[], Any], unblock: Callable[[], None]) -> Any:
-    """``work()``'s result; fails (instead of hanging the run) if it blocks."""
-    box: list[Any] = []
-    thread = threading.Thread(target=lambda: box.append(work()), daemon=True)
-    thread.start()
-    thread.join(30)
-    if thread.is_alive():
-        unblock()
-        thread.join(5)
-        pytest.fail("the reload blocked")
-    return box[0]
-
-
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "100-mb"])
 def test_a_route_file_swapped_for_something_else_keeps_the_table_and_later_edits_still_apply(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
@@ -326,7 +312,7 @@ def test_a_route_file_swapped_for_something_else_keeps_the_table_and_later_edits
         os.close(os.open(rig.path, os.O_WRONLY | os.O_NONBLOCK))
 
     with caplog.at_level(logging.INFO, logger="gateway.routefile.reload"):
-        outcome = _without_blocking(lambda: rig.reloader.reload("watch"), unblock)
+        outcome = finishes_without_blocking(lambda: rig.reloader.reload("watch"), unblock, "the reload")
         assert rig.reloader.reload("rescan").status == "invalid"  # reported once, not on every rescan
     assert outcome.status == "invalid" and not outcome.retry and rig.active.current is old
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
