@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from gateway.source.subscriptions import SubscriptionBook
 __all__ = ["PahoSession", "SourceMetrics"]
 
 log = logging.getLogger("gateway.source.mqtt")
+_REPEAT_LOG_S = 10.0   # a connect failure that keeps happening is logged again this often
 
 _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callback_errors", "invalid_topic",
           "subscriptions_refused")
@@ -82,6 +84,9 @@ class PahoSession:
         self._session_present: bool | None = None
         self._connected_at = 0.0
         self._last_error = ""
+        self._failing_since = 0.0     # when the current run of identical connect failures began
+        self._failure_logged = 0.0    # when it was last logged
+        self._failures_in_run = 0
         self._received = 0
         self._closing = False
         self._delivery: dict[int, Callable[[bool, str], None]] = {}   # publish mid -> done
@@ -332,12 +337,27 @@ class PahoSession:
         return self._connected and self._subscriptions.all_granted
 
     def _connect_failed(self, reason: str) -> None:
+        """The first failure of a kind is logged at once; while it repeats, one line every
+        _REPEAT_LOG_S says it still does, so a wrong port never goes quiet."""
+        now = time.monotonic()
         with self._lock:
             self._stats["connect_failures"] += 1
             repeated, self._last_error = reason == self._last_error, reason
+            if not repeated:
+                self._failing_since, self._failure_logged, self._failures_in_run = now, now, 1
+                due = False
+            else:
+                self._failures_in_run += 1
+                due = now - self._failure_logged >= _REPEAT_LOG_S
+                if due:
+                    self._failure_logged = now
+            attempts, since = self._failures_in_run, now - self._failing_since
+        c = self.config
         if not repeated:
-            c = self.config
             log.error("cannot connect to MQTT broker %s:%d: %s (retrying with backoff)", c.host, c.port, reason)
+        elif due:
+            log.error("still cannot connect to MQTT broker %s:%d after %d attempts in %.0f s: %s", c.host, c.port,
+                      attempts, since, reason)
 
     def _metric(self, name: str, *args: Any) -> None:
         """Tell the metrics, if any; metrics never break the connection."""

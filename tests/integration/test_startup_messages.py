@@ -129,3 +129,23 @@ def test_readyz_is_503_naming_the_stream_within_5s_with_no_message_sent(
     assert body["checks"]["kinesis_reachable"] is False  # type: ignore[index]
     assert stream in json.dumps(body.get("problems")), body
     assert gw.http_get("/readyz")[0] == 503
+
+
+def test_a_wrong_broker_port_keeps_saying_so_while_it_lasts(
+        gateway_process: Callable[..., GatewayProcess], tmp_path: Path, kinesis_stream: str) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    gw = gateway_process(routes_file(tmp_path, kinesis_stream), ready=False, mqtt_port=port,
+                         extra_env={"MQTT_RECONNECT_MAX_S": "1"})
+
+    def lines() -> list[str]:
+        return [str(r["message"]) for r in gw.logs() if "connect to MQTT broker" in str(r["message"])]
+
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and not any(m.startswith("still cannot connect") for m in lines()):
+        time.sleep(0.2)
+    found = lines()
+    assert found and found[0].startswith(f"cannot connect to MQTT broker 127.0.0.1:{port}"), gw.output_tail()
+    assert any(m.startswith(f"still cannot connect to MQTT broker 127.0.0.1:{port} after") for m in found), found
+    assert len(found) <= 4   # a line every 10 s, not one per attempt
