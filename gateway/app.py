@@ -27,6 +27,7 @@ from botocore.exceptions import NoRegionError
 
 from gateway import __version__
 from gateway.ops.http import HealthServer
+from gateway.ops.memory import memory_trimmer
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import OnSettled, Pipeline
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
@@ -45,6 +46,7 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 log = logging.getLogger("gateway")
 
 EXIT_OK, EXIT_FAILED = 0, 1
+_TRIM_EVERY_TICKS = 10   # freed heap pages go back to the system every 5 s (gateway/ops/memory.py)
 
 
 class StartupError(SettingsError):
@@ -194,8 +196,12 @@ class Gateway:
             self.watcher.start()
             install_sighup(self.watcher)
         self.source.start()
+        release_memory, ticks = memory_trimmer(), 0
         while not self._stop.wait(0.5):
             self.pipeline.flush()
+            ticks += 1
+            if ticks % _TRIM_EVERY_TICKS == 0:
+                release_memory()
             if not self.alive():
                 log.error("a gateway thread died; exiting so the supervisor restarts the process")
                 self._exit_code = EXIT_FAILED

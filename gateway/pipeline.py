@@ -83,7 +83,10 @@ class _Token:
 
 
 def _held_bytes(record: Record, message: Message) -> int:
-    return record.size if record.data is message.payload else record.size + len(message.payload)
+    """What holding ``record`` keeps in memory: its bytes, the message's topic, and the payload
+    too when the record carries a copy of it rather than the payload itself."""
+    held = record.size + len(message.topic)
+    return held if record.data is message.payload else held + len(message.payload)
 
 
 class _RateLimitedLog:
@@ -146,6 +149,7 @@ class Pipeline(Generic[SinkT]):
         self._outbound = outbound
         self._echo = echo
         self._outbox: list[tuple[Record, _Token]] = []
+        self._outbox_size = 0     # bytes in the outbox (MQTT thread only): full counts them at once
         self._rate_limited = _RateLimitedLog()
         # Per-message counts are plain running totals written only by the MQTT thread;
         # ``flush_counts`` hands the increase to the metrics registry in bulk (a prometheus
@@ -173,7 +177,9 @@ class Pipeline(Generic[SinkT]):
         return self._intake_errors >= _INTAKE_ERRORS_UNREADY
 
     def backlog_full(self) -> bool:
-        return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
+        """MQTT thread: what is held plus what this read round has routed so far."""
+        return (self._held + len(self._outbox) >= self.backlog_capacity
+                or self._held_size + self._outbox_size >= self.backlog_capacity_bytes)
 
     def _is_full(self) -> bool:  # under _held_lock
         return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
@@ -232,13 +238,15 @@ class Pipeline(Generic[SinkT]):
         if not parts:
             return
         if records:
-            self._outbox.extend([(record, _Token(ticket, message, route, size=_held_bytes(record, message)))
-                                 for record, route in records])
+            for record, route in records:
+                size = _held_bytes(record, message)
+                self._outbox.append((record, _Token(ticket, message, route, size=size)))
+                self._outbox_size += size
         if not rejected:
             return
         with self._held_lock:
             self._held += len(rejected)
-            self._held_size += len(message.payload) * len(rejected)
+            self._held_size += (len(message.payload) + len(message.topic)) * len(rejected)
         for rejection, route in rejected:
             code = rejection.code
             self._rate_limited.warning(
@@ -246,7 +254,8 @@ class Pipeline(Generic[SinkT]):
                 f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
                 topic=_shown(message.topic),
             )
-            self._dead_letter(_Token(ticket, message, route, size=len(message.payload)), rejection.reason, code)
+            self._dead_letter(_Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
+                              rejection.reason, code)
 
     def after_read(self) -> None:
         """SourceHooks: the MQTT source ended a read round."""
@@ -264,7 +273,7 @@ class Pipeline(Generic[SinkT]):
         if not outbox:
             return
         self._outbox = []
-        size = sum(token.size for _, token in outbox)
+        size, self._outbox_size = self._outbox_size, 0
         with self._held_lock:
             self._held += len(outbox)
             self._held_size += size

@@ -241,6 +241,8 @@ class KinesisSink(Generic[T]):
                 self._run(job)
             except Exception:  # a bug must not kill the thread and strand records
                 log.exception("kinesis sink worker error")
+            finally:
+                job = None  # while waiting for the next job, hold none of the last one's records
 
     def _drain_inline(self, end: float) -> bool:
         while True:
