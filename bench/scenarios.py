@@ -1,4 +1,4 @@
-"""The scenarios of issue 6: subjects, route files and the target each one is judged against.
+"""The scenarios of the benchmark: subjects, route files and the target each one is judged against.
 
 Every scenario returns rows (one per subject) and checks (target, measured, pass). Ratios are
 always taken between rows of the same bench invocation, on the same machine state.

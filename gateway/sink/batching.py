@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from gateway.model import Failed, Settlement
 
 if TYPE_CHECKING:
-    from gateway.sink.kpl import ShardMap
+    from gateway.sink.shards import ShardMap
 
 __all__ = ["Entry", "SettlementBatch", "StreamState"]
 

@@ -36,6 +36,7 @@ from gateway.sink.clients import RegionalClients
 from gateway.sink.health import StreamHealth, check_stream
 from gateway.sink.retry import Retry, Rng, classify, settle_response
 from gateway.sink.scheduler import Aggregate, CheckStream, Job, LoadShardMap, Refuse, Scheduler, Send
+from gateway.sink.shards import ShardMap, load_shard_map
 
 __all__ = ["KinesisSink", "OnSettled", "SinkMetrics"]
 
@@ -319,9 +320,9 @@ class KinesisSink(Generic[T]):
                 self._cond.notify()
 
     def _load_shard_map(self, s: StreamState[T]) -> None:
-        shard_map: kpl.ShardMap | None
+        shard_map: ShardMap | None
         try:
-            shard_map = kpl.load_shard_map(self._clients.for_stream(s.name), s.name)
+            shard_map = load_shard_map(self._clients.for_stream(s.name), s.name)
         except Exception as exc:  # noqa: BLE001 - fall back to one hash key per aggregate: always correct
             log.warning("kinesis stream %s: cannot list shards (%s); aggregating per key", s.name, classify(exc)[1])
             shard_map = None

@@ -16,16 +16,14 @@ records with the very same hash key, which is correct under any resharding.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
-from gateway.model import stream_target
 from gateway.sink.batching import Entry
+from gateway.sink.shards import ShardMap
 
-__all__ = ["MAGIC", "ShardLister", "ShardMap", "aggregate", "encode_aggregate", "hash_key", "load_shard_map"]
+__all__ = ["MAGIC", "aggregate", "encode_aggregate", "hash_key"]
 
 T = TypeVar("T")
 
@@ -56,46 +54,6 @@ def _varint_len(n: int) -> int:
 def hash_key(partition_key: str) -> int:
     """Kinesis' shard routing: the MD5 of the UTF-8 key as a 128-bit unsigned integer."""
     return int.from_bytes(hashlib.md5(partition_key.encode("utf-8")).digest(), "big")
-
-
-@dataclass(frozen=True)
-class ShardMap:
-    """Open shards of a stream by hash key range, sorted by starting hash key."""
-
-    starts: tuple[int, ...]
-    ends: tuple[int, ...]
-    ids: tuple[str, ...]
-
-    def shard_for(self, h: int) -> str | None:
-        i = bisect.bisect_right(self.starts, h) - 1
-        if i >= 0 and h <= self.ends[i]:
-            return self.ids[i]
-        return None
-
-
-class ShardLister(Protocol):
-    """The one client call a shard map needs."""
-
-    def list_shards(self, **kwargs: Any) -> dict[str, Any]: ...
-
-
-def load_shard_map(client: ShardLister, stream: str) -> ShardMap:
-    """Read the open shards with ListShards (paginated); closed parents take no writes."""
-    kwargs: dict[str, Any] = stream_target(stream)
-    shards: list[dict[str, Any]] = []
-    while True:
-        response = client.list_shards(**kwargs)
-        shards.extend(response.get("Shards", []))
-        token = response.get("NextToken")
-        if not token:
-            break
-        kwargs = {"NextToken": token}  # ListShards refuses the stream name together with a token
-    rows = sorted(
-        (int(s["HashKeyRange"]["StartingHashKey"]), int(s["HashKeyRange"]["EndingHashKey"]), s["ShardId"])
-        for s in shards
-        if "EndingSequenceNumber" not in s.get("SequenceNumberRange", {})
-    )
-    return ShardMap(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows))
 
 
 def encode_aggregate(

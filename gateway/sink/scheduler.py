@@ -24,7 +24,7 @@ from gateway.model import Failed, Record, record_size
 from gateway.sink.batching import Entry, StreamState
 
 if TYPE_CHECKING:
-    from gateway.sink.kpl import ShardMap
+    from gateway.sink.shards import ShardMap
 
 __all__ = [
     "CHECK_AGAIN_CAP_S", "CHECK_AGAIN_S", "TOO_LARGE", "Aggregate", "CheckStream", "Job", "LoadShardMap", "Refuse",

@@ -4,8 +4,8 @@ Why a seed: the kill points and partial-failure draws are random so that repeate
 different instants, yet a failing run must be replayable. The seed comes from FAULT_SEED or the
 clock, and is printed in the pytest header, at the start of every test and in every report line.
 
-Why two scales: reliability.md §10 states the long variants (50k messages, 5-minute outages,
-2-minute throttling); CI cannot spend that. FAULT_FULL=1 selects them; the default keeps the same
+Why two scales: the long variants (50k messages, 5-minute outages, 2-minute throttling) take
+longer than CI can spend. FAULT_FULL=1 selects them; the default keeps the same
 pass criteria with shorter durations, so a regression shows in CI and the long run only adds
 confidence.
 
@@ -37,7 +37,7 @@ TOPIC = "fault/welder/1"
 
 
 def scale(ci: float, full: float) -> float:
-    """The CI value, or the reliability.md value when FAULT_FULL=1."""
+    """The CI value, or the long variant's value when FAULT_FULL=1."""
     return full if FULL else ci
 
 

@@ -1,4 +1,4 @@
-"""Bursts and backlogs against a slow or absent sink (§10 tests 16 and 23).
+"""Bursts and backlogs against a slow or absent sink (docs/delivery.md#how-the-guarantees-are-tested).
 
 What must hold: the gateway's memory is bounded by its backlog setting, not by the burst: when the
 backlog is full it stops reading, the broker keeps the messages (its queue limit raised, and the

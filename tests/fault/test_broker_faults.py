@@ -1,9 +1,9 @@
-"""The broker side breaks: restarted, killed, partitioned, cut again and again (§10 tests 5, 6, 19).
+"""The broker side breaks: restarted, killed, partitioned, cut again and again (docs/delivery.md#how-the-guarantees-are-tested).
 
 What must hold: the gateway reconnects by itself with capped backoff, resubscribes, never sends an
 ack owed to an old connection on a new one, and its own process does not accumulate threads over
 reconnect storms. Broker-side loss is only allowed where the broker itself loses (kill -9 of
-mosquitto loses its unsaved queue, reliability.md headline 4) and then it must be reported.
+mosquitto loses its unsaved queue, docs/delivery.md#the-brokers-limits-are-the-loss-points) and then it must be reported.
 """
 
 from __future__ import annotations

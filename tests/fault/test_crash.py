@@ -1,4 +1,4 @@
-"""The gateway process dies or is stopped mid-stream (reliability.md §10 tests 1-4).
+"""The gateway process dies or is stopped mid-stream (docs/delivery.md#how-the-guarantees-are-tested).
 
 What must hold: a PUBACK leaves the gateway only after Kinesis holds the record, and the broker
 session (persistent, fixed client id, Clean Start 0) outlives the process. So whatever instant the

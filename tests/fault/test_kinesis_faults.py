@@ -1,4 +1,4 @@
-"""Kinesis breaks behind the fault proxy (§10 tests 7-11, 20).
+"""Kinesis breaks behind the fault proxy (docs/delivery.md#how-the-guarantees-are-tested).
 
 What must hold: nothing is acknowledged to the broker while Kinesis does not hold the records, so
 an outage, throttling or a configuration error only delays delivery; readiness tells the operator
@@ -20,7 +20,7 @@ from tests.support.services import MotoServer
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
-RATE = 10.0  # msg/s during outages, as in §10 #7
+RATE = 10.0  # msg/s during outages, as in the long variant
 
 
 def _run_fault(rig: Rig, gw: Any, *, seconds: float, rate: float = RATE,

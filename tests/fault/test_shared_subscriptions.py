@@ -1,7 +1,7 @@
-"""Two replicas on one shared subscription; one dies (§10 test 18).
+"""Two replicas on one shared subscription; one dies (docs/delivery.md#how-the-guarantees-are-tested).
 
 mosquitto 2.0 keeps a dead member's unacked messages in its session and even keeps assigning new
-ones to it (reliability.md §1.7), so no loss needs a persistent session under a stable client id:
+ones to it (docs/delivery.md#shared-subscriptions), so no loss needs a persistent session under a stable client id:
 the member's share arrives when it comes back with the same id.
 """
 

@@ -1,10 +1,10 @@
-"""The MQTT network thread dies (§10 test 25): the process must notice and exit for a restart.
+"""The MQTT network thread dies: the process must notice and exit for a restart.
 
 There is no external way to kill one thread of a subprocess, and the gateway has no debug hook to
 inject a fault, so the first half runs the real `Gateway` in this process: a message on a poison
 topic raises a BaseException in the intake, which the source's callback guard (it catches
-Exception, like paho's) lets through, and paho's loop thread dies, exactly reliability.md headline
-6. `run_until_stopped` must see `alive()` turn False and return the failure exit code. The second
+Exception, like paho's) lets through, and paho's loop thread dies, as
+docs/delivery.md#callbacks-never-block-or-raise describes. `run_until_stopped` must see `alive()` turn False and return the failure exit code. The second
 half is the supervisor's restart: a gateway process with the same client id gets the message that
 was never acknowledged, so nothing is lost.
 """

@@ -1,4 +1,4 @@
-"""PutRecords batch boundaries through the real gateway (reliability.md §10 #12, #13, #14).
+"""PutRecords batch boundaries through the real gateway (docs/delivery.md#how-the-guarantees-are-tested).
 
 The gateway talks to moto through the fault proxy in pass-through mode, so every PutRecords
 request it makes is recorded (entries, Kinesis-counted bytes, outcome). Moto enforces the same

@@ -1,4 +1,4 @@
-"""Operating the gateway: what Prometheus, Kubernetes probes and a log pipeline see (issue 5).
+"""Operating the gateway: what Prometheus, Kubernetes probes and a log pipeline see.
 
 Every test runs the real process (`GatewayProcess`, so CI's GATEWAY_COMMAND runs the installed
 console script) against a real Mosquitto and moto's Kinesis server, and looks only from outside:

@@ -129,6 +129,10 @@ def test_readyz_is_503_naming_the_stream_within_5s_with_no_message_sent(
     assert body["checks"]["kinesis_reachable"] is False  # type: ignore[index]
     assert stream in json.dumps(body.get("problems")), body
     assert gw.http_get("/readyz")[0] == 503
+    failures = [str(r["message"]) for r in gw.logs() if "check failed" in str(r["message"])]
+    assert len(failures) == 1 and stream in failures[0]  # the first failure, once, in one line
+    if case == "closed endpoint":
+        assert closed_url in failures[0]  # the line names the endpoint it could not reach
 
 
 def test_a_wrong_broker_port_keeps_saying_so_while_it_lasts(

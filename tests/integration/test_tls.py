@@ -1,4 +1,4 @@
-"""TLS and authentication against a real Mosquitto (reliability.md §10 #24, §2 "Transports/TLS").
+"""TLS and authentication against a real Mosquitto (docs/delivery.md#how-the-guarantees-are-tested).
 
 What the gateway promises: certificate verification is on by default; a broker it cannot trust
 (unknown CA, expired certificate) or a listener it cannot speak to (plain MQTT to a TLS port) is

@@ -1,4 +1,4 @@
-"""A throwaway PKI for the TLS and mTLS tests (reliability.md §10 test 24).
+"""A throwaway PKI for the TLS and mTLS tests (docs/delivery.md#how-the-guarantees-are-tested).
 
 Why `cryptography` and not the openssl CLI: an expired certificate needs a validity window in the
 past, which `openssl x509 -req` cannot set without faketime; `cryptography` (already installed as a

@@ -1,7 +1,7 @@
 """An HTTP proxy in front of moto that breaks Kinesis on command, the way the real service breaks.
 
 Why a proxy and not moto alone: moto never throttles, never fails part of a batch and never goes
-away. The fault tests of reliability.md §10 (7-10, 16, 19, 20, and 2's "killed after PutRecords
+away. The fault tests (7-10, 16, 19, 20, and 2's "killed after PutRecords
 succeeded") need exactly those. The gateway is pointed at `proxy.url` through
 AWS_ENDPOINT_URL_KINESIS; the test flips modes at run time.
 

@@ -1,4 +1,4 @@
-"""The common delivery oracle of the fault suite (reliability.md §10).
+"""The common delivery oracle of the fault suite (docs/delivery.md#how-the-guarantees-are-tested).
 
 "No loss" means every seq PUBACKed to the publisher appears in Kinesis at least once. Duplicates
 are counted and reported, never failed on here: at-least-once allows them, and each test decides

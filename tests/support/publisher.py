@@ -1,6 +1,6 @@
 """A publisher that stamps each message with a sequence number and records what the broker acked.
 
-This is the source side of the common oracle (reliability.md §10): a seq counts as "acked" only
+This is the source side of the common oracle (docs/delivery.md#how-the-guarantees-are-tested): a seq counts as "acked" only
 when its PUBACK arrived with a success reason code, because only then did the broker take
 ownership; the oracle then demands every acked seq in Kinesis.
 """

@@ -7,7 +7,7 @@ is stopped by its pid (SIGTERM, wait, SIGKILL after a timeout), also when a test
 
 Running as root: mosquitto 2.0 drops privileges to the `mosquitto` user when started as root, and
 then cannot write a persistence file or log into a root-owned tmp dir (the save fails silently until
-shutdown, reliability.md headline 4). Mosquitto 2.0.11 accepts `user root` (it only warns "should
+shutdown, docs/delivery.md#the-brokers-limits-are-the-loss-points). Mosquitto 2.0.11 accepts `user root` (it only warns "should
 not be run as root"), so the generated config says `user root` when we are root; as a normal user
 the option is ignored by mosquitto and we leave it out.
 
@@ -215,7 +215,7 @@ class Mosquitto:
         return rc
 
     def kill(self) -> int | None:
-        """SIGKILL: no save, the crash case of reliability.md headline 4."""
+        """SIGKILL: no save, the crash case of docs/delivery.md#the-brokers-limits-are-the-loss-points."""
         rc, self.proc = stop_process(self.proc, 5.0, signal.SIGKILL), None
         return rc
 

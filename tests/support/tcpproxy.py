@@ -1,6 +1,6 @@
 """A TCP proxy between the gateway and mosquitto that cuts or partitions the network on command.
 
-Why: the broker-side faults of reliability.md §10 (6 network partition, 19 reconnect with acks
+Why: the broker-side faults (6 network partition, 19 reconnect with acks
 pending, 24 recovery) need a connection that breaks in the two ways networks break:
 - `cut()`: every connection is reset (RST both ways) and the port refuses new ones, like a broker
   host that went away; the gateway notices at once.

@@ -1,4 +1,4 @@
-"""Generated bad input through the real per-message path, in-process (reliability.md §10 #12-#15).
+"""Generated bad input through the real per-message path, in-process (docs/delivery.md#how-the-guarantees-are-tested).
 
 Why in-process: ≥ 10,000 cases must run in CI within about a minute, so the broker and Kinesis are
 replaced by the two ends the gateway talks to: messages go into the real ``Pipeline.intake`` (as

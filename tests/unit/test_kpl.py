@@ -19,7 +19,8 @@ from gateway.settings.settings import SinkConfig
 from gateway.sink.batching import Entry
 from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink
-from gateway.sink.kpl import MAGIC, ShardMap, aggregate, encode_aggregate, hash_key, load_shard_map
+from gateway.sink.kpl import MAGIC, aggregate, encode_aggregate, hash_key
+from gateway.sink.shards import ShardMap, load_shard_map
 
 STREAM = "agg"
 
