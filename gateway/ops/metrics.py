@@ -36,6 +36,7 @@ _DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 3
 _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "messages_received": ("counter", ("route",), "MQTT messages matched by a route."),
     "messages_unrouted": ("counter", (), "MQTT messages no route matched."),
+    "messages_invalid_topic": ("counter", (), "MQTT messages whose topic is not valid UTF-8: acknowledged and dropped."),
     "records_put": ("counter", ("route", "stream"), "Records Kinesis accepted."),
     "records_failed": ("counter", ("route", "stream", "reason"),
                        "Records that could not be delivered (then dead-lettered or dropped)."),
@@ -179,6 +180,9 @@ class Metrics:
 
     def session_lost(self) -> None:
         self._m["mqtt_sessions_lost"].inc()
+
+    def invalid_topic(self) -> None:
+        self._m["messages_invalid_topic"].inc()
 
     def callback_error(self) -> None:
         self._m["callback_errors"].inc()

@@ -60,6 +60,7 @@ class SourceMetrics(Protocol):
     def set_subscriptions_granted(self, granted: bool) -> None: ...
     def session_lost(self) -> None: ...
     def callback_error(self) -> None: ...
+    def invalid_topic(self) -> None: ...
 
 
 class PahoSession:
@@ -235,6 +236,7 @@ class PahoSession:
             topic = msg.topic
         except UnicodeDecodeError:
             self._count("invalid_topic")
+            self._metric("invalid_topic")
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self._acks.arrived(mid, qos, 0)
             return

@@ -763,3 +763,12 @@ def test_an_ack_wakes_the_loop_only_when_its_next_round_is_far_off(fake: Any) ->
     assert readable(outbound)
     m.source.step()
     assert ("ack", 2, 1) in m.client.wire
+
+
+def test_a_topic_that_is_not_utf8_is_counted_in_the_metrics(fake: Any) -> None:
+    metrics = Metrics()
+    m = fake(metrics=metrics)
+    m.client.fire_connect()
+    m.client.fire_message(b"bad/\xff", b"x", mid=6)
+    m.source.step()
+    assert ("invalid_topic",) in metrics.calls
