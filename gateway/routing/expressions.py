@@ -53,7 +53,7 @@ class EvalContext(threading.local):
     topic: str = ""
     levels: list[str] = []  # noqa: RUF012 - per-thread value, replaced per message
     received_ms: int = 0
-    message: Any = None  # the routing.table.Message being routed, for its MQTT metadata
+    message: Any = None  # the gateway.model.Message being routed, for its MQTT metadata
 
     def set(self, topic: str, received_ms: int, message: Any = None) -> None:
         self.topic = topic
