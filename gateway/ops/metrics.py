@@ -36,7 +36,8 @@ _DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 3
 _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "messages_received": ("counter", ("route",), "MQTT messages matched by a route."),
     "messages_unrouted": ("counter", (), "MQTT messages no route matched."),
-    "messages_invalid_topic": ("counter", (), "MQTT messages whose topic is not valid UTF-8: acknowledged and dropped."),
+    "messages_invalid_topic": ("counter", (),
+                               "MQTT messages whose topic is not valid UTF-8: acknowledged and dropped."),
     "records_put": ("counter", ("route", "stream"), "Records Kinesis accepted."),
     "records_failed": ("counter", ("route", "stream", "reason"),
                        "Records that could not be delivered (then dead-lettered or dropped)."),
