@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(render(result))
-    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     print(f"\nCommand: {command} — {result['elapsed_s']:.0f} s; "
           f"JSON: {os.path.relpath(path)}")
     return 1 if args.strict and any(c["pass"] is False for c in checks) else 0

@@ -38,13 +38,14 @@ class Sizes:
     steady_s: float = 60.0
     burst: int = 100_000
     naive_cap_s: float = 20.0
+    subject_cap_s: float = 60.0  # a --subject in a burst, so a slow bridge cannot stretch the run
     extra_routes: int = 10_000
     small_backlog: int = 2000
     repeat: int = 1
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, extra_routes=10_000)
+        return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, subject_cap_s=15.0, extra_routes=10_000)
 
 
 def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool = False) -> Path:
@@ -200,7 +201,8 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
     b = _median_of(sizes, lambda: bare(qos, sizes.burst), where, kw)
     bf = _median_of(sizes, lambda: bare(qos, sizes.burst, fast_path=True), where, kw)
     nv = run_group([naive(qos, sizes.naive_cap_s)], workdir=where / "naive", **kw)["naive"]
-    ext = {x: _median_of(sizes, lambda x=x: external(x, qos=qos, topic=FILTER), where, kw)  # type: ignore[misc]
+    cap = sizes.subject_cap_s
+    ext = {x: _median_of(sizes, lambda x=x: external(x, qos=qos, topic=FILTER, cap_s=cap), where, kw)  # type: ignore[misc]
            for x in externals}
     g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 20000}),
                    where, kw)

@@ -114,7 +114,7 @@ def substitute(words: tuple[str, ...] | list[str], env: dict[str, str], env_file
     return [PLACEHOLDER.sub(lambda m: values[m.group(1)], w) for w in words]
 
 
-def subject(ext: External, *, qos: int, topic: str) -> Subject:
+def subject(ext: External, *, qos: int, topic: str, cap_s: float | None = None) -> Subject:
     """The runner's Subject for `ext`: its .env written and its command filled in once the run's
     broker port and endpoint are known; measured like the gateway (process tree, records read back)."""
 
@@ -125,7 +125,7 @@ def subject(ext: External, *, qos: int, topic: str) -> Subject:
         return substitute(ext.words, env, env_file), env, home
 
     return Subject(f"ext-{ext.name}", list(ext.words), stream=ext.stream, quiet_s=QUIET_S, prepare=prepare,
-                   info={"kind": ext.label, "command": ext.command})
+                   cap_s=cap_s, info={"kind": ext.label, "command": ext.command})
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
