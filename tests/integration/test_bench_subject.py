@@ -28,23 +28,28 @@ def test_external_bridge_runs_beside_the_gateway_and_is_reported_in_ratios(tmp_p
                           "--wait-idle", "0", "--out", str(tmp_path), "--keep", "--subject", f"stand-in={command}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=180,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = orjson.loads(next(tmp_path.glob("*.json")).read_bytes())
-    assert result["subjects"] == {"stand-in": command}
+    kept = next((line.split("work dir kept: ")[1] for line in out.stderr.splitlines() if "work dir kept: " in line),
+                None)
+    try:
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = orjson.loads(next(tmp_path.glob("*.json")).read_bytes())
+        assert result["subjects"] == {"stand-in": command}
 
-    rows = {r.get("subject"): r for r in result["rows"] if r["scenario"] == "a steady QoS1"}
-    ext, gateway = rows["ext-stand-in"], rows["gateway"]
-    assert (ext["delivered"], ext["lost"], ext["duplicates"]) == (300, 0, 0)
-    assert ext["kind"] == "stand-in (--subject)" and ext["peak_rss_mb"] > 0 and ext["cpu_s"] > 0
-    assert gateway["delivered"] == 300
+        rows = {r.get("subject"): r for r in result["rows"] if r["scenario"] == "a steady QoS1"}
+        ext, gateway = rows["ext-stand-in"], rows["gateway"]
+        assert (ext["delivered"], ext["lost"], ext["duplicates"]) == (300, 0, 0)
+        assert ext["kind"] == "stand-in (--subject)" and ext["peak_rss_mb"] > 0 and ext["cpu_s"] > 0
+        assert gateway["delivered"] == 300
 
-    checks = {c["check"]: c["value"] for c in result["checks"]}
-    assert checks["a: gateway ÷ stand-in, CPU at 100 msg/s"] == pytest.approx(gateway["cpu_pct"] / ext["cpu_pct"])
-    assert checks["a: gateway ÷ stand-in, peak RSS"] > 0
-    assert "| stand-in (--subject) |" in out.stdout
+        checks = {c["check"]: c["value"] for c in result["checks"]}
+        assert checks["a: gateway ÷ stand-in, CPU at 100 msg/s"] == pytest.approx(gateway["cpu_pct"] / ext["cpu_pct"])
+        assert checks["a: gateway ÷ stand-in, peak RSS"] > 0
+        assert "| stand-in (--subject) |" in out.stdout
 
-    kept = next(line for line in out.stderr.splitlines() if "work dir kept:" in line).split("work dir kept: ")[1]
-    env_file = Path(kept) / "steady" / "stand-in" / ".env"
-    names = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
-    assert (names["KIN_STREAM_NAME"], names["QOS"], names["STDOUT"]) == ("bench-subject-stand-in", "1", "false")
-    shutil.rmtree(kept, ignore_errors=True)
+        assert kept is not None, out.stderr[-2000:]
+        env_file = Path(kept) / "steady" / "stand-in" / ".env"
+        names = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        assert (names["KIN_STREAM_NAME"], names["QOS"], names["STDOUT"]) == ("bench-subject-stand-in", "1", "false")
+    finally:
+        if kept:
+            shutil.rmtree(kept, ignore_errors=True)
