@@ -178,4 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:  # a subject that would not start or deliver: what it said, no traceback
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(2)
