@@ -71,8 +71,8 @@ def label(row: dict[str, Any]) -> str:
         return "gateway" + (f" ({', '.join(extra)})" if extra else "")
     if row.get("died"):
         return f"{label(dict(row, died=None))} (DIED: {row['died'].splitlines()[0][:60]})"
-    if kind == "naive bridge" and row.get("capped"):
-        return "naive bridge (time-capped)"
+    if row.get("capped"):
+        return f"{kind} (time-capped)"
     return kind
 
 

@@ -5,6 +5,7 @@ endpoint alone, the memory floor and the routing lookup, then runs the gateway a
 on the same payload and reads back every record. Prints a Markdown table and writes
 bench/results/<timestamp>.json. Scenarios: a steady 100 msg/s, b bursts (QoS 0 and QoS 1),
 c workers, d 10,000 routes, e routing lookup, f KPL aggregation; select with `--only a,b`.
+`--subject NAME=COMMAND` adds any other bridge to a and b (bench/subject.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -30,6 +32,7 @@ from bench.ceiling import measure_ceiling
 from bench.lookup import lookup_in_subprocess
 from bench.report import machine, render
 from bench.services import Endpoint
+from bench.subject import SubjectError, parse_subjects
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL = "abcdef"
@@ -58,7 +61,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="retry a run during which other processes used more than PCT %% of a core")
     ap.add_argument("--retries", type=int, help="retries of a disturbed run (default 2, quick 0)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    return ap.parse_args(argv)
+    ap.add_argument("--subject", action="append", default=[], metavar="NAME=COMMAND",
+                    help="another bridge as an extra subject of a and b, configured by the Go bridge's .env "
+                         "names (written to {env_file}, also in its environment); placeholders {port}, "
+                         "{broker}, {topic}, {qos}, {stream}, {client_id}, {endpoint}, {region}, {env_file}, "
+                         "{workdir} (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        args.subjects = tuple(parse_subjects(args.subject))
+    except SubjectError as exc:
+        ap.error(str(exc))
+    return args
 
 
 def baseline_rows(ceiling: dict[str, Any], floor: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
                               "sizes": dataclasses.asdict(sizes), "scenarios": sorted(only),
                               "gateway_env": dict(sc.GATEWAY_ENV),
+                              "subjects": {x.name: x.command for x in args.subjects},
                               "machine": machine(), "rows": [], "checks": [], "notes": []}
     rows, checks = result["rows"], result["checks"]
     t_start = time.monotonic()
-    endpoint = Endpoint([sc.STREAM, sc.NAIVE_STREAM], wd).start()
+    endpoint = Endpoint([sc.STREAM, sc.NAIVE_STREAM, *(x.stream for x in args.subjects)], wd).start()
     try:
         _log(f"endpoint on port {endpoint.port}; measuring it alone")
         result["endpoint_ceiling"] = measure_ceiling(endpoint, seconds=1.5 if args.quick else 3.0)
@@ -104,18 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             result["lookup"] = lookup_in_subprocess(sizes.extra_routes)
         if "a" in only:
             _log(f"(a) steady {sizes.steady_rate:.0f} msg/s for {sizes.steady_s:.0f} s")
-            r, c = sc.steady(sizes, endpoint, wd, floor["peak_rss_mb"])
+            r, c = sc.steady(sizes, endpoint, wd, floor["peak_rss_mb"], args.subjects)
             rows += r
             checks += c
         plain0 = None
         if "b" in only or "d" in only or "f" in only:
             _log(f"(b) burst of {sizes.burst:,} at QoS 0")
-            r, c, plain0 = sc.burst(sizes, endpoint, wd, qos=0, target=0.70, backlog=args.backlog)
+            r, c, plain0 = sc.burst(sizes, endpoint, wd, qos=0, target=0.70, backlog=args.backlog,
+                                    externals=args.subjects if "b" in only else ())
             rows += r
             checks += c if "b" in only else []
         if "b" in only:
             _log(f"(b) burst of {sizes.burst:,} at QoS 1")
-            r, c, _ = sc.burst(sizes, endpoint, wd, qos=1, target=0.60, backlog=args.backlog)
+            r, c, _ = sc.burst(sizes, endpoint, wd, qos=1, target=0.60, backlog=args.backlog,
+                               externals=args.subjects)
             rows += r
             checks += c
         if "d" in only:
@@ -147,16 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     skewed = " — figures are skewed; rerun on a quiet machine." if noisy > args.max_noise else "."
     result["notes"].append(f"Other processes on the machine used up to {noisy:.0f} % of one core during a "
                            f"measured run{skewed}")
+    m = result["machine"]
+    result["notes"].append(f"Every ratio above is between rows of this run on this machine ({m['cpu']}, "
+                           f"{m['cores']} cores); absolute figures hold only here.")
     result["elapsed_s"] = time.monotonic() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(render(result))
-    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
     print(f"\nCommand: {command} — {result['elapsed_s']:.0f} s; "
           f"JSON: {os.path.relpath(path)}")
     return 1 if args.strict and any(c["pass"] is False for c in checks) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as exc:  # a subject that would not start or deliver: what it said, no traceback
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(2)

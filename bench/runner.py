@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,10 @@ class Subject:
     aggregated: bool = False          # records at the endpoint are fewer than messages
     min_subscribers: int = 0          # wait for this many distinct subscribing client ids
     info: dict[str, Any] = field(default_factory=dict)
+    quiet_s: float | None = None      # done after this long without a record (default: the run's idle_s);
+    #                                   its CPU window then ends at its last record
+    # (broker port, endpoint URL, run work dir) -> (argv, env, cwd): a --subject, set up per run
+    prepare: Callable[[int, str, Path], tuple[list[str], dict[str, str], Path]] | None = None
 
 
 class _Proc:
@@ -63,10 +68,16 @@ class _Proc:
                     "AWS_ENDPOINT_URL_KINESIS": endpoint.url, "PYTHONPATH": str(ROOT),
                     "PYTHONUNBUFFERED": "1"})
         env.update(subject.env)
-        argv = [a.replace("{port}", str(mqtt_port)) for a in subject.argv]
+        argv, cwd = [a.replace("{port}", str(mqtt_port)) for a in subject.argv], ROOT
+        if subject.prepare is not None:
+            argv, extra, cwd = subject.prepare(mqtt_port, endpoint.url, workdir)
+            env.update(extra)
         self.log = workdir / f"{subject.name}.log"
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log, "wb"),
-                                     env=env, cwd=ROOT)
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=open(self.log, "wb"),
+                                         env=env, cwd=cwd)
+        except OSError as exc:
+            raise RuntimeError(f"{subject.name}: cannot start {argv[0]!r}: {exc}") from None
         self.lines: list[dict[str, Any]] = []
         self._got = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -187,9 +198,10 @@ def _wait_done(procs: list[_Proc], endpoint: Endpoint, base: dict[str, int], cou
     """Poll until every subject is done; (wall time, CPU seconds) at which each one finished.
 
     A writer is done when all `count` records are in and nothing came for 0.5 s, or nothing came
-    for `idle_s`, or its time cap passed; a reader when it exits (it stops itself at `count`)."""
+    for `idle_s` (or its own `quiet_s`, its end then taken at its last record), or its time cap
+    passed; a reader when it exits (it stops itself at `count`)."""
     pending = {p.subject.name: p for p in procs}
-    seen: dict[str, tuple[int, float]] = {}
+    seen: dict[str, tuple[int, float, float]] = {}  # records, when they last changed, CPU then
     ends: dict[str, tuple[float, float]] = {}
     while pending and time.monotonic() - w0 < deadline_s:
         now = time.monotonic()
@@ -202,12 +214,16 @@ def _wait_done(procs: list[_Proc], endpoint: Endpoint, base: dict[str, int], cou
                     del pending[name]
                 continue
             n = counts.get(s.stream, 0) - base[name]
-            if seen.get(name, (-1, 0.0))[0] != n:
-                seen[name] = (n, now)
+            if seen.get(name, (-1, 0.0, 0.0))[0] != n:
+                seen[name] = (n, now, mon.snapshot(name).cpu_seconds() if s.quiet_s else 0.0)
             quiet = now - seen[name][1]
             full = not s.aggregated and n >= count
             capped = s.cap_s is not None and now - w0 >= s.cap_s
-            if (full and quiet >= 0.5) or quiet >= idle_s or capped or p.proc.poll() is not None:
+            if s.quiet_s and quiet >= s.quiet_s and not capped:
+                ends[name] = seen[name][1:]
+                del pending[name]
+            elif (full and quiet >= 0.5) or (not s.quiet_s and quiet >= idle_s) or capped \
+                    or p.proc.poll() is not None:
                 ends[name] = (now, mon.snapshot(name).cpu_seconds())
                 del pending[name]
         time.sleep(0.1)

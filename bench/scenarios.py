@@ -19,6 +19,8 @@ from typing import Any
 from bench.measure import MB, Monitor
 from bench.runner import ROOT, Subject, run_group
 from bench.services import Endpoint
+from bench.subject import External, burst_checks, steady_checks
+from bench.subject import subject as external
 
 STREAM = "bench-stream"
 NAIVE_STREAM = "bench-naive"
@@ -36,13 +38,14 @@ class Sizes:
     steady_s: float = 60.0
     burst: int = 100_000
     naive_cap_s: float = 20.0
+    subject_cap_s: float = 60.0  # a --subject in a burst, so a slow bridge cannot stretch the run
     extra_routes: int = 10_000
     small_backlog: int = 2000
     repeat: int = 1
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, extra_routes=10_000)
+        return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, subject_cap_s=15.0, extra_routes=10_000)
 
 
 def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool = False) -> Path:
@@ -162,14 +165,19 @@ def memory_floor(workdir: Path) -> Row:
     return {"subject": "memory floor", "peak_rss_mb": rss / MB}
 
 
-def steady(sizes: Sizes, ep: Endpoint, wd: Path, floor_mb: float) -> tuple[Rows, Checks]:
-    """(a) 100 msg/s: gateway, naive bridge and bare receive side by side on one stream of messages."""
+def steady(sizes: Sizes, ep: Endpoint, wd: Path, floor_mb: float,
+           externals: tuple[External, ...] = ()) -> tuple[Rows, Checks]:
+    """(a) 100 msg/s: gateway, naive bridge, bare receive and any --subject side by side on one
+    stream of messages."""
     n = int(sizes.steady_rate * sizes.steady_s)
     routes = route_file(wd / "steady" / "routes.yaml", qos=1)
-    res = run_group([gateway("gateway", routes), naive(1, None), bare(1, n)], count=n, qos=1,
+    others = [external(x, qos=1, topic=FILTER) for x in externals]
+    res = run_group([gateway("gateway", routes), naive(1, None), bare(1, n), *others], count=n, qos=1,
                     rate=sizes.steady_rate, endpoint=ep, workdir=wd / "steady",
                     deadline_s=sizes.steady_s + 120)
-    rows = [dict(res[k], scenario="a steady QoS1") for k in ("bare", "naive", "gateway")]
+    names = ["bare", "naive", *(o.name for o in others), "gateway"]
+    rows = [dict(res[k], scenario="a steady QoS1") for k in names]
+    extra = [c for x, o in zip(externals, others) for c in steady_checks(x, res["gateway"], res[o.name])]
     g, b = res["gateway"], res["bare"]
     over = g["peak_rss_mb"] - floor_mb
     p50 = g["p50_ms"]
@@ -178,12 +186,14 @@ def steady(sizes: Sizes, ep: Endpoint, wd: Path, floor_mb: float) -> tuple[Rows,
         check("a: paho bare receive CPU at 100 msg/s (its floor here)", "report", b["cpu_pct"], None),
         check("a: p50 publish→readable", "≤ 250 ms", p50, p50 is not None and p50 <= 250),
         check("a: peak RSS over memory floor, MB", "≤ +8 MB", over, over <= 8),
-        check("a: lost + duplicated", "0", g["lost"] + g["duplicates"], g["lost"] + g["duplicates"] == 0)]
+        check("a: lost + duplicated", "0", g["lost"] + g["duplicates"], g["lost"] + g["duplicates"] == 0),
+        *extra]
 
 
 def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
-          backlog: int | None = None) -> tuple[Rows, Checks, Row]:
-    """(b) a burst at one QoS: bare receive, naive bridge (time-capped), gateway, one at a time."""
+          backlog: int | None = None, externals: tuple[External, ...] = ()) -> tuple[Rows, Checks, Row]:
+    """(b) a burst at one QoS: bare receive, naive bridge (time-capped), any --subject, gateway,
+    one at a time."""
     tag, where = f"b burst QoS{qos}", wd / f"burst{qos}"
     routes = route_file(where / "routes.yaml", qos=qos)
     kw = _burst_kw(sizes, ep, qos)
@@ -191,9 +201,12 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
     b = _median_of(sizes, lambda: bare(qos, sizes.burst), where, kw)
     bf = _median_of(sizes, lambda: bare(qos, sizes.burst, fast_path=True), where, kw)
     nv = run_group([naive(qos, sizes.naive_cap_s)], workdir=where / "naive", **kw)["naive"]
+    cap = sizes.subject_cap_s
+    ext = {x: _median_of(sizes, lambda x=x: external(x, qos=qos, topic=FILTER, cap_s=cap), where, kw)  # type: ignore[misc]
+           for x in externals}
     g = _median_of(sizes, lambda: gateway("gateway", routes, env=env, info={"backlog": backlog or 20000}),
                    where, kw)
-    rows = [dict(b, scenario=tag), dict(bf, scenario=tag), dict(nv, scenario=tag), dict(g, scenario=tag)]
+    rows = [dict(r, scenario=tag) for r in (b, bf, nv, *ext.values(), g)]
     if qos == 0 and sizes.small_backlog:
         small_env = {"GATEWAY_BACKLOG": str(sizes.small_backlog)}
         small = run_group([gateway("gateway-backlog", routes, env=small_env,
@@ -213,6 +226,7 @@ def burst(sizes: Sizes, ep: Endpoint, wd: Path, qos: int, target: float,
     if qos:
         checks.append(check("b: QoS1 duplicated (no fault injected)", "0", g["duplicates"],
                             g["duplicates"] == 0))
+    checks += [c for x, r in ext.items() for c in burst_checks(x, qos, g, r, b)]
     return rows, checks, g
 
 
