@@ -178,7 +178,10 @@ class TopicTrie(Generic[T]):
             if not dollar:
                 found.update(node.hash_values)
             if level == "#":
-                _everything_below(node, found, top)
+                # "#" meeting a filter that ends here means the topic is these levels alone: not
+                # when that is the topic "", which is not valid.
+                empty_topic = i == 1 and (levels[0] == "" or node is self._root.children.get(""))
+                _everything_below(node, found, top, skip_own_values=empty_topic)
                 continue
             if level == "+":
                 stack.extend((child, i + 1) for name, child in node.children.items()
@@ -198,13 +201,14 @@ class TopicTrie(Generic[T]):
         return tuple(items[i] for i in sorted(found))
 
 
-def _everything_below(start: _Node, found: set[int], top: bool) -> None:
+def _everything_below(start: _Node, found: set[int], top: bool, skip_own_values: bool = False) -> None:
     """Every filter at or below ``start``: what a ``#`` there can meet (not ``$`` first levels)."""
     stack = [(start, top)]
     while stack:
         node, at_top = stack.pop()
         found.update(node.hash_values)
-        found.update(node.values)
+        if not (skip_own_values and node is start):
+            found.update(node.values)
         stack.extend((child, False) for name, child in node.children.items()
                      if not (at_top and name.startswith("$")))
         if node.plus is not None:
