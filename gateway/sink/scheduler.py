@@ -106,7 +106,7 @@ class Scheduler(Generic[T]):
         self._next = 0                 # round robin: the stream looked at first
         self._refused: list[Refused[T]] = []
         self._drains = 0               # drains in progress: the linger is skipped meanwhile
-        self._urgent = False           # send_now() was asked and not yet served
+        self._urgent: set[str] = set()  # streams whose queued records send_now() asked to go at once
         self._sending = 0              # Send jobs handed out and not yet done
         self._checks: dict[str, _Check] = {}  # streams not yet known to work
         self._checking: str | None = None  # the stream whose check is running
@@ -151,8 +151,10 @@ class Scheduler(Generic[T]):
         return wake
 
     def send_now(self) -> None:
-        """Skip the linger once, when no request is in flight (see KinesisSink.send_now)."""
-        self._urgent = True
+        """Skip the linger once for what is queued now, when no request is in flight (see
+        KinesisSink.send_now). Records that arrive later wait out the linger as usual: were the
+        urgency to last while records keep coming, a steady trickle would never linger again."""
+        self._urgent = {s.name for s in self._order if s.has_work()}
 
     def begin_drain(self) -> None:
         self._drains += 1
@@ -220,12 +222,14 @@ class Scheduler(Generic[T]):
                     self._checking = stream
                     self._checks[stream].due = None
                     return CheckStream(stream), None
-        job, wake = self._find(now, self._drains > 0 or (self._urgent and self._sending == 0))
+        job, wake = self._find(now, self._drains > 0 or (bool(self._urgent) and self._sending == 0))
         if job is None:
-            self._urgent = self._urgent and self._sending > 0
+            if self._sending == 0:
+                self._urgent.clear()
             return None, _earliest(wake, check_at)
         if isinstance(job, Send):
             self._sending += 1
+            self._urgent.discard(job.stream.name)
         return job, None
 
     def _next_check(self) -> tuple[str, float] | None:

@@ -166,3 +166,14 @@ def test_backoff_is_full_jitter_under_a_capped_exponential() -> None:
     assert ceilings == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0])
     assert backoff_delay(3, 0.1, 10.0, Fixed(0.0)) == 0.0
     assert backoff_delay(10_000, 0.1, 10.0, Fixed(0.5)) == pytest.approx(5.0)
+
+
+def test_records_that_arrive_after_send_now_wait_out_the_linger() -> None:
+    s = scheduler(linger_s=10.0)
+    s.accept([(rec("a"), 0)], now=0.0)
+    s.send_now()                                  # e.g. the broker's window is full
+    first, _ = s.next_job(now=0.0)
+    assert isinstance(first, Send)
+    s.accept([(rec("a"), 1)], now=0.1)            # a steady trickle goes on arriving
+    s.done(first)
+    assert s.next_job(now=0.1) == (None, 10.1)    # this one lingers: the urgency was for what was queued
