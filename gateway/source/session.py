@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.model import Message, now_ms
@@ -41,7 +43,7 @@ log = logging.getLogger("gateway.source.mqtt")
 _REPEAT_LOG_S = 10.0   # a connect failure that keeps happening is logged again this often
 
 _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callback_errors", "invalid_topic",
-          "subscriptions_refused")
+          "subscriptions_refused", "extra_copies")
 
 
 
@@ -190,7 +192,9 @@ class PahoSession:
             return
         self._acks.new_connection()     # before anything else: old-connection acks die here
         self._outbound.drop_acks()
-        self._subscriptions.new_connection()
+        v5 = self.config.protocol == "5"
+        identifiers = v5 and getattr(props, "SubscriptionIdentifierAvailable", 1) != 0
+        self._subscriptions.new_connection(identifiers=identifiers)
         session_present = bool(flags.session_present)
         with self._lock:
             expected = self._ever_connected and bool(self.config.persistent)
@@ -240,10 +244,25 @@ class PahoSession:
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self._acks.arrived(mid, qos, 0)
             return
+        identifiers = getattr(msg.properties, "SubscriptionIdentifier", None)
+        if identifiers and not self._subscriptions.routed(topic, identifiers):
+            self._extra_copy(mid, qos)
+            return
         user_properties, content_type = _publish_properties(msg.properties)
         self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
                                    retain=bool(msg.retain), user_properties=user_properties,
                                    content_type=content_type), mid, qos)
+
+    def _extra_copy(self, mid: int, qos: int) -> None:
+        """A second copy of a message that another of our subscriptions also brings (partly
+        overlapping filters, MQTT 5): acknowledged, counted, not routed again."""
+        with self._lock:
+            self._stats["extra_copies"] += 1
+            first = self._stats["extra_copies"] == 1
+        if first:
+            log.info("the broker sends a copy of a message per matching subscription (overlapping filters); "
+                     "each message is routed once, by its subscription identifiers")
+        self._acks.arrived(mid, qos, 0)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         results = self._subscriptions.suback(mid, [(int(rc.value), str(rc)) for rc in codes])
@@ -313,15 +332,28 @@ class PahoSession:
             log.info("unsubscribed: %s", ", ".join(repr(f) for f in unsubscribe))
 
     def _subscribe(self, subscribe: list[tuple[str, int]]) -> None:
-        if self.config.protocol == "5":   # retain handling 1: resubscribing does not resend retained messages
-            no_local = not self.config.share_group
-            request: list[Any] = [(f, SubscribeOptions(qos=q, noLocal=no_local,
-                                                       retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
-                                  for f, q in subscribe]
-        else:
-            request = list(subscribe)
+        if self.config.protocol != "5":
+            self._send_subscribe(subscribe, list(subscribe), None)
+            return
+        # Retain handling 1: resubscribing does not resend retained messages. A subscription
+        # identifier applies to a whole SUBSCRIBE, so a filter with one goes in a packet of its own.
+        no_local = not self.config.share_group
+        plain: list[tuple[str, int]] = []
+        for f, q in subscribe:
+            identifier = self._subscriptions.identifier(f)
+            if identifier is None:
+                plain.append((f, q))
+                continue
+            props = Properties(PacketTypes.SUBSCRIBE)
+            props.SubscriptionIdentifier = identifier
+            self._send_subscribe([(f, q)], _v5_request([(f, q)], no_local), props)
+        if plain:
+            self._send_subscribe(plain, _v5_request(plain, no_local), None)
+
+    def _send_subscribe(self, subscribe: list[tuple[str, int]], request: list[Any], props: Any) -> None:
         try:
-            rc, mid = self._client.subscribe(request)
+            rc, mid = (self._client.subscribe(request) if props is None
+                       else self._client.subscribe(request, properties=props))
         except ValueError as exc:
             failed = self._subscriptions.send_failed(subscribe, describe_error(exc))
         else:
@@ -373,6 +405,11 @@ class PahoSession:
     def _count(self, name: str) -> None:
         with self._lock:
             self._stats[name] += 1
+
+
+def _v5_request(subscribe: list[tuple[str, int]], no_local: bool) -> list[Any]:
+    return [(f, SubscribeOptions(qos=q, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+            for f, q in subscribe]
 
 
 def _writes_after_the_round(*_: Any) -> None:

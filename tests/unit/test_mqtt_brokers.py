@@ -1,0 +1,136 @@
+"""How the MQTT source copes with brokers that differ: copies for overlapping subscriptions,
+no shared subscriptions, retained messages, MQTT 5 refused, lost sessions.
+
+Against the scripted fake paho client of test_mqtt_source (no broker, no network, no sleeps).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import test_mqtt_source as scripted
+
+from gateway.source.subscriptions import SubscriptionBook, subscription_identifiers
+
+fake = scripted.fake        # the fixture: a source on a scripted fake paho client
+config = scripted.config
+
+OVERLAPPING = [("factory/#", 1), ("+/+/welder/+/telemetry", 1)]
+
+
+def _granted(made: Any) -> dict[str, int]:
+    """Grant every SUBSCRIBE sent so far; filter -> the identifier it was subscribed with."""
+    client = made.client
+    ids = {}
+    for _, mid, request in client.sent("subscribe"):
+        client.fire_suback(mid, [q for _, q in request])
+        for f, _ in request:
+            ids[f] = client.identifiers.get(mid)
+    return ids
+
+
+# --- overlapping filters on MQTT 5 ---------------------------------------------------------------
+
+
+def test_identifiers_are_a_stable_function_of_the_filter() -> None:
+    first = subscription_identifiers(["factory/#", "+/+/welder/+/telemetry"])
+    again = subscription_identifiers(["+/+/welder/+/telemetry", "factory/#", "other/#", "+/other/x"])
+    assert first["factory/#"] == again["factory/#"]
+    assert first["+/+/welder/+/telemetry"] == again["+/+/welder/+/telemetry"]
+    assert all(1 <= i <= 268_435_455 for i in again.values()) and len(set(again.values())) == 4
+
+
+def test_only_filters_that_share_a_topic_get_an_identifier() -> None:
+    assert subscription_identifiers(["a/#", "b/+", "$SYS/#"]) == {}
+    assert set(subscription_identifiers(["a/+/x", "a/y/+", "b/#"])) == {"a/+/x", "a/y/+"}
+
+
+def test_each_filter_is_subscribed_with_its_own_identifier_on_mqtt5(fake: Any) -> None:
+    made = fake(subscriptions=OVERLAPPING)
+    made.client.fire_connect()
+    ids = _granted(made)
+    assert set(ids) == {"factory/#", "+/+/welder/+/telemetry"}
+    assert None not in ids.values() and len(set(ids.values())) == 2
+
+
+def test_one_copy_per_subscription_is_routed_once(fake: Any) -> None:
+    made = fake(subscriptions=OVERLAPPING)
+    client = made.client
+    client.fire_connect()
+    ids = _granted(made)
+    both = b"factory/line1/welder/w7/telemetry"
+    client.fire_message(both, b"{}", 1, identifiers=[ids["factory/#"]])
+    client.fire_message(both, b"{}", 2, identifiers=[ids["+/+/welder/+/telemetry"]])
+    client.fire_message(b"factory/other", b"{}", 3, identifiers=[ids["factory/#"]])
+    client.fire_message(b"plant/l2/welder/w1/telemetry", b"{}", 4, identifiers=[ids["+/+/welder/+/telemetry"]])
+    assert [m.topic for m in made.pipeline.messages] == [both.decode(), "factory/other",
+                                                         "plant/l2/welder/w1/telemetry"]
+    assert made.source.stats()["extra_copies"] == 1
+    made.pipeline.acks.settle(made.pipeline.tickets)
+    made.source.step()
+    assert [a[1] for a in client.sent("ack")] == [1, 2, 3, 4]    # the extra copy is acked in order
+
+
+def test_one_copy_naming_both_identifiers_is_routed(fake: Any) -> None:
+    made = fake(subscriptions=OVERLAPPING)
+    made.client.fire_connect()
+    ids = _granted(made)
+    made.client.fire_message(b"factory/l/welder/w/telemetry", b"{}", 1, identifiers=sorted(ids.values()))
+    assert len(made.pipeline.messages) == 1 and made.source.stats()["extra_copies"] == 0
+
+
+def test_copies_before_the_subacks_are_all_routed_never_lost(fake: Any) -> None:
+    made = fake(subscriptions=OVERLAPPING)
+    made.client.fire_connect(session_present=True)
+    ids = subscription_identifiers(f for f, _ in OVERLAPPING)
+    for mid, f in enumerate(ids, 1):      # a resumed session delivers before our SUBACKs are back
+        made.client.fire_message(b"factory/l/welder/w/telemetry", b"{}", mid, identifiers=[ids[f]])
+    assert len(made.pipeline.messages) == 2
+
+
+def test_broker_without_identifiers_and_mqtt311_route_every_copy(fake: Any) -> None:
+    made = fake(subscriptions=OVERLAPPING)
+    made.client.fire_connect(SubscriptionIdentifierAvailable=0)
+    assert set(_granted(made).values()) == {None}
+    v311 = fake(config(protocol="3.1.1"), subscriptions=OVERLAPPING)
+    v311.client.fire_connect()
+    assert set(_granted(v311).values()) == {None}
+    for m in (made, v311):
+        m.client.fire_message(b"factory/l/welder/w/telemetry", b"{}", 1)
+        m.client.fire_message(b"factory/l/welder/w/telemetry", b"{}", 2)
+        assert len(m.pipeline.messages) == 2
+
+
+def test_the_first_granted_subscription_keeps_its_copies_when_one_is_added() -> None:
+    book = SubscriptionBook()
+    book.set_desired([("+/+/welder/+/telemetry", 1)])
+    book.new_connection(identifiers=True)
+    subscribe, _ = book.plan()
+    book.sent(1, subscribe)
+    book.suback(1, [(1, "Granted QoS 1")])
+    book.set_desired(OVERLAPPING)
+    subscribe, _ = book.plan()
+    book.sent(2, subscribe)
+    book.suback(2, [(1, "Granted QoS 1")])
+    old, new = book.identifier("+/+/welder/+/telemetry"), book.identifier("factory/#")
+    assert old is not None and new is not None
+    topic = "factory/l/welder/w/telemetry"
+    # a message queued for the old subscription before the new one existed comes with its id only
+    assert book.routed(topic, [old]) and not book.routed(topic, [new])
+    assert book.routed("factory/x", [new])
+    book.set_desired([("factory/#", 1)])        # removing the old one: its last copies still count
+    book.plan()
+    assert book.routed(topic, [old]) and book.routed(topic, [new])
+
+
+def test_shared_filters_are_matched_without_their_prefix() -> None:
+    book = SubscriptionBook("g")
+    book.set_desired(OVERLAPPING)
+    book.new_connection(identifiers=True)
+    subscribe, _ = book.plan()
+    book.sent(1, subscribe)
+    book.suback(1, [(1, "Granted QoS 1")] * 2)
+    a, b = (book.identifier(f"$share/g/{f}") for f, _ in OVERLAPPING)
+    assert a is not None and b is not None
+    topic = "factory/l/welder/w/telemetry"
+    assert book.routed(topic, [a]) != book.routed(topic, [b])
