@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ from gateway.model import Message, now_ms
 from gateway.settings.settings import MqttConfig
 from gateway.source.acks import AckTracker
 from gateway.source.connect import describe_error
+from gateway.source.failures import ConnectFailures, closed_before_connack, refused
 from gateway.source.hooks import SourceHooks
 from gateway.source.outbound import Outbound, Publish, Taken
 from gateway.source.subscriptions import SubscriptionBook
@@ -40,7 +40,6 @@ from gateway.source.subscriptions import SubscriptionBook
 __all__ = ["PahoSession", "SourceMetrics"]
 
 log = logging.getLogger("gateway.source.mqtt")
-_REPEAT_LOG_S = 10.0   # a connect failure that keeps happening is logged again this often
 
 _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callback_errors", "invalid_topic",
           "subscriptions_refused", "extra_copies")
@@ -86,10 +85,7 @@ class PahoSession:
         self._ever_connected = False
         self._session_present: bool | None = None
         self._connected_at = 0.0
-        self._last_error = ""
-        self._failing_since = 0.0     # when the current run of identical connect failures began
-        self._failure_logged = 0.0    # when it was last logged
-        self._failures_in_run = 0
+        self._failures = ConnectFailures(log, f"{config.host}:{config.port}")
         self._received = 0
         self._closing = False
         self._delivery: dict[int, Callable[[bool, str], None]] = {}   # publish mid -> done
@@ -188,7 +184,7 @@ class PahoSession:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            self._connect_failed(f"broker refused the connection: {reason}")
+            self._connect_failed(refused(str(reason), int(reason.value), self.config.protocol))
             return
         self._acks.new_connection()     # before anything else: old-connection acks die here
         self._outbound.drop_acks()
@@ -201,12 +197,12 @@ class PahoSession:
             self._connected, self._ever_connected = True, True
             self._session_present = session_present
             self._connected_at = self._clock()
-            self._last_error = ""
             self._stats["connects"] += 1
             lost = expected and not session_present
             if lost:
                 self._stats["session_lost"] += 1
             self._changed.notify_all()
+        self._failures.connected()
         c = self.config
         log.info("connected to MQTT broker %s:%d as %r (session_present=%s)", c.host, c.port, c.client_id,
                  session_present)
@@ -230,8 +226,7 @@ class PahoSession:
         elif not self._closing:
             # Closed before CONNACK: the classic cause is a TLS mismatch (plain MQTT to a TLS
             # listener, or TLS to a plain one); a broker at its connection limit does it too.
-            self._connect_failed(f"connection closed before CONNACK ({reason}); check MQTT_TLS and "
-                                 f"MQTT_PORT: a TLS listener drops plain MQTT and a plain one drops TLS")
+            self._connect_failed(closed_before_connack(str(reason), self.config.protocol))
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._received += 1
@@ -371,27 +366,9 @@ class PahoSession:
         return self._connected and self._subscriptions.all_granted
 
     def _connect_failed(self, reason: str) -> None:
-        """The first failure of a kind is logged at once; while it repeats, one line every
-        _REPEAT_LOG_S says it still does, so a wrong port never goes quiet."""
-        now = time.monotonic()
         with self._lock:
             self._stats["connect_failures"] += 1
-            repeated, self._last_error = reason == self._last_error, reason
-            if not repeated:
-                self._failing_since, self._failure_logged, self._failures_in_run = now, now, 1
-                due = False
-            else:
-                self._failures_in_run += 1
-                due = now - self._failure_logged >= _REPEAT_LOG_S
-                if due:
-                    self._failure_logged = now
-            attempts, since = self._failures_in_run, now - self._failing_since
-        c = self.config
-        if not repeated:
-            log.error("cannot connect to MQTT broker %s:%d: %s (retrying with backoff)", c.host, c.port, reason)
-        elif due:
-            log.error("still cannot connect to MQTT broker %s:%d after %d attempts in %.0f s: %s", c.host, c.port,
-                      attempts, since, reason)
+        self._failures.failed(reason)
 
     def _metric(self, name: str, *args: Any) -> None:
         """Tell the metrics, if any; metrics never break the connection."""

@@ -6,6 +6,7 @@ Against the scripted fake paho client of test_mqtt_source (no broker, no network
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import test_mqtt_source as scripted
@@ -134,3 +135,39 @@ def test_shared_filters_are_matched_without_their_prefix() -> None:
     assert a is not None and b is not None
     topic = "factory/l/welder/w/telemetry"
     assert book.routed(topic, [a]) != book.routed(topic, [b])
+
+
+# --- clearer first lines -------------------------------------------------------------------------
+
+
+def test_mqtt5_refused_for_its_protocol_version_names_mqtt_protocol(fake: Any, caplog: Any) -> None:
+    made = fake()
+    with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
+        made.client.fire_connect(rc=0x84)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "Unsupported protocol version" in line and "MQTT_PROTOCOL=3.1.1" in line
+
+
+def test_a_connection_closed_before_connack_names_mqtt_protocol_only_on_mqtt5(fake: Any, caplog: Any) -> None:
+    lines = {}
+    for protocol in ("5", "3.1.1"):
+        made = fake(config(protocol=protocol))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
+            made.client.reconnect()
+            made.client.fire_disconnect()
+        (lines[protocol],) = [r.getMessage() for r in caplog.records]
+    assert "MQTT_PROTOCOL=3.1.1" in lines["5"] and "MQTT_TLS" in lines["5"]
+    assert "MQTT_PROTOCOL" not in lines["3.1.1"] and "MQTT_TLS" in lines["3.1.1"]
+
+
+def test_a_session_gone_on_reconnect_is_a_warning_and_counted(fake: Any, caplog: Any) -> None:
+    made = fake()
+    made.client.fire_connect()
+    made.client.fire_disconnect()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway.source.mqtt"):
+        made.client.fire_connect(session_present=False)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "session lost" in warnings[0].getMessage()
+    assert made.source.stats()["session_lost"] == 1
