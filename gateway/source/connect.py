@@ -61,6 +61,11 @@ def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) 
     }
     if not v5:
         kwargs["clean_session"] = not c.persistent
+    if c.share_group and not v5:
+        log.warning("MQTT_SHARE_GROUP=%s with MQTT_PROTOCOL=3.1.1: the broker cannot be asked whether it supports "
+                    "shared subscriptions; one that does not (aedes, amqtt) takes $share/%s/... as a plain filter "
+                    "and the gateway receives nothing (docs/delivery.md#shared-subscriptions)", c.share_group,
+                    c.share_group)
     fastpath.install()
     client = factory(CallbackAPIVersion.VERSION2, **kwargs)
     client.suppress_exceptions = True       # a second net under our own callback guards

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["REPEAT_LOG_S", "ConnectFailures", "closed_before_connack", "refused"]
+__all__ = ["REPEAT_LOG_S", "ConnectFailures", "closed_before_connack", "refused", "sharing_unavailable"]
 
 REPEAT_LOG_S = 10.0
 
@@ -37,6 +37,13 @@ def closed_before_connack(reason: str, protocol: str) -> str:
     if protocol == "5":
         return f"connection closed before CONNACK ({reason}); {_V311_FIX}; or {tls}"
     return f"connection closed before CONNACK ({reason}); {tls}"
+
+
+def sharing_unavailable(share_group: str) -> str:
+    """The line for an MQTT 5 CONNACK without shared subscriptions while a share group is set."""
+    return (f"MQTT_SHARE_GROUP={share_group} is set, but the broker does not support shared subscriptions "
+            "(CONNACK SharedSubscriptionAvailable=0): nothing is subscribed and the gateway is not ready; "
+            "unset MQTT_SHARE_GROUP or use a broker that shares")
 
 
 class ConnectFailures:

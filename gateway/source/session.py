@@ -24,17 +24,15 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.model import Message, now_ms
 from gateway.settings.settings import MqttConfig
 from gateway.source.acks import AckTracker
 from gateway.source.connect import describe_error
-from gateway.source.failures import ConnectFailures, closed_before_connack, refused
+from gateway.source.failures import ConnectFailures, closed_before_connack, refused, sharing_unavailable
 from gateway.source.hooks import SourceHooks
 from gateway.source.outbound import Outbound, Publish, Taken
+from gateway.source.packets import identified, publish_properties, v5_request
 from gateway.source.subscriptions import SubscriptionBook
 
 __all__ = ["PahoSession", "SourceMetrics"]
@@ -45,14 +43,6 @@ _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callba
           "subscriptions_refused", "extra_copies")
 
 
-
-def _publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
-    paho sets an attribute only for a property the packet carries."""
-    if properties is None:
-        return (), None
-    user_properties = getattr(properties, "UserProperty", None)
-    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
 
 class SourceMetrics(Protocol):
     """What the source tells the metrics (gateway.ops.metrics.Metrics)."""
@@ -88,6 +78,7 @@ class PahoSession:
         self._failures = ConnectFailures(log, f"{config.host}:{config.port}")
         self._received = 0
         self._closing = False
+        self._no_sharing = False      # the broker said it has no shared subscriptions (MQTT 5 CONNACK)
         self._delivery: dict[int, Callable[[bool, str], None]] = {}   # publish mid -> done
         self._early: dict[int, tuple[bool, str]] = {}                  # answered inside publish()
         self._publishing = False
@@ -125,6 +116,15 @@ class PahoSession:
     def session_present(self) -> bool | None:
         return self._session_present
 
+    @property
+    def subscriptions_granted(self) -> bool:
+        return self._granted()
+
+    @property
+    def sharing_refused(self) -> bool:
+        """MQTT_SHARE_GROUP is set and the broker said it has no shared subscriptions."""
+        return self._no_sharing
+
     def connect_once(self) -> bool:
         try:
             rc = self._client.reconnect()
@@ -143,7 +143,7 @@ class PahoSession:
                 ack(mid, qos)
         for publish in taken.publishes:
             self._publish(publish)
-        if self._connected and self._subscriptions.dirty:
+        if self._connected and self._subscriptions.dirty and not self._no_sharing:
             self._apply_subscriptions()
             self._metric("set_subscriptions_granted", self._granted())
 
@@ -191,11 +191,15 @@ class PahoSession:
         v5 = self.config.protocol == "5"
         identifiers = v5 and getattr(props, "SubscriptionIdentifierAvailable", 1) != 0
         self._subscriptions.new_connection(identifiers=identifiers)
+        # A broker without shared subscriptions would take $share/... as a literal filter (nothing
+        # arrives) or disconnect us for it (a reconnect storm): subscribe nothing, stay not ready.
+        no_sharing = bool(v5 and self.config.share_group and getattr(props, "SharedSubscriptionAvailable", 1) == 0)
         session_present = bool(flags.session_present)
         with self._lock:
             expected = self._ever_connected and bool(self.config.persistent)
             self._connected, self._ever_connected = True, True
             self._session_present = session_present
+            sharing_was_refused, self._no_sharing = self._no_sharing, no_sharing
             self._connected_at = self._clock()
             self._stats["connects"] += 1
             lost = expected and not session_present
@@ -210,7 +214,10 @@ class PahoSession:
         if lost:
             log.warning("broker session lost; messages queued while disconnected may be gone")
             self._metric("session_lost")
-        self._apply_subscriptions()
+        if no_sharing and not sharing_was_refused:
+            log.error("%s", sharing_unavailable(str(self.config.share_group)))
+        if not no_sharing:
+            self._apply_subscriptions()
         self._metric("set_subscriptions_granted", self._granted())
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -243,7 +250,7 @@ class PahoSession:
         if identifiers and not self._subscriptions.routed(topic, identifiers):
             self._extra_copy(mid, qos)
             return
-        user_properties, content_type = _publish_properties(msg.properties)
+        user_properties, content_type = publish_properties(msg.properties)
         self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
                                    retain=bool(msg.retain), user_properties=user_properties,
                                    content_type=content_type), mid, qos)
@@ -339,11 +346,9 @@ class PahoSession:
             if identifier is None:
                 plain.append((f, q))
                 continue
-            props = Properties(PacketTypes.SUBSCRIBE)
-            props.SubscriptionIdentifier = identifier
-            self._send_subscribe([(f, q)], _v5_request([(f, q)], no_local), props)
+            self._send_subscribe([(f, q)], v5_request([(f, q)], no_local), identified(identifier))
         if plain:
-            self._send_subscribe(plain, _v5_request(plain, no_local), None)
+            self._send_subscribe(plain, v5_request(plain, no_local), None)
 
     def _send_subscribe(self, subscribe: list[tuple[str, int]], request: list[Any], props: Any) -> None:
         try:
@@ -363,7 +368,7 @@ class PahoSession:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _granted(self) -> bool:
-        return self._connected and self._subscriptions.all_granted
+        return self._connected and not self._no_sharing and self._subscriptions.all_granted
 
     def _connect_failed(self, reason: str) -> None:
         with self._lock:
@@ -382,11 +387,6 @@ class PahoSession:
     def _count(self, name: str) -> None:
         with self._lock:
             self._stats[name] += 1
-
-
-def _v5_request(subscribe: list[tuple[str, int]], no_local: bool) -> list[Any]:
-    return [(f, SubscribeOptions(qos=q, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
-            for f, q in subscribe]
 
 
 def _writes_after_the_round(*_: Any) -> None:

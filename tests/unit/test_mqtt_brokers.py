@@ -171,3 +171,39 @@ def test_a_session_gone_on_reconnect_is_a_warning_and_counted(fake: Any, caplog:
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "session lost" in warnings[0].getMessage()
     assert made.source.stats()["session_lost"] == 1
+
+
+# --- shared subscriptions told the truth ---------------------------------------------------------
+
+
+def test_share_group_on_a_broker_without_shared_subscriptions_is_one_error_and_not_ready(
+        fake: Any, caplog: Any) -> None:
+    made = fake(config(share_group="g"), subscriptions=[("factory/#", 1)])
+    with caplog.at_level(logging.ERROR, logger="gateway.source.mqtt"):
+        made.client.fire_connect(SharedSubscriptionAvailable=0)
+        made.source.step()
+        made.source.update_subscriptions([("factory/#", 1), ("other/#", 1)])
+        made.source.step()
+        made.client.fire_connect(SharedSubscriptionAvailable=0)    # a reconnect says it again: no second line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "MQTT_SHARE_GROUP" in lines[0] and "SharedSubscriptionAvailable=0" in lines[0]
+    assert made.client.sent("subscribe") == [] and made.client.sent("disconnect") == []
+    assert made.source.connected and not made.source.subscriptions_granted
+    assert made.source.wait_subscribed(0) is False
+
+
+def test_share_group_is_subscribed_where_the_broker_shares(fake: Any) -> None:
+    made = fake(config(share_group="g"), subscriptions=[("factory/#", 1)])
+    made.client.fire_connect(SharedSubscriptionAvailable=1)
+    _granted(made)
+    assert [r for _, _, r in made.client.sent("subscribe")] == [[("$share/g/factory/#", 1)]]
+    assert made.source.subscriptions_granted
+
+
+def test_share_group_on_mqtt311_warns_at_start_up_that_the_broker_cannot_be_asked(fake: Any, caplog: Any) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.source.mqtt"):
+        fake(config(share_group="g", protocol="3.1.1"))
+        fake(config(share_group="g"))
+        fake(config(protocol="3.1.1"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "MQTT_SHARE_GROUP" in lines[0] and "3.1.1" in lines[0]
