@@ -207,3 +207,29 @@ def test_share_group_on_mqtt311_warns_at_start_up_that_the_broker_cannot_be_aske
         fake(config(protocol="3.1.1"))
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "MQTT_SHARE_GROUP" in lines[0] and "3.1.1" in lines[0]
+
+
+# --- AWS IoT Core: ALPN on 443 -------------------------------------------------------------------
+
+
+def test_alpn_protocols_are_offered_by_the_tls_context(fake: Any) -> None:
+    import ssl
+
+    made = fake(config(tls=True, tls_alpn=("x-amzn-mqtt-ca",), port=443))
+    context = made.client.calls["tls_set_context"]
+    assert isinstance(context, ssl.SSLContext) and "tls_set" not in made.client.calls
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def test_alpn_setting_is_a_list_and_implies_tls() -> None:
+    from gateway.settings.settings import SettingsError, load_settings
+
+    base = {"MQTT_HOST": "a.iot.eu-west-1.amazonaws.com", "GATEWAY_ROUTES": "r.yaml", "MQTT_PORT": "443"}
+    mqtt = load_settings({**base, "MQTT_TLS_ALPN": "x-amzn-mqtt-ca, mqtt"}).mqtt
+    assert mqtt.tls_alpn == ("x-amzn-mqtt-ca", "mqtt") and mqtt.tls and mqtt.port == 443
+    try:
+        load_settings({**base, "MQTT_TLS_ALPN": "x-amzn-mqtt-ca", "MQTT_TLS": "false"})
+    except SettingsError as error:
+        assert str(error).startswith("MQTT_TLS_ALPN:")
+    else:
+        raise AssertionError("ALPN without TLS was accepted")

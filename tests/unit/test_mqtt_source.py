@@ -93,6 +93,9 @@ class FakeClient:
             raise FileNotFoundError(2, "No such file or directory")
         self.calls["tls_set"] = kwargs
 
+    def tls_set_context(self, context: Any) -> None:
+        self.calls["tls_set_context"] = context
+
     def tls_insecure_set(self, value: bool) -> None:
         self.calls["tls_insecure_set"] = value
 
