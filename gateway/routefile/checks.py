@@ -15,23 +15,26 @@ Runs after schema validation on the same JSON-shaped data and tolerates values o
 * ``missing-key``: ``topic``, ``stream`` and ``partition_key`` set in the route or in ``defaults``;
 * ``duplicate-route``, ``topic-name`` and ``dead-letter-loop`` (dead-letter topics), and
   ``partition-key`` / ``explicit-hash-key`` for literals that can never be valid;
-* ``overlap`` (info): a topic can match two routes; allowed, each route gets the message.
+* ``overlap`` (info): a topic can match two routes; allowed, each route gets the message;
+* ``overlapping-filters`` (warning): two filters the gateway subscribes to share topics without
+  one covering the other; on MQTT 3.1.1 a broker that sends a copy per subscription makes the
+  gateway write such a message twice (docs/delivery.md#overlapping-subscriptions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, is_hash_key
-from gateway.routefile.findings import Finding, format_path
+from gateway.routefile.findings import Finding, Severity, format_path
 from gateway.routefile.yamlreader import JsonPath, Located, is_plain
 from gateway.routing.expressions import Expression, ExpressionError, compile_expression
 from gateway.routing.table import DeadLetter, Route
-from gateway.routing.topics import TopicTrie, filter_error, topic_name_error
+from gateway.routing.topics import TopicTrie, filter_error, minimal_subscriptions, topic_name_error
 
 __all__ = ["SemanticResult", "check_routes"]
 
@@ -64,7 +67,7 @@ class _Ctx:
         located = self.where.get(path)
         return None if located is None else located.value
 
-    def add(self, path: JsonPath, rule: str, message: str, severity: Literal["error", "info"] = "error",
+    def add(self, path: JsonPath, rule: str, message: str, severity: Severity = "error",
             offset: int | None = None, shown_path: JsonPath | None = None) -> None:
         located = self.where.get(path)
         line, col = 1, 1
@@ -185,6 +188,33 @@ def _overlap_findings(ctx: _Ctx, entries: list[tuple[str, JsonPath, JsonPath, st
                     " a message on a topic both match goes to both routes", severity="info")
 
 
+def _partial_overlap_findings(ctx: _Ctx, entries: list[tuple[str, JsonPath, JsonPath, str]]) -> None:
+    """One warning per pair of subscribed filters that share topics, neither covering the other."""
+    owner: dict[str, tuple[str, JsonPath]] = {}
+    for name, _, path, topic_filter in entries:
+        owner.setdefault(topic_filter, (name, path))
+    subscribed = [f for f, _ in minimal_subscriptions((f, 1) for f in owner)]
+    if len(subscribed) < 2:
+        return
+    position = {f: i for i, f in enumerate(owner)}
+    order = {f: position[f] for f in subscribed}
+    trie: TopicTrie[str] = TopicTrie((f, f) for f in subscribed)
+    for filter_b in sorted(subscribed, key=order.__getitem__):
+        for filter_a in trie.overlapping(filter_b):
+            if order[filter_a] >= order[filter_b]:
+                continue
+            (name_a, path_a), (name_b, path_b) = owner[filter_a], owner[filter_b]
+            node = ctx.node(path_a)
+            line = node.start_mark.line + 1 if node is not None else 0
+            routes = f"route '{name_b}'" if name_a == name_b else f"routes '{name_a}' and '{name_b}'"
+            ctx.add(path_b, "overlapping-filters",
+                    f"topic filter '{filter_b}' (route '{name_b}') and '{filter_a}' (route '{name_a}', line {line})"
+                    f" overlap in part and are both subscribed: on MQTT 3.1.1 a broker that sends a copy per"
+                    f" subscription (ejabberd, amqtt) makes a message on a topic both match arrive twice, and"
+                    f" {routes} write it twice; MQTT 5 routes it once (subscription identifiers)",
+                    severity="warning")
+
+
 def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: str, filename: str,
                  build: bool = True) -> SemanticResult:
     """Check the document; build the routes when ``build`` and nothing is wrong."""
@@ -246,6 +276,7 @@ def check_routes(data: dict[str, Any], where: Mapping[JsonPath, Located], text: 
         specs.append(_Spec(path, route, effective))
     _dead_letter_loops(ctx, specs, overlap_entries)
     _overlap_findings(ctx, overlap_entries)
+    _partial_overlap_findings(ctx, overlap_entries)
     if build and not any(f.is_error for f in ctx.result.findings):
         ctx.result.routes = [_build(ctx, spec) for spec in specs]
     return ctx.result

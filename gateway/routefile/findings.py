@@ -27,7 +27,7 @@ __all__ = [
     "summary_line",
 ]
 
-Severity = Literal["error", "info"]
+Severity = Literal["error", "warning", "info"]
 
 
 def format_path(path: Sequence[str | int]) -> str:
@@ -45,7 +45,7 @@ def format_path(path: Sequence[str | int]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One problem (severity "error") or remark (severity "info") about one place in a file."""
+    """One problem (severity "error"), risk ("warning") or remark ("info") about one place in a file."""
 
     file: str
     line: int
@@ -145,14 +145,14 @@ def _escape_property(text: str) -> str:
 
 
 def report_github(reports: Sequence[FileReport], out: TextIO, err: TextIO) -> None:
-    """GitHub Actions workflow commands; errors as ``::error``, info findings as ``::notice``.
+    """GitHub Actions workflow commands: ``::error``, ``::warning``, and info findings as ``::notice``.
 
     GitHub shows only the first ten annotations of each kind per step, so the plain summary
     follows on ``err``.
     """
     for report in reports:
         for f in report.findings:
-            command = "error" if f.is_error else "notice"
+            command = "error" if f.is_error else "warning" if f.severity == "warning" else "notice"
             props = ",".join(
                 f"{name}={_escape_property(str(value))}"
                 for name, value in (

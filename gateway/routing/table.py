@@ -48,22 +48,58 @@ class _NotParsed:
     pass
 
 
+class _BadJson:
+    """A JSON route's payload that cannot be parsed, and why (never quoting the payload)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 _NOT_PARSED: Any = _NotParsed()
-_BAD_JSON: Any = _NotParsed()
+_BOM = b"\xef\xbb\xbf"
 
 
 def _decode(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return _BAD_JSON
+    except orjson.JSONDecodeError as error:
+        return _decode_carefully(payload, error)
+
+
+def _decode_carefully(payload: bytes, error: ValueError) -> Any:
+    """What orjson refused: a UTF-8 byte order mark (ignored, as RFC 8259 lets a parser do) and
+    a lone surrogate escape such as \\ud800 (valid JSON text; the standard library parses it) are
+    accepted; anything else is rejected saying whether it is not UTF-8 or not JSON."""
+    if payload.startswith(_BOM):
+        payload = payload[len(_BOM):]
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as again:
+            error = again
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return _BadJson(f"payload is not valid UTF-8 (byte {bad.start} starts no UTF-8 character)")
+    if "surrogate" in str(error):
+        try:
+            return json.loads(text)
+        except ValueError as again:
+            error = again
+    if isinstance(error, json.JSONDecodeError):
+        return _BadJson(f"payload is not JSON: {error.msg} (line {error.lineno}, column {error.colno})")
+    return _BadJson(f"payload is not JSON: {error}")
 
 
 def _encode(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except TypeError:  # integers beyond 64 bits: the standard library writes them exactly
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate escape read from the payload: written as one again
+            return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _key_text(value: Any) -> str | None:
@@ -88,6 +124,11 @@ def _key_problem(value: Any, text: str | None) -> tuple[str, str] | None:
         return "partition key is empty", "key_empty"
     if len(text) > MAX_PARTITION_KEY_CHARS:
         return f"partition key is {len(text)} characters, over the limit of {MAX_PARTITION_KEY_CHARS}", "key_too_long"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "partition key holds a lone surrogate escape (\\ud800-\\udfff), not a character", "key_type"
     return None
 
 
@@ -147,8 +188,8 @@ class Route:
 
     def apply(self, message: Message, document: Any) -> RoutingOutcome:
         """Make this route's record from ``message``; ``document`` is the parsed payload."""
-        if self.format == "json" and document is _BAD_JSON:
-            return Rejected(self.name, "payload is not valid UTF-8 JSON", "not_json")
+        if self.format == "json" and type(document) is _BadJson:
+            return Rejected(self.name, document.reason, "not_json")
         if self.filter is not None and not _truthy(self.filter.evaluate(document)):
             return Skipped(self.name)
         raw_key = self.partition_key.evaluate(document)
@@ -162,7 +203,12 @@ class Route:
             hash_key = _hash_key_text(hash_value)
             if hash_key is None:
                 return Rejected(self.name, "explicit hash key is not a decimal integer in 0..2^128-1", "hash_key")
-        data = message.payload if self.transform is None else _encode(self.transform.evaluate(document))
+        if self.transform is not None:
+            data = _encode(self.transform.evaluate(document))
+        elif self.format == "json" and message.payload.startswith(_BOM):
+            data = message.payload[len(_BOM):]   # not part of the JSON text: no record starts with one
+        else:
+            data = message.payload
         if self.append_newline:
             data = data + b"\n" if self.transform is not None else _one_line(data, document, self.format)
         assert key is not None  # _key_problem returned None

@@ -82,6 +82,7 @@ class MqttConfig:
     reconnect_min_s: float
     reconnect_max_s: float
     read_interval_s: float  # at most one read of a drained socket per interval (docs/performance.md)
+    tls_alpn: tuple[str, ...] = ()  # TLS ALPN protocols offered (AWS IoT Core on 443: x-amzn-mqtt-ca)
 
     def __post_init__(self) -> None:
         # The one rule the loader cannot check alone: `persistent` may be decided later, by the
@@ -232,8 +233,14 @@ def _mqtt(src: Source) -> MqttConfig:
     key_file = src.path("MQTT_TLS_KEY_FILE")
     if key_file and not cert_file:
         raise SettingsError("MQTT_TLS_KEY_FILE: needs MQTT_TLS_CERT_FILE (the client certificate)")
+    alpn_value = src.get("MQTT_TLS_ALPN")
+    alpn = tuple(p.strip() for p in alpn_value.text.split(",") if p.strip()) if alpn_value else ()
+    if alpn_value and alpn_value.text.strip() and (not alpn or any(not p.isascii() or len(p) > 255 for p in alpn)):
+        raise src.error(alpn_value, "expected a comma-separated list of ALPN protocol names (e.g. x-amzn-mqtt-ca)")
     tls_value = src.get("MQTT_TLS")
-    tls = src.boolean("MQTT_TLS", default=bool(scheme_tls or ca_file or cert_file))
+    tls = src.boolean("MQTT_TLS", default=bool(scheme_tls or ca_file or cert_file or alpn))
+    if alpn and not tls:
+        raise SettingsError("MQTT_TLS_ALPN: is a TLS option, but MQTT_TLS is false")
     if scheme_tls and tls_value and not tls:
         raise src.error(tls_value, f"is false but the {host_value.name} URL scheme requires TLS")
 
@@ -278,6 +285,7 @@ def _mqtt(src: Source) -> MqttConfig:
         tls_insecure=src.boolean("MQTT_TLS_INSECURE", default=False),
         reconnect_min_s=reconnect_min, reconnect_max_s=reconnect_max,
         read_interval_s=src.millis("MQTT_READ_INTERVAL_MS", default=100, lo=0),
+        tls_alpn=alpn,
     )
 
 

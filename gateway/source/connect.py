@@ -49,6 +49,20 @@ def describe_error(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _alpn_context(c: MqttConfig) -> ssl.SSLContext:
+    """What paho's tls_set builds (verification on, the CA file or the system's CAs, the client
+    certificate), plus the ALPN protocols: AWS IoT Core takes MQTT with client certificates on
+    port 443 only when the client offers `x-amzn-mqtt-ca`."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=c.ca_file)
+    if c.cert_file:
+        context.load_cert_chain(c.cert_file, c.key_file)
+    if c.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(list(c.tls_alpn))
+    return context
+
+
 def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) -> Any:
     """A paho client (VERSION2 callbacks, manual acks) ready for `reconnect()`; no I/O yet."""
     c = config
@@ -61,6 +75,11 @@ def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) 
     }
     if not v5:
         kwargs["clean_session"] = not c.persistent
+    if c.share_group and not v5:
+        log.warning("MQTT_SHARE_GROUP=%s with MQTT_PROTOCOL=3.1.1: the broker cannot be asked whether it supports "
+                    "shared subscriptions; one that does not (aedes, amqtt) takes $share/%s/... as a plain filter "
+                    "and the gateway receives nothing (docs/delivery.md#shared-subscriptions)", c.share_group,
+                    c.share_group)
     fastpath.install()
     client = factory(CallbackAPIVersion.VERSION2, **kwargs)
     client.suppress_exceptions = True       # a second net under our own callback guards
@@ -75,8 +94,11 @@ def build_client(config: MqttConfig, factory: Callable[..., Any] = paho.Client) 
         client.ws_set_options(path=c.ws_path)
     if c.tls or c.ca_file:
         try:
-            client.tls_set(ca_certs=c.ca_file, certfile=c.cert_file, keyfile=c.key_file,
-                           cert_reqs=ssl.CERT_NONE if c.tls_insecure else ssl.CERT_REQUIRED)
+            if c.tls_alpn:
+                client.tls_set_context(_alpn_context(c))
+            else:
+                client.tls_set(ca_certs=c.ca_file, certfile=c.cert_file, keyfile=c.key_file,
+                               cert_reqs=ssl.CERT_NONE if c.tls_insecure else ssl.CERT_REQUIRED)
         except (OSError, ValueError) as exc:
             raise MqttSourceError(f"TLS setup failed: {describe_error(exc)}") from None
         if c.tls_insecure:

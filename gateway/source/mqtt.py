@@ -62,7 +62,7 @@ class MqttSource:
 
     @property
     def subscriptions_granted(self) -> bool:
-        return self._session.connected and self.subscriptions.all_granted
+        return self._session.subscriptions_granted
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics and tests (connect failures, session losses, callback errors...)."""
@@ -90,7 +90,8 @@ class MqttSource:
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Until every wanted subscription is granted, or one is refused (then False)."""
-        self._session.wait_for(lambda: self.subscriptions_granted or bool(self.subscriptions.refused), timeout)
+        self._session.wait_for(lambda: self.subscriptions_granted or bool(self.subscriptions.refused)
+                               or self._session.sharing_refused, timeout)
         return self.subscriptions_granted
 
     def update_subscriptions(self, subscriptions: Iterable[tuple[str, int]]) -> None:

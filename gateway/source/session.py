@@ -20,38 +20,29 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.model import Message, now_ms
 from gateway.settings.settings import MqttConfig
 from gateway.source.acks import AckTracker
 from gateway.source.connect import describe_error
+from gateway.source.failures import ConnectFailures, closed_before_connack, refused, sharing_unavailable
 from gateway.source.hooks import SourceHooks
 from gateway.source.outbound import Outbound, Publish, Taken
+from gateway.source.packets import identified, publish_properties, v5_request
 from gateway.source.subscriptions import SubscriptionBook
 
 __all__ = ["PahoSession", "SourceMetrics"]
 
 log = logging.getLogger("gateway.source.mqtt")
-_REPEAT_LOG_S = 10.0   # a connect failure that keeps happening is logged again this often
 
 _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callback_errors", "invalid_topic",
-          "subscriptions_refused")
+          "subscriptions_refused", "extra_copies")
 
 
-
-def _publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
-    paho sets an attribute only for a property the packet carries."""
-    if properties is None:
-        return (), None
-    user_properties = getattr(properties, "UserProperty", None)
-    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
 
 class SourceMetrics(Protocol):
     """What the source tells the metrics (gateway.ops.metrics.Metrics)."""
@@ -84,12 +75,10 @@ class PahoSession:
         self._ever_connected = False
         self._session_present: bool | None = None
         self._connected_at = 0.0
-        self._last_error = ""
-        self._failing_since = 0.0     # when the current run of identical connect failures began
-        self._failure_logged = 0.0    # when it was last logged
-        self._failures_in_run = 0
+        self._failures = ConnectFailures(log, f"{config.host}:{config.port}")
         self._received = 0
         self._closing = False
+        self._no_sharing = False      # the broker said it has no shared subscriptions (MQTT 5 CONNACK)
         self._delivery: dict[int, Callable[[bool, str], None]] = {}   # publish mid -> done
         self._early: dict[int, tuple[bool, str]] = {}                  # answered inside publish()
         self._publishing = False
@@ -127,6 +116,15 @@ class PahoSession:
     def session_present(self) -> bool | None:
         return self._session_present
 
+    @property
+    def subscriptions_granted(self) -> bool:
+        return self._granted()
+
+    @property
+    def sharing_refused(self) -> bool:
+        """MQTT_SHARE_GROUP is set and the broker said it has no shared subscriptions."""
+        return self._no_sharing
+
     def connect_once(self) -> bool:
         try:
             rc = self._client.reconnect()
@@ -145,7 +143,7 @@ class PahoSession:
                 ack(mid, qos)
         for publish in taken.publishes:
             self._publish(publish)
-        if self._connected and self._subscriptions.dirty:
+        if self._connected and self._subscriptions.dirty and not self._no_sharing:
             self._apply_subscriptions()
             self._metric("set_subscriptions_granted", self._granted())
 
@@ -186,23 +184,29 @@ class PahoSession:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            self._connect_failed(f"broker refused the connection: {reason}")
+            self._connect_failed(refused(str(reason), int(reason.value), self.config.protocol))
             return
         self._acks.new_connection()     # before anything else: old-connection acks die here
         self._outbound.drop_acks()
-        self._subscriptions.new_connection()
+        v5 = self.config.protocol == "5"
+        identifiers = v5 and getattr(props, "SubscriptionIdentifierAvailable", 1) != 0
+        self._subscriptions.new_connection(identifiers=identifiers)
+        # A broker without shared subscriptions would take $share/... as a literal filter (nothing
+        # arrives) or disconnect us for it (a reconnect storm): subscribe nothing, stay not ready.
+        no_sharing = bool(v5 and self.config.share_group and getattr(props, "SharedSubscriptionAvailable", 1) == 0)
         session_present = bool(flags.session_present)
         with self._lock:
             expected = self._ever_connected and bool(self.config.persistent)
             self._connected, self._ever_connected = True, True
             self._session_present = session_present
+            sharing_was_refused, self._no_sharing = self._no_sharing, no_sharing
             self._connected_at = self._clock()
-            self._last_error = ""
             self._stats["connects"] += 1
             lost = expected and not session_present
             if lost:
                 self._stats["session_lost"] += 1
             self._changed.notify_all()
+        self._failures.connected()
         c = self.config
         log.info("connected to MQTT broker %s:%d as %r (session_present=%s)", c.host, c.port, c.client_id,
                  session_present)
@@ -210,7 +214,10 @@ class PahoSession:
         if lost:
             log.warning("broker session lost; messages queued while disconnected may be gone")
             self._metric("session_lost")
-        self._apply_subscriptions()
+        if no_sharing and not sharing_was_refused:
+            log.error("%s", sharing_unavailable(str(self.config.share_group)))
+        if not no_sharing:
+            self._apply_subscriptions()
         self._metric("set_subscriptions_granted", self._granted())
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -226,8 +233,7 @@ class PahoSession:
         elif not self._closing:
             # Closed before CONNACK: the classic cause is a TLS mismatch (plain MQTT to a TLS
             # listener, or TLS to a plain one); a broker at its connection limit does it too.
-            self._connect_failed(f"connection closed before CONNACK ({reason}); check MQTT_TLS and "
-                                 f"MQTT_PORT: a TLS listener drops plain MQTT and a plain one drops TLS")
+            self._connect_failed(closed_before_connack(str(reason), self.config.protocol))
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._received += 1
@@ -240,10 +246,25 @@ class PahoSession:
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self._acks.arrived(mid, qos, 0)
             return
-        user_properties, content_type = _publish_properties(msg.properties)
+        identifiers = getattr(msg.properties, "SubscriptionIdentifier", None)
+        if identifiers and not self._subscriptions.routed(topic, identifiers):
+            self._extra_copy(mid, qos)
+            return
+        user_properties, content_type = publish_properties(msg.properties)
         self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
                                    retain=bool(msg.retain), user_properties=user_properties,
                                    content_type=content_type), mid, qos)
+
+    def _extra_copy(self, mid: int, qos: int) -> None:
+        """A second copy of a message that another of our subscriptions also brings (partly
+        overlapping filters, MQTT 5): acknowledged, counted, not routed again."""
+        with self._lock:
+            self._stats["extra_copies"] += 1
+            first = self._stats["extra_copies"] == 1
+        if first:
+            log.info("the broker sends a copy of a message per matching subscription (overlapping filters); "
+                     "each message is routed once, by its subscription identifiers")
+        self._acks.arrived(mid, qos, 0)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
         results = self._subscriptions.suback(mid, [(int(rc.value), str(rc)) for rc in codes])
@@ -313,15 +334,26 @@ class PahoSession:
             log.info("unsubscribed: %s", ", ".join(repr(f) for f in unsubscribe))
 
     def _subscribe(self, subscribe: list[tuple[str, int]]) -> None:
-        if self.config.protocol == "5":   # retain handling 1: resubscribing does not resend retained messages
-            no_local = not self.config.share_group
-            request: list[Any] = [(f, SubscribeOptions(qos=q, noLocal=no_local,
-                                                       retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
-                                  for f, q in subscribe]
-        else:
-            request = list(subscribe)
+        if self.config.protocol != "5":
+            self._send_subscribe(subscribe, list(subscribe), None)
+            return
+        # Retain handling 1: resubscribing does not resend retained messages. A subscription
+        # identifier applies to a whole SUBSCRIBE, so a filter with one goes in a packet of its own.
+        no_local = not self.config.share_group
+        plain: list[tuple[str, int]] = []
+        for f, q in subscribe:
+            identifier = self._subscriptions.identifier(f)
+            if identifier is None:
+                plain.append((f, q))
+                continue
+            self._send_subscribe([(f, q)], v5_request([(f, q)], no_local), identified(identifier))
+        if plain:
+            self._send_subscribe(plain, v5_request(plain, no_local), None)
+
+    def _send_subscribe(self, subscribe: list[tuple[str, int]], request: list[Any], props: Any) -> None:
         try:
-            rc, mid = self._client.subscribe(request)
+            rc, mid = (self._client.subscribe(request) if props is None
+                       else self._client.subscribe(request, properties=props))
         except ValueError as exc:
             failed = self._subscriptions.send_failed(subscribe, describe_error(exc))
         else:
@@ -336,30 +368,12 @@ class PahoSession:
     # -- helpers -----------------------------------------------------------------------------------
 
     def _granted(self) -> bool:
-        return self._connected and self._subscriptions.all_granted
+        return self._connected and not self._no_sharing and self._subscriptions.all_granted
 
     def _connect_failed(self, reason: str) -> None:
-        """The first failure of a kind is logged at once; while it repeats, one line every
-        _REPEAT_LOG_S says it still does, so a wrong port never goes quiet."""
-        now = time.monotonic()
         with self._lock:
             self._stats["connect_failures"] += 1
-            repeated, self._last_error = reason == self._last_error, reason
-            if not repeated:
-                self._failing_since, self._failure_logged, self._failures_in_run = now, now, 1
-                due = False
-            else:
-                self._failures_in_run += 1
-                due = now - self._failure_logged >= _REPEAT_LOG_S
-                if due:
-                    self._failure_logged = now
-            attempts, since = self._failures_in_run, now - self._failing_since
-        c = self.config
-        if not repeated:
-            log.error("cannot connect to MQTT broker %s:%d: %s (retrying with backoff)", c.host, c.port, reason)
-        elif due:
-            log.error("still cannot connect to MQTT broker %s:%d after %d attempts in %.0f s: %s", c.host, c.port,
-                      attempts, since, reason)
+        self._failures.failed(reason)
 
     def _metric(self, name: str, *args: Any) -> None:
         """Tell the metrics, if any; metrics never break the connection."""

@@ -7,15 +7,78 @@ logic deserves tests that need no broker.
 
 A refused subscription is a SUBACK reason code >= 0x80, or a granted QoS lower than asked (a QoS 1
 route served at QoS 0 would lose the at-least-once promise without any error).
+
+It also owns the MQTT 5 subscription identifiers (docs/delivery.md#overlapping-subscriptions). Two
+partly overlapping filters make a broker send one copy of a message per matching subscription
+(or one copy naming every identifier). The invariant: of the copies of one message, exactly one
+is routed: the one whose identifiers name the *canonical* subscription for its topic, the matching
+subscription granted first on this connection. Every granted subscription that matches delivers
+its identifier (the MQTT 5 rule), so the canonical copy always arrives. A copy naming an
+identifier this connection has not granted (a session resumed before its SUBACKs, a filter being
+removed) is routed too: a duplicate is possible in those moments, a loss never. Identifiers are a
+stable function of the filter, so the ones a resumed session carries from the last run mean the
+same filter now.
 """
 
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SubackResult", "SubscriptionBook", "share_prefixed"]
+from gateway.routing.topics import TopicTrie
+
+__all__ = ["SubackResult", "SubscriptionBook", "share_prefixed", "subscription_identifiers"]
+
+
+_MAX_IDENTIFIER = 268_435_455   # MQTT 5: a Subscription Identifier is 1..268,435,455
+
+
+def subscription_identifiers(filters: Iterable[str]) -> dict[str, int]:
+    """filter -> its MQTT 5 Subscription Identifier, for the filters that share a topic with
+    another (only those can bring a message twice). A hash of the filter, so the same filter keeps
+    its identifier across restarts; a collision takes the next free value (in sorted filter order)."""
+    names = sorted(set(filters))
+    trie: TopicTrie[str] = TopicTrie((_unshared(f), f) for f in names)
+    ids: dict[str, int] = {}
+    used: set[int] = set()
+    for topic_filter in names:
+        if len(trie.overlapping(_unshared(topic_filter))) < 2:
+            continue
+        identifier = zlib.crc32(topic_filter.encode("utf-8", "surrogatepass")) % _MAX_IDENTIFIER + 1
+        while identifier in used:
+            identifier = identifier % _MAX_IDENTIFIER + 1
+        used.add(identifier)
+        ids[topic_filter] = identifier
+    return ids
+
+
+def _unshared(topic_filter: str) -> str:
+    """The filter a `$share/<group>/<filter>` subscription matches topics with."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+class _Copies:
+    """The granted identified subscriptions, for choosing the one copy of a message to route."""
+
+    __slots__ = ("_order", "_trie")
+
+    def __init__(self, granted: Sequence[tuple[str, int]]) -> None:
+        self._order = {identifier: position for position, (_, identifier) in enumerate(granted)}
+        self._trie: TopicTrie[int] = TopicTrie((_unshared(f), identifier) for f, identifier in granted)
+
+    def routed(self, topic: str, identifiers: Sequence[int]) -> bool:
+        order = self._order
+        if any(i not in order for i in identifiers):
+            return True
+        matching = self._trie.match(topic)
+        if not matching:
+            return True
+        canonical = min(matching, key=order.__getitem__)
+        return canonical in identifiers
 
 
 def share_prefixed(topic_filter: str, share_group: str | None) -> str:
@@ -49,6 +112,10 @@ class SubscriptionBook:
         self._granted: dict[str, int] = {}
         self._refused: dict[str, str] = {}
         self._dirty = False
+        self._identified = False                  # this connection subscribes with identifiers
+        self._identifiers: dict[str, int] = {}    # full filter -> identifier
+        self._grant_order: dict[str, int] = {}    # granted with an identifier, first granted first
+        self._copies: _Copies | None = None
 
     def set_desired(self, subscriptions: Iterable[tuple[str, int]]) -> None:
         """Replace the wanted set (filters without the share prefix; QoS 0..2)."""
@@ -58,8 +125,10 @@ class SubscriptionBook:
                 raise ValueError(f"subscription {topic_filter!r}: qos must be 0, 1 or 2, got {qos!r}")
             full = share_prefixed(topic_filter, self._share_group)
             desired[full] = max(qos, desired.get(full, 0))
+        identifiers = subscription_identifiers(desired)
         with self._lock:
             self._desired = desired
+            self._identifiers = identifiers
             self._dirty = True
 
     @property
@@ -72,14 +141,31 @@ class SubscriptionBook:
         """The wanted set changed since the last `plan()` on this connection."""
         return self._dirty
 
-    def new_connection(self) -> None:
-        """A fresh CONNACK: nothing is asked or granted on it yet, so everything is re-subscribed."""
+    def new_connection(self, identifiers: bool = False) -> None:
+        """A fresh CONNACK: nothing is asked or granted on it yet, so everything is re-subscribed.
+        `identifiers`: the connection is MQTT 5 and the broker takes subscription identifiers."""
         with self._lock:
             self._applied.clear()
             self._pending.clear()
             self._granted.clear()
             self._refused.clear()
+            self._grant_order.clear()
+            self._copies = None
+            self._identified = identifiers
             self._dirty = True
+
+    def identifier(self, topic_filter: str) -> int | None:
+        """The identifier to subscribe `topic_filter` (full, as `plan()` gives it) with, or None
+        when this connection does not use identifiers."""
+        if not self._identified:
+            return None
+        return self._identifiers.get(topic_filter)
+
+    def routed(self, topic: str, identifiers: Sequence[int]) -> bool:
+        """Whether this copy of a message on `topic`, which named `identifiers`, is the one to
+        route (see the module's invariant). Lock-free: reads one snapshot the grants replace."""
+        copies = self._copies
+        return copies is None or not identifiers or copies.routed(topic, identifiers)
 
     def plan(self) -> tuple[list[tuple[str, int]], list[str]]:
         """What to send now: (subscribe new or QoS-changed filters, unsubscribe removed ones).
@@ -98,6 +184,7 @@ class SubscriptionBook:
                 self._applied[f] = q
                 self._granted.pop(f, None)
                 self._refused.pop(f, None)
+            self._grants_changed()
             return subscribe, unsubscribe
 
     def sent(self, mid: int, subscribe: Sequence[tuple[str, int]]) -> None:
@@ -146,7 +233,19 @@ class SubscriptionBook:
                     self._granted[f] = granted if granted is not None else q
                     self._refused.pop(f, None)
                 results.append(result)
+            self._grants_changed()
         return results
+
+    def _grants_changed(self) -> None:
+        """Rebuild the copy-choosing snapshot (lock held): first granted stays first."""
+        order = self._grant_order
+        for f in [f for f in order if f not in self._granted]:
+            del order[f]
+        if self._identified:
+            for f in self._granted:
+                if f not in order and f in self._identifiers:
+                    order[f] = self._identifiers[f]
+        self._copies = _Copies(list(order.items())) if len(order) > 1 else None
 
     @property
     def all_granted(self) -> bool:

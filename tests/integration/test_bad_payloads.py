@@ -107,11 +107,11 @@ def test_bad_payloads_are_dead_lettered_counted_logged_without_payload_and_acked
     gw = gateway_process(routes_with_dead_letter(tmp_path, main, dlq), client_id="gw-bad")
     bad = {  # seq -> (topic, payload, route, reason fragment)
         1000: ("plant/line1/not-json", f"{SECRET} this is not JSON".encode(), "telemetry",
-               "not valid UTF-8 JSON"),
+               "payload is not JSON"),
         1001: ("plant/line1/no-key", json.dumps({"seq": 1001, "secret": SECRET}).encode(),
                "telemetry", "partition key is null"),
         1002: ("events/door/1", b"\xff\xfe" + SECRET.encode() + b"\xc3\x28", "events",
-               "not valid UTF-8 JSON"),
+               "payload is not valid UTF-8"),
     }
     door = 2000  # a valid message on the second route, after that route's bad one
 

@@ -249,7 +249,7 @@ def test_explain_rejected_payload_exits_1(capsys: pytest.CaptureFixture[str], tm
     code, out, _ = run(capsys, "explain", routes, "--topic", "factory/l/welder/w", "--payload", "{not json")
     assert code == 1
     (item,) = _records(out)
-    assert item["route"] == "welders" and "not valid" in str(item["rejected"])
+    assert item["route"] == "welders" and "not JSON" in str(item["rejected"])
 
 
 def test_explain_skipped_by_filter(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

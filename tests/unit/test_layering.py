@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"model"},
     "routing": {"model"},
     "routefile": {"model", "routing"},
-    "source": {"model", "settings"},
+    "source": {"model", "settings", "routing"},
     "sink": {"model", "settings"},
     "ops": {"model"},
     "pipeline": {"model", "routing", "source"},

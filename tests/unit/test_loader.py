@@ -376,7 +376,7 @@ _TOPICS = ["/".join(c) for n in range(1, 5) for c in itertools.product(["a", "b"
 def test_overlap_is_reported_exactly_when_some_topic_matches_both_filters(first: str, second: str) -> None:
     text = HEAD + (f"  - name: one\n    topic: '{first}'\n    stream: s\n    partition_key: k\n"
                    f"  - name: two\n    topic: '{second}'\n    stream: s\n    partition_key: k\n")
-    reported = [f.rule for f in load(text).findings] == ["overlap"]
+    reported = [f.rule for f in load(text).findings if f.rule == "overlap"] == ["overlap"]
     both = any(topic_matches_sub(first, t) and topic_matches_sub(second, t) for t in _TOPICS)
     assert reported == both
 
@@ -429,3 +429,21 @@ def test_the_running_gateway_never_imports_jsonschema(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def test_partly_overlapping_subscribed_filters_are_a_warning_naming_both_routes() -> None:
+    text = HEAD + ("  - name: all\n    topic: factory/#\n    stream: s\n    partition_key: k\n"
+                   "  - name: welders\n    topic: +/+/welder/+/telemetry\n    stream: s\n    partition_key: k\n"
+                   "  - name: covered\n    topic: factory/a/+\n    stream: s\n    partition_key: k\n")
+    result = load(text)
+    assert result.ok and result.table is not None
+    warnings = [f for f in result.findings if f.severity == "warning"]
+    assert [(f.rule, f.line) for f in warnings] == [("overlapping-filters", 8)]
+    assert "'welders'" in warnings[0].message and "'all'" in warnings[0].message
+    assert "MQTT 3.1.1" in warnings[0].message
+
+
+def test_a_filter_covered_by_another_is_not_subscribed_so_no_warning() -> None:
+    text = HEAD + ("  - name: a\n    topic: f/#\n    stream: s\n    partition_key: k\n"
+                   "  - name: b\n    topic: f/+/w\n    stream: s\n    partition_key: k\n")
+    assert [f.rule for f in load(text).findings] == ["overlap"]

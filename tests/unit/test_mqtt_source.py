@@ -23,6 +23,7 @@ import pytest
 from paho.mqtt.client import ConnectFlags, DisconnectFlags, MQTTMessage, MQTTMessageInfo
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.model import Message
@@ -77,6 +78,8 @@ class FakeClient:
         self.socket_error: BaseException | None = None
         self.socket_touched = threading.Event()
         self.on_publish: Any = None
+        self.options: dict[int, list[Any]] = {}     # SUBSCRIBE mid -> the options of each filter
+        self.identifiers: dict[int, int] = {}       # SUBSCRIBE mid -> its subscription identifier
 
     # configuration ---------------------------------------------------------------------------
     def enable_logger(self, logger: Any) -> None:
@@ -89,6 +92,9 @@ class FakeClient:
         if kwargs.get("ca_certs") == "missing.pem":
             raise FileNotFoundError(2, "No such file or directory")
         self.calls["tls_set"] = kwargs
+
+    def tls_set_context(self, context: Any) -> None:
+        self.calls["tls_set_context"] = context
 
     def tls_insecure_set(self, value: bool) -> None:
         self.calls["tls_insecure_set"] = value
@@ -141,10 +147,13 @@ class FakeClient:
         self.out.append(("ack", mid, qos))
         return 0
 
-    def subscribe(self, request: list[tuple[str, Any]]) -> tuple[int, int]:
+    def subscribe(self, request: list[tuple[str, Any]], properties: Any = None) -> tuple[int, int]:
         mid = next(self._mids)
         qos = [opt if isinstance(opt, int) else opt.QoS for _, opt in request]
         self.out.append(("subscribe", mid, [(f, q) for (f, _), q in zip(request, qos, strict=True)]))
+        self.options[mid] = [opt for _, opt in request]
+        if properties is not None and hasattr(properties, "SubscriptionIdentifier"):
+            self.identifiers[mid] = properties.SubscriptionIdentifier[0]
         return 0, mid
 
     def unsubscribe(self, filters: list[str]) -> tuple[int, int]:
@@ -166,20 +175,30 @@ class FakeClient:
         return 0
 
     # paho's reads, scripted --------------------------------------------------------------------
-    def fire_connect(self, session_present: bool = False, rc: int = 0) -> None:
+    def fire_connect(self, session_present: bool = False, rc: int = 0, **properties: Any) -> None:
+        """CONNACK; keyword arguments are MQTT 5 CONNACK properties (SharedSubscriptionAvailable=0...)."""
         if self.sock is None:
             self.reconnect()
+        props = None
+        if properties:
+            props = Properties(PacketTypes.CONNACK)
+            for name, value in properties.items():
+                setattr(props, name, value)
         self.on_connect(self, None, ConnectFlags(session_present),
-                        ReasonCode(PacketTypes.CONNACK, identifier=rc), None)
+                        ReasonCode(PacketTypes.CONNACK, identifier=rc), props)
 
     def fire_disconnect(self) -> None:
         self.sock = None
         self.on_disconnect(self, None, DisconnectFlags(False),
                            ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None)
 
-    def fire_message(self, topic: bytes, payload: bytes, mid: int, qos: int = 1) -> None:
+    def fire_message(self, topic: bytes, payload: bytes, mid: int, qos: int = 1, *, retain: bool = False,
+                     identifiers: list[int] | None = None) -> None:
         msg = MQTTMessage(mid, topic)
-        msg.payload, msg.qos = payload, qos
+        msg.payload, msg.qos, msg.retain = payload, qos, retain
+        if identifiers:
+            msg.properties = Properties(PacketTypes.PUBLISH)
+            msg.properties.SubscriptionIdentifier = identifiers
         self.on_message(self, None, msg)
 
     def fire_suback(self, mid: int, codes: list[int]) -> None:

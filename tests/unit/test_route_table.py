@@ -51,8 +51,8 @@ def test_a_message_matching_k_routes_yields_k_records_from_one_parse() -> None:
         ("@", SEED, "an object"),
         ("keys(@)", SEED, "an array"),
         ("name", b'{"name": "' + b"k" * 257 + b'"}', "257 characters"),
-        ("name", b"not json", "not valid UTF-8 JSON"),
-        ("name", b'{"name": "\xff"}', "not valid UTF-8 JSON"),
+        ("name", b"not json", "payload is not JSON: invalid literal"),
+        ("name", b'{"name": "\xff"}', "payload is not valid UTF-8 (byte 10"),
     ],
 )
 def test_unusable_partition_keys_are_rejected_with_the_reason(key_expression: str, payload: bytes, reason: str) -> None:
@@ -154,3 +154,19 @@ def test_metadata_reaches_the_transform_of_every_matching_route() -> None:
                                     "content_type": "application/json", "site": "plant-7",
                                     "props": {"site": "plant-7"}}
     assert b.partition_key == "plant-7"
+
+
+def test_a_utf8_byte_order_mark_is_accepted_and_left_out_of_the_record() -> None:
+    t = table(Route("r", ("#",), "s", expr("name")))
+    (record,) = t.route(message(payload=b'\xef\xbb\xbf{"name": "w7"}'))
+    assert isinstance(record, Record) and record.partition_key == "w7" and record.data == b'{"name": "w7"}'
+
+
+def test_a_lone_surrogate_escape_is_valid_json_and_accepted() -> None:
+    t = table(Route("r", ("#",), "s", expr("site")), Route("k", ("#",), "s", expr("name")),
+              Route("t", ("#",), "s", expr("site"), transform=expr("{n: name}")))
+    payload = b'{"name": "bad \\ud800 name", "site": "s1"}'
+    kept, bad_key, transformed = t.route(message(payload=payload))
+    assert isinstance(kept, Record) and kept.data == payload
+    assert isinstance(bad_key, Rejected) and "lone surrogate" in bad_key.reason
+    assert isinstance(transformed, Record) and transformed.data == b'{"n":"bad \\ud800 name"}'

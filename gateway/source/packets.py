@@ -1,0 +1,38 @@
+"""The MQTT 5 details of the packets the session sends and reads: SUBSCRIBE options and properties,
+PUBLISH properties. Kept apart so the session reads as what each packet means, not how paho
+spells it; nothing here keeps state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+__all__ = ["identified", "publish_properties", "v5_request"]
+
+
+def publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
+    paho sets an attribute only for a property the packet carries."""
+    if properties is None:
+        return (), None
+    user_properties = getattr(properties, "UserProperty", None)
+    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
+
+
+def v5_request(subscribe: list[tuple[str, int]], no_local: bool) -> list[Any]:
+    """MQTT 5 subscribe options: retain handling 1, so a resubscription (every reconnect) does not
+    resend retained messages; no-local (our own dead letters never come back to us), except on a
+    shared subscription, where MQTT 5 forbids it."""
+    return [(f, SubscribeOptions(qos=q, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+            for f, q in subscribe]
+
+
+def identified(identifier: int) -> Any:
+    """SUBSCRIBE properties carrying one subscription identifier (it applies to the whole packet)."""
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = identifier
+    return props
