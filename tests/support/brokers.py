@@ -22,6 +22,7 @@ A broker that cannot start raises: CI fails instead of skipping what it could no
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -41,11 +42,25 @@ NODE_DIR = Path(__file__).resolve().parent / "node"
 EJABBERD_USER = "ejabberd"
 
 
+_LIVE_GROUPS: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftover_groups() -> None:
+    """An aborted run still takes the VM down: services.spawn's own atexit reaches only our pid."""
+    for proc in list(_LIVE_GROUPS):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _stop_group(proc: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
     """SIGTERM to the process group our pid leads (the shell script and the VM it started), then
     SIGKILL to the group if it overstays ``timeout``."""
     if proc is None:
         return None
+    _LIVE_GROUPS.discard(proc)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -124,6 +139,7 @@ modules:
         kw: dict[str, Any] = {"user": EJABBERD_USER, "group": EJABBERD_USER, "extra_groups": []} \
             if self.as_root else {}
         self.proc = spawn(cmd, self.stdout_path, env=env, cwd=d, start_new_session=True, **kw)
+        _LIVE_GROUPS.add(self.proc)
         _wait(lambda: port_open(self.port), timeout, self.proc, "ejabberd", self.stdout_path)
         return self
 
