@@ -2,7 +2,9 @@
 
 Scopes, and why: one moto server per session (Flask + moto import takes ~1 s; each test gets its
 own uniquely named stream, so tests never see each other's records); one mosquitto per test (starts
-in ~20 ms, and a fresh broker means no persistent sessions or queued messages leak between tests).
+in ~20 ms, and a fresh broker means no persistent sessions or queued messages leak between tests);
+one ejabberd per session (it takes 2-3 s to start, so each test that uses it brings its own client
+ids and topic root instead); one aedes per test (~0.3 s).
 Every process is stopped by its pid in the fixture's teardown, also when the test fails; the
 files (configs, logs) stay in the test's tmp_path for inspection.
 """
@@ -22,6 +24,7 @@ if str(Path(__file__).resolve().parent.parent) not in sys.path:  # plain `pytest
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if TYPE_CHECKING:  # the live support needs moto, cryptography and psutil: imported only by live fixtures
+    from tests.support.brokers import Aedes, BrokerUnderTest, Ejabberd
     from tests.support.certs import Pki
     from tests.support.faultproxy import FaultProxy
     from tests.support.gatewayproc import GatewayProcess
@@ -98,6 +101,52 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
 def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
     """A started default broker: anonymous, no persistence, max_queued_messages 1000000."""
     return mosquitto_factory()
+
+
+@pytest.fixture(scope="session")
+def ejabberd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ejabberd]:
+    """The session's ejabberd (MQTT 5 and 3.1.1 on one port; any username and password logs in)."""
+    from tests.support.brokers import Ejabberd
+
+    broker = Ejabberd(tmp_path_factory.mktemp("ejabberd"))
+    try:
+        yield broker.start()
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def aedes(tmp_path: Path) -> Iterator[Aedes]:
+    """A started aedes (MQTT 3.1.1 only, in-memory sessions), stopped after the test."""
+    from tests.support.brokers import Aedes
+
+    broker = Aedes(tmp_path / "aedes")
+    try:
+        yield broker.start()
+    finally:
+        broker.close()
+
+
+BROKERS = ("mosquitto", "ejabberd-5", "ejabberd-3.1.1", "aedes")
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest) -> BrokerUnderTest:
+    """Each broker implementation the delivery suites run against (docs/brokers.md#compatibility).
+
+    Mosquitto here persists to disk, so a restart keeps its sessions; ejabberd (shared by the
+    session: use a topic root and client ids of the test's own) and aedes keep theirs in RAM."""
+    from tests.support.brokers import BrokerUnderTest
+
+    name = str(request.param)
+    if name == "mosquitto":
+        server = request.getfixturevalue("mosquitto_factory")(persistence=True)
+        return BrokerUnderTest(name, server, "5", keeps_sessions_across_restart=True)
+    if name.startswith("ejabberd"):
+        server = request.getfixturevalue("ejabberd")
+        return BrokerUnderTest(name, server, name.removeprefix("ejabberd-"), keeps_sessions_across_restart=False,
+                               window_of_one=True, username=server.username, password=server.password)
+    return BrokerUnderTest(name, request.getfixturevalue("aedes"), "3.1.1", keeps_sessions_across_restart=False)
 
 
 @pytest.fixture
