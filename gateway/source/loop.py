@@ -16,7 +16,9 @@ small groups; acks released meanwhile ride that round (docs/performance.md#what-
 busy socket is never paced (a read that stops at its packet budget reads again at once), nor is any
 read while more than _PACE_BELOW_RATE messages a second arrive, nor while the broker waits for our
 acks because its in-flight window is full (`gateway.source.window`): then the pipeline is also
-asked to send what it holds at once, since the broker sends nothing more until it is acked.
+asked to send what it holds at once, since the broker sends nothing more until it is acked. Nor
+while SUBACKs are awaited: with subscription identifiers each filter has its own SUBSCRIBE, and
+10,000 routes paced at one SUBACK a read interval would take minutes to subscribe.
 
 Invariants held here:
 - every paho call that touches the connection runs on this loop's thread; other threads only queue
@@ -86,6 +88,9 @@ class Session(Protocol):
     @property
     def outstanding(self) -> int:
         """QoS 1 messages of this connection taken in and not yet acked."""
+    @property
+    def subscribing(self) -> bool:
+        """SUBACKs are awaited: each comes in its own read (one per filter with identifiers)."""
     def connect_once(self) -> bool:
         """One connection attempt; False (logged, counted) if it failed at once."""
     def service(self, taken: Taken) -> None:
@@ -320,7 +325,8 @@ class NetworkLoop:
         elif elapsed >= 1.0:
             self._slow = True            # ...its end after a second below the rate
             self._rate_since, self._rate_base = now, self._session.received
-        self._next_read = now + interval if self._slow and not self._window_full else 0.0
+        paced = self._slow and not self._window_full and not self._session.subscribing
+        self._next_read = now + interval if paced else 0.0
 
     def _retry_delay(self) -> float:
         """Capped exponential backoff with full jitter above the floor; resets after a stable link."""

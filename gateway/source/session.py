@@ -113,6 +113,10 @@ class PahoSession:
         return self._acks.pending
 
     @property
+    def subscribing(self) -> bool:
+        return self._subscriptions.awaiting_suback
+
+    @property
     def session_present(self) -> bool | None:
         return self._session_present
 

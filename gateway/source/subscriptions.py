@@ -116,6 +116,7 @@ class SubscriptionBook:
         self._identifiers: dict[str, int] = {}    # full filter -> identifier
         self._grant_order: dict[str, int] = {}    # granted with an identifier, first granted first
         self._copies: _Copies | None = None
+        self._copies_stale = False                # grants changed since `_copies` was built
 
     def set_desired(self, subscriptions: Iterable[tuple[str, int]]) -> None:
         """Replace the wanted set (filters without the share prefix; QoS 0..2)."""
@@ -130,6 +131,7 @@ class SubscriptionBook:
             self._desired = desired
             self._identifiers = identifiers
             self._dirty = True
+            self._grants_changed(list(self._granted))   # filters granted before they had an identifier
 
     @property
     def desired(self) -> dict[str, int]:
@@ -151,6 +153,7 @@ class SubscriptionBook:
             self._refused.clear()
             self._grant_order.clear()
             self._copies = None
+            self._copies_stale = False
             self._identified = identifiers
             self._dirty = True
 
@@ -163,7 +166,10 @@ class SubscriptionBook:
 
     def routed(self, topic: str, identifiers: Sequence[int]) -> bool:
         """Whether this copy of a message on `topic`, which named `identifiers`, is the one to
-        route (see the module's invariant). Lock-free: reads one snapshot the grants replace."""
+        route (see the module's invariant). Reads one snapshot, rebuilt here once after grants
+        changed: a SUBACK only marks it stale, so subscribing N filters costs O(N), not O(N²)."""
+        if self._copies_stale:
+            self._rebuild_copies()
         copies = self._copies
         return copies is None or not identifiers or copies.routed(topic, identifiers)
 
@@ -184,7 +190,7 @@ class SubscriptionBook:
                 self._applied[f] = q
                 self._granted.pop(f, None)
                 self._refused.pop(f, None)
-            self._grants_changed()
+            self._grants_changed(unsubscribe + [f for f, _ in subscribe])
             return subscribe, unsubscribe
 
     def sent(self, mid: int, subscribe: Sequence[tuple[str, int]]) -> None:
@@ -221,6 +227,7 @@ class SubscriptionBook:
 
     def _record(self, entries: list[tuple[str, int, int | None, str]]) -> list[SubackResult]:
         results = []
+        changed = []
         with self._lock:
             for f, q, granted, reason in entries:
                 if self._applied.get(f) != q:
@@ -233,19 +240,33 @@ class SubscriptionBook:
                     self._granted[f] = granted if granted is not None else q
                     self._refused.pop(f, None)
                 results.append(result)
-            self._grants_changed()
+                changed.append(f)
+            self._grants_changed(changed)
         return results
 
-    def _grants_changed(self) -> None:
-        """Rebuild the copy-choosing snapshot (lock held): first granted stays first."""
+    def _grants_changed(self, filters: Iterable[str]) -> None:
+        """Keep the grant order for `filters`, whose grants changed (lock held): first granted stays
+        first. The copy-choosing snapshot is only marked stale; `routed` rebuilds it."""
         order = self._grant_order
-        for f in [f for f in order if f not in self._granted]:
-            del order[f]
-        if self._identified:
-            for f in self._granted:
-                if f not in order and f in self._identifiers:
-                    order[f] = self._identifiers[f]
-        self._copies = _Copies(list(order.items())) if len(order) > 1 else None
+        for f in filters:
+            if f not in self._granted:
+                order.pop(f, None)
+            elif self._identified and f not in order and f in self._identifiers:
+                order[f] = self._identifiers[f]
+        self._copies_stale = True
+
+    def _rebuild_copies(self) -> None:
+        with self._lock:
+            if not self._copies_stale:
+                return
+            order = self._grant_order
+            self._copies = _Copies(list(order.items())) if len(order) > 1 else None
+            self._copies_stale = False
+
+    @property
+    def awaiting_suback(self) -> bool:
+        """A SUBSCRIBE of this connection is not answered yet."""
+        return bool(self._pending)
 
     @property
     def all_granted(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pytest
 import test_mqtt_source as scripted
 
 from gateway.source.subscriptions import SubscriptionBook, subscription_identifiers
@@ -233,3 +234,29 @@ def test_alpn_setting_is_a_list_and_implies_tls() -> None:
         assert str(error).startswith("MQTT_TLS_ALPN:")
     else:
         raise AssertionError("ALPN without TLS was accepted")
+
+
+def test_granting_many_filters_builds_the_copy_snapshot_once_not_once_per_suback(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 routes are 10,000 SUBACKs: rebuilding per SUBACK was quadratic and wedged the loop."""
+    import gateway.source.subscriptions as subscriptions
+    built: list[int] = []
+    real = subscriptions._Copies
+
+    def counting(granted: Any) -> Any:
+        built.append(len(granted))
+        return real(granted)
+
+    monkeypatch.setattr(subscriptions, "_Copies", counting)
+    book = SubscriptionBook()
+    book.set_desired([(f"bench/r{i}/+/welder/#", 0) for i in range(2000)] + [("bench/+/welder/#", 0)])
+    book.new_connection(identifiers=True)
+    subscribe, _ = book.plan()
+    for mid, entry in enumerate(subscribe, start=1):
+        book.sent(mid, [entry])
+    for mid in range(1, len(subscribe) + 1):
+        book.suback(mid, [(0, "Granted QoS 0")])
+    assert built == []
+    assert book.routed("bench/l1/welder/w7", [book.identifier("bench/+/welder/#") or 0])
+    assert book.routed("bench/l1/welder/w7", [book.identifier("bench/+/welder/#") or 0])
+    assert built == [2001]

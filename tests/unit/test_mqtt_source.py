@@ -602,6 +602,23 @@ def test_drained_socket_is_read_again_only_after_the_read_interval(fake: Any) ->
     assert m.client.reads == 2
 
 
+def test_reads_are_not_paced_while_subacks_are_awaited(fake: Any) -> None:
+    """One SUBSCRIBE per filter (identifiers): 10,000 routes must not wait a read interval each."""
+    m = fake(config(read_interval_s=60), subscriptions=[("t", 1)])
+    m.client.fire_connect()
+    [(_, mid, _)] = m.client.sent("subscribe")
+    m.client.fire_message(b"t", b"x", mid=4, qos=0)
+    m.client.make_readable()
+    m.source.step()
+    m.source.step()
+    assert m.client.reads == 2                              # not paced: a SUBACK is awaited
+    m.client.fire_suback(mid, [1])
+    m.source.step()
+    reads = m.client.reads
+    m.source.step()
+    assert m.client.reads == reads                          # answered: paced again
+
+
 def test_every_read_round_ends_with_after_read_even_when_reading_fails(fake: Any) -> None:
     m = fake()
     m.client.fire_connect()
