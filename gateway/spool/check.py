@@ -87,11 +87,12 @@ def _is_environmental(exc: sqlite3.Error) -> bool:
 def connect_ro(db: Path) -> sqlite3.Connection:
     """A read-only connection: it never writes the database or its WAL, and never checkpoints."""
     uri = f"file:{quote(db.as_posix())}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
     try:
-        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.OperationalError:
-        if Path(str(db) + "-wal").exists():
+    except sqlite3.Error as exc:
+        conn.close()
+        if not isinstance(exc, sqlite3.OperationalError) or Path(str(db) + "-wal").exists():
             raise
         # a read-only directory where no -shm can be made: nothing else writes it, read it as is
         conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
