@@ -23,8 +23,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import NoRegionError
-
 from gateway import __version__
 from gateway.ops.http import HealthServer
 from gateway.ops.memory import memory_trimmer
@@ -34,9 +32,10 @@ from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import MqttConfig, Settings, SettingsError
-from gateway.sink.aws import make_kinesis_client
 from gateway.sink.clients import RegionalClients
+from gateway.sink.errors import AwsError, NoRegionError
 from gateway.sink.kinesis import KinesisSink
+from gateway.sink.lean import make_lean_client
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
@@ -111,6 +110,8 @@ class Gateway:
         except NoRegionError:
             raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
                                " (e.g. us-east-1) to the region of the streams") from None
+        except AwsError as exc:
+            raise StartupError(f"AWS: {' '.join(str(exc).split())[:300]}") from None
         self.metrics.before_render(self.pipeline.flush_counts)
         self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
                                  outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
@@ -129,9 +130,9 @@ class Gateway:
         aggregate routes, settlements reported to the pipeline."""
         aws, kinesis = self.settings.aws, self.settings.kinesis
         clients = RegionalClients(
-            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
-                                               session_name=aws.session_name,
-                                               max_pool_connections=kinesis.max_in_flight + 2),
+            lambda region: make_lean_client(region=region, assume_role_arn=aws.assume_role_arn,
+                                            session_name=aws.session_name,
+                                            max_pool_connections=kinesis.max_in_flight + 2),
             default_region=aws.region)
 
         def make(on_settled: OnSettled) -> KinesisSink[Any]:
