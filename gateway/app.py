@@ -21,10 +21,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.ops.http import HealthServer
 from gateway.ops.memory import memory_trimmer
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import OnSettled, Pipeline
@@ -39,6 +38,9 @@ from gateway.sink.lean import make_lean_client
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
+
+if TYPE_CHECKING:
+    from gateway.ops.http import HealthServer
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
@@ -121,9 +123,12 @@ class Gateway:
             self.reloader = Reloader(settings.routes_file, self.active, on_swap=self._swapped, metrics=self.metrics)
             self.watcher = DirectoryWatcher(settings.routes_file, self.reloader.reload, mode=settings.reload.mode,
                                             debounce_s=settings.reload.debounce_s, rescan_s=settings.reload.rescan_s)
-        self.http = (HealthServer(settings.http.host, settings.http.port, metrics=self.metrics,
-                                  liveness=self.alive, readiness=self.readiness)
-                     if settings.http.port else None)
+        self.http: HealthServer | None = None
+        if settings.http.port:  # asyncio (~1.5 MB) is loaded only for the listener
+            from gateway.ops.http import HealthServer  # noqa: PLC0415
+
+            self.http = HealthServer(settings.http.host, settings.http.port, metrics=self.metrics,
+                                     liveness=self.alive, readiness=self.readiness)
 
     def _sink_factory(self, table: RouteTable) -> Callable[[OnSettled], KinesisSink[Any]]:
         """How the pipeline builds its sink: one Kinesis client per region, the route table's
