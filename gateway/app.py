@@ -21,12 +21,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-from botocore.exceptions import NoRegionError
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.ops.http import HealthServer
 from gateway.ops.memory import memory_trimmer
 from gateway.ops.metrics import Metrics
 from gateway.pipeline import OnSettled, Pipeline
@@ -34,12 +31,16 @@ from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import MqttConfig, Settings, SettingsError
-from gateway.sink.aws import make_kinesis_client
 from gateway.sink.clients import RegionalClients
+from gateway.sink.errors import AwsError, NoRegionError
 from gateway.sink.kinesis import KinesisSink
+from gateway.sink.lean import make_lean_client
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
+
+if TYPE_CHECKING:
+    from gateway.ops.http import HealthServer
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
@@ -111,6 +112,8 @@ class Gateway:
         except NoRegionError:
             raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
                                " (e.g. us-east-1) to the region of the streams") from None
+        except AwsError as exc:
+            raise StartupError(f"AWS: {' '.join(str(exc).split())[:300]}") from None
         self.metrics.before_render(self.pipeline.flush_counts)
         self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
                                  outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
@@ -120,18 +123,21 @@ class Gateway:
             self.reloader = Reloader(settings.routes_file, self.active, on_swap=self._swapped, metrics=self.metrics)
             self.watcher = DirectoryWatcher(settings.routes_file, self.reloader.reload, mode=settings.reload.mode,
                                             debounce_s=settings.reload.debounce_s, rescan_s=settings.reload.rescan_s)
-        self.http = (HealthServer(settings.http.host, settings.http.port, metrics=self.metrics,
-                                  liveness=self.alive, readiness=self.readiness)
-                     if settings.http.port else None)
+        self.http: HealthServer | None = None
+        if settings.http.port:  # asyncio (~1.5 MB) is loaded only for the listener
+            from gateway.ops.http import HealthServer  # noqa: PLC0415
+
+            self.http = HealthServer(settings.http.host, settings.http.port, metrics=self.metrics,
+                                     liveness=self.alive, readiness=self.readiness)
 
     def _sink_factory(self, table: RouteTable) -> Callable[[OnSettled], KinesisSink[Any]]:
         """How the pipeline builds its sink: one Kinesis client per region, the route table's
         aggregate routes, settlements reported to the pipeline."""
         aws, kinesis = self.settings.aws, self.settings.kinesis
         clients = RegionalClients(
-            lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
-                                               session_name=aws.session_name,
-                                               max_pool_connections=kinesis.max_in_flight + 2),
+            lambda region: make_lean_client(region=region, assume_role_arn=aws.assume_role_arn,
+                                            session_name=aws.session_name,
+                                            max_pool_connections=kinesis.max_in_flight + 2),
             default_region=aws.region)
 
         def make(on_settled: OnSettled) -> KinesisSink[Any]:

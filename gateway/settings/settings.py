@@ -9,7 +9,7 @@ its seed alias. The exception is ``USER``/``PASS``: ``USER`` is the login name i
 the pair is read only from the ``.env`` file, and an empty value there means "no credentials".
 
 This module never mutates ``os.environ``: AWS variables that only the ``.env`` file carries are
-returned in ``Settings.aws_env_overrides`` for the app to export before it creates a boto3 client.
+returned in ``Settings.aws_env_overrides`` for the app to export before it creates a Kinesis client.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class SinkConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AwsSettings:
-    """What the AWS clients are made with; the credentials themselves come from boto3's chain."""
+    """What the AWS clients are made with; the credentials themselves come from the SDKs' default chain."""
 
     region: str | None
     assume_role_arn: str | None
@@ -406,11 +406,11 @@ def _aws(src: Source) -> AwsSettings:
 
 def _aws_overrides(file_values: Mapping[str, str | None],
                    environ: Mapping[str, str], aws: AwsSettings) -> dict[str, str]:
-    """AWS_* variables only the .env file carries, for boto3 (which reads os.environ itself)."""
+    """AWS_* variables only the .env file carries, for the AWS client (which reads os.environ itself)."""
     overrides = {name: text for name, text in file_values.items()
                  if name.startswith("AWS_") and name != "AWS_ASSUME_ROLE_ARN"
                  and text and not environ.get(name)}
-    # botocore reads the region from AWS_DEFAULT_REGION only; carry AWS_REGION over.
+    # the SDKs read the region from AWS_DEFAULT_REGION (botocore only from there); carry AWS_REGION over.
     if aws.region and not environ.get("AWS_DEFAULT_REGION"):
         overrides["AWS_DEFAULT_REGION"] = aws.region
     key_id = environ.get("AWS_ACCESS_KEY_ID") or file_values.get("AWS_ACCESS_KEY_ID")

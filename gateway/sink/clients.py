@@ -3,14 +3,14 @@
 Why: a route may name its stream by ARN, and an ARN names its region. Sent with the client of
 ``AWS_REGION``, a request for a stream in another region is answered ResourceNotFoundException,
 and the sink would hold and retry it forever. So the region of a stream ARN decides the client it
-is sent with; a stream given by name goes with the default region (``AWS_REGION``, or boto3's own
-resolution). This is decided here, when the routes are loaded, and not by ``validate``: validate
+is sent with; a stream given by name goes with the default region (``AWS_REGION``, or the AWS
+profile's). This is decided here, when the routes are loaded, and not by ``validate``: validate
 runs offline and cannot know the region the gateway will run with, while an ARN is unambiguous.
 
 Invariant owned here: at most one client per region, made by the factory (the process uses
-``gateway.sink.aws.make_kinesis_client``) and shared by every thread. ``prepare`` makes the
-clients of a route table's streams when it is loaded or reloaded, so requests do not wait for
-one to be built; a stream that was not prepared gets its client on first use.
+``gateway.sink.lean.make_lean_client``; tools and tests may bring boto3's) and shared by every
+thread. ``prepare`` makes the clients of a route table's streams when it is loaded or reloaded,
+so requests do not wait for one to be built; a stream that was not prepared gets its client on first use.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["KinesisClient", "RegionalClients", "region_of"]
 
 
 class KinesisClient(Protocol):
-    """The slice of boto3's Kinesis client the sink calls."""
+    """The slice of a Kinesis client the sink calls (``gateway.sink.lean``, or boto3's)."""
 
     def put_records(self, **kwargs: Any) -> dict[str, Any]: ...
     def list_shards(self, **kwargs: Any) -> dict[str, Any]: ...

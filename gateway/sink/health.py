@@ -24,11 +24,9 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from gateway.model import stream_target
 from gateway.sink.clients import KinesisClient
-from gateway.sink.retry import Verdict, classify
+from gateway.sink.retry import Verdict, classify, is_aws_error
 from gateway.sink.scheduler import CHECK_AGAIN_CAP_S, CHECK_AGAIN_S
 
 __all__ = ["NOT_CHECKED", "StreamCheck", "StreamHealth", "check_stream"]
@@ -59,7 +57,7 @@ def check_stream(client: KinesisClient, stream: str) -> StreamCheck:
         summary = client.describe_stream_summary(**stream_target(stream))["StreamDescriptionSummary"]
     except Exception as exc:  # noqa: BLE001 - every failure is a reason the stream is not usable
         code = classify(exc)[1]
-        if isinstance(exc, ClientError) and code in _DENIED:
+        if code in _DENIED and getattr(exc, "response", None) is not None:
             return StreamCheck(None, code, denied=True)
         return StreamCheck(f"{code}: {_one_line(exc)}", code)
     status = summary.get("StreamStatus") if isinstance(summary, dict) else None
@@ -132,7 +130,7 @@ class StreamHealth:
             log.error(
                 "kinesis stream %s: %s; holding records and retrying every %gs: %s",
                 stream, verdict.code, self._retry_cap_s, detail,
-                exc_info=None if isinstance(verdict.error, (ClientError, BotoCoreError)) else verdict.error,
+                exc_info=None if is_aws_error(verdict.error) else verdict.error,
             )
         else:
             log.warning("kinesis stream %s: %s, %d failures in a row; retrying", stream, verdict.code, failures)

@@ -1,33 +1,24 @@
 """What to do when a PutRecords request fails, and how long to wait before trying again.
 
-botocore's own retries are only a first layer (docs/delivery.md): it never retries partial
-failures, gives up on KMSThrottlingException at once, and stops retrying when its quota bucket
-runs dry. Everything botocore raises therefore lands here and is sorted into one of three
-actions. Nothing in this module drops data: the worst a failure can earn is HOLD, which keeps
-the records and retries slowly until an operator fixes the configuration.
+The client's own retries are only a first layer (docs/delivery.md): it never retries partial
+failures, gives up on KMSThrottlingException at once, and stops after 3 attempts. Everything the
+client raises therefore lands here and is sorted into one of three actions: the lean client's
+errors (``gateway.sink.errors``), and botocore's when a boto3 client is used (tests, tools),
+recognised without importing botocore into a process that does not already have it. Nothing
+in this module drops data: the worst a failure can earn is HOLD, which keeps the records and
+retries slowly until an operator fixes the configuration.
 """
 
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    CredentialRetrievalError,
-    HTTPClientError,
-    NoCredentialsError,
-    NoRegionError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
-
 from gateway.model import PUT, Failed
 from gateway.sink.batching import Entry, SettlementBatch, StreamState
+from gateway.sink.errors import AwsError, ServiceError, TransportError
 
 __all__ = [
     "EXPIRED",
@@ -38,6 +29,7 @@ __all__ = [
     "Verdict",
     "backoff_delay",
     "classify",
+    "is_aws_error",
     "settle_response",
 ]
 
@@ -105,10 +97,11 @@ def classify(exc: BaseException) -> tuple[Action, str]:
     Anything unrecognised is HOLD rather than a drop: an unknown failure must never turn into
     silent data loss, and a slow retry at the cap is cheap.
     """
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {}) or {}
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and (isinstance(exc, ServiceError) or _is_botocore(exc, "ClientError")):
+        error = response.get("Error", {}) or {}
         code = str(error.get("Code") or "UnknownError")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         if code in _INVALID_REQUEST:
             return Action.BISECT, code
         if code in _THROTTLING or code in _TRANSIENT:
@@ -116,19 +109,30 @@ def classify(exc: BaseException) -> tuple[Action, str]:
         if isinstance(status, int) and status >= 500:
             return Action.RETRY, code
         return Action.HOLD, code
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+    if isinstance(exc, TransportError) or _is_botocore(exc, "ConnectionError", "HTTPClientError"):
         # EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError,
         # SSL and proxy errors: the request may or may not have reached Kinesis, so resending
         # can duplicate (accepted: at-least-once).
         return Action.RETRY, type(exc).__name__
-    if isinstance(
-        exc,
-        (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, NoRegionError),
-    ):
-        return Action.HOLD, type(exc).__name__
-    if isinstance(exc, BotoCoreError):
+    # No credentials, a credential source that failed, no region, anything unknown: hold.
+    if isinstance(exc, AwsError):
         return Action.HOLD, type(exc).__name__
     return Action.HOLD, type(exc).__name__
+
+
+def is_aws_error(exc: BaseException | None) -> bool:
+    """An error AWS or its client reported (logged in one line, no traceback), not a bug."""
+    return isinstance(exc, AwsError) or (exc is not None and _is_botocore(exc, "ClientError", "BotoCoreError"))
+
+
+def _is_botocore(exc: BaseException, *names: str) -> bool:
+    """Whether ``exc`` is one of botocore's exception classes ``names``; False when botocore was
+    never imported (the running gateway)."""
+    module = sys.modules.get("botocore.exceptions")
+    if module is None:
+        return False
+    classes = tuple(c for c in (getattr(module, name, None) for name in names) if isinstance(c, type))
+    return bool(classes) and isinstance(exc, classes)
 
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: Rng) -> float:
