@@ -3,7 +3,11 @@
 Why not urllib3 or botocore's session: both cost megabytes of a process whose whole AWS traffic is
 a POST to ``/`` on one host; ``http.client`` already sends the headers and a bytes body in one
 write. TLS verifies against ``AWS_CA_BUNDLE`` (or the profile's ``ca_bundle``) when set, else
-certifi's bundle as botocore does, else the system store.
+certifi's bundle as botocore does, else the system store. A proxy is used as the SDKs use one:
+``HTTPS_PROXY`` for https endpoints (a CONNECT tunnel; TLS and SigV4 end to end with AWS),
+``HTTP_PROXY`` for http ones (absolute-URI requests), ``NO_PROXY`` exempts hosts, and
+``user:password@`` in the proxy URL is sent as Basic ``Proxy-Authorization``
+(docs/iam.md#how-the-gateway-calls-kinesis).
 
 Invariants owned here: a connection is used by one request at a time and goes back to the pool
 only after its response was read completely; a failure never leaves a half-used connection in the
@@ -14,12 +18,14 @@ on a new one (the server closed an idle connection: nothing was received).
 
 from __future__ import annotations
 
+import base64
 import http.client
+import os
 import socket
 import ssl
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from gateway.sink.errors import (
     ConnectionClosedError,
@@ -28,7 +34,7 @@ from gateway.sink.errors import (
     ReadTimeoutError,
 )
 
-__all__ = ["ConnectionPool", "Endpoint", "Response", "one_shot", "tls_context"]
+__all__ = ["ConnectionPool", "Endpoint", "Proxy", "Response", "one_shot", "tls_context"]
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
@@ -57,6 +63,36 @@ class Endpoint:
         """The Host header (and what SigV4 signs): the port only when it is not the default."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == (443 if self.https else 80) else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxy:
+    """The proxy an endpoint's connections go through: host, port, and its auth header if any."""
+
+    host: str
+    port: int
+    headers: dict[str, str]
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Endpoint) -> Proxy | None:
+        """From the environment, as the SDKs read it; None when unset or NO_PROXY exempts the host."""
+        names = ("https_proxy", "HTTPS_PROXY") if endpoint.https else ("http_proxy", "HTTP_PROXY")
+        name = next((n for n in names if os.environ.get(n)), None)
+        if name is None:
+            return None
+        url = os.environ[name]
+        from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # noqa: PLC0415
+
+        if proxy_bypass_environment(endpoint.host):
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{name}: proxy URL {url!r} not supported; expected http://[user:password@]host[:port]")
+        headers = {}
+        if parts.username is not None:
+            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret).decode("ascii")
+        return cls(parts.hostname, parts.port or 80, headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +134,7 @@ class ConnectionPool:
         self._read_timeout_s = read_timeout_s
         self._max_idle = max(1, max_idle)
         self._context = tls_context(ca_bundle) if endpoint.https else None
+        self._proxy = Proxy.for_endpoint(endpoint)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -105,6 +142,10 @@ class ConnectionPool:
         """Send one request (to the endpoint's path unless ``path``); raise a TransportError when no
         complete response came."""
         target = path or self.endpoint.path
+        proxy = self._proxy
+        if proxy is not None and not self.endpoint.https:   # a plain-HTTP proxy takes absolute URIs
+            target = f"http://{self.endpoint.host_header}{target}"
+            headers = {**headers, **proxy.headers}
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is not None:
@@ -122,12 +163,15 @@ class ConnectionPool:
 
     def _connect(self) -> http.client.HTTPConnection:
         ep = self.endpoint
+        proxy = self._proxy
+        host, port = (proxy.host, proxy.port) if proxy is not None else (ep.host, ep.port)
         conn: http.client.HTTPConnection
         if self._context is not None:
-            conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=self._connect_timeout_s,
-                                               context=self._context)
+            conn = http.client.HTTPSConnection(host, port, timeout=self._connect_timeout_s, context=self._context)
+            if proxy is not None:   # TLS to AWS through the tunnel: the certificate is checked for ep.host
+                conn.set_tunnel(ep.host, ep.port, headers=proxy.headers)
         else:
-            conn = http.client.HTTPConnection(ep.host, ep.port, timeout=self._connect_timeout_s)
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout_s)
         try:
             conn.connect()
         except TimeoutError as exc:

@@ -41,8 +41,8 @@ from gateway.sink.credentials import (
     services_endpoint,
     sts_endpoint,
 )
-from gateway.sink.errors import NoRegionError, ServiceError, TransportError
-from gateway.sink.httpconn import ConnectionPool, Endpoint
+from gateway.sink.errors import AwsError, NoRegionError, ServiceError, TransportError
+from gateway.sink.httpconn import ConnectionPool, Endpoint, Proxy
 from gateway.sink.sigv4 import sign
 
 __all__ = ["ROLE_DURATION_S", "LeanKinesisClient", "make_lean_client"]
@@ -186,6 +186,10 @@ def make_lean_client(region: str | None, assume_role_arn: str | None = None, ses
     if not region:
         raise NoRegionError()
     ca_bundle = env.get("AWS_CA_BUNDLE") or profile.get("ca_bundle") or None
+    try:   # a proxy setting that cannot work is a start-up error, not a failure of every request
+        Proxy.for_endpoint(Endpoint.parse(_configured_endpoint(env, profile) or f"https://kinesis.{region}.amazonaws.com"))
+    except ValueError as exc:
+        raise AwsError(str(exc)) from None
     lazy = _LazyChain(env, region, clock)
     source: CredentialSource = lazy
     if assume_role_arn:
