@@ -194,3 +194,27 @@ def test_drop_oldest_keeps_the_newest_and_counts_every_dropped_record(
     assert len(delivered) + dropped == n, f"{len(delivered)} delivered + {dropped:.0f} dropped != {n} sent"
     assert any("GATEWAY_SPOOL_WHEN_FULL=drop_oldest" in str(e.get("message", "")) for e in gw.logs())
 
+
+
+@pytest.mark.timeout(120)
+def test_spooled_records_of_a_changed_route_still_go_to_the_stream_they_were_routed_to(
+        tmp_path: Path, make_stream: Callable[..., str], kinesis: Any, mosquitto: Mosquitto, fault_proxy: FaultProxy,
+        gateway_process: Callable[..., GatewayProcess], publisher: Callable[..., Publisher]) -> None:
+    n = 300
+    before, after = make_stream(suffix="-before"), make_stream(suffix="-after")
+    route_file = routes(tmp_path, before)
+    gw = gateway_process(route_file, kinesis_url=fault_proxy.url, client_id="gw-spool-reload",
+                         extra_env=spool_env(tmp_path / "spool"))
+    outage(fault_proxy, gw)
+    pub = publisher(topic_for=lambda seq: f"welder/{seq % 5}/data")
+    pub.publish_range(n)
+    assert wait_until(lambda: gw.metric("spool_records") >= n, 20), gw.output_tail()
+    routes(tmp_path, after, name="welders-renamed")   # the route is removed, a new one writes elsewhere
+    assert wait_until(lambda: gw.metric("config_reloads_total", result="success") >= 2, 20), gw.output_tail()
+    pub.publish_range(range(n, 2 * n))
+    fault_proxy.pass_through()
+    report_before, _ = wait_delivered(kinesis, before, set(range(n)), n, timeout=60)
+    report_after, _ = wait_delivered(kinesis, after, set(range(n, 2 * n)), n, timeout=60)
+    emit("spool-reload", f"routed before the reload: {report_before} | after: {report_after}")
+    report_before.assert_no_loss()
+    report_after.assert_no_loss()
