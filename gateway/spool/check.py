@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
-from gateway.spool.schema import DB_NAME, schema_problem, unavailable
+from gateway.spool.schema import DB_NAME, schema_problem, text_factory, unavailable
 
-__all__ = ["Examination", "examine", "quarantine", "wal_header_problem"]
+__all__ = ["Examination", "connect_ro", "count_rows", "examine", "quarantine", "wal_header_problem"]
 
 SIDE_FILES: Final = ("-wal", "-shm")
 _ENVIRONMENTAL: Final = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED",
@@ -83,33 +84,47 @@ def _is_environmental(exc: sqlite3.Error) -> bool:
     return name.startswith(_ENVIRONMENTAL) and name != "SQLITE_IOERR_SHORT_READ"
 
 
-def _connect_ro(db: Path) -> sqlite3.Connection:
-    uri = f"file:{db.as_posix()}?mode=ro"
+def connect_ro(db: Path) -> sqlite3.Connection:
+    """A read-only connection: it never writes the database or its WAL, and never checkpoints."""
+    uri = f"file:{quote(db.as_posix())}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
     try:
-        return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0, check_same_thread=False)
-    except sqlite3.OperationalError:
-        if Path(str(db) + "-wal").exists():
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        conn.close()
+        if not isinstance(exc, sqlite3.OperationalError) or Path(str(db) + "-wal").exists():
             raise
         # a read-only directory where no -shm can be made: nothing else writes it, read it as is
-        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+    conn.text_factory = text_factory
+    return conn
 
 
 def count_rows(db: Path) -> int | None:
     """How many records a (possibly damaged) spool still lets count, or None when it does not."""
     try:
-        conn = _connect_ro(db)
+        conn = connect_ro(db)
     except sqlite3.Error:
         return None
     try:
         return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
     except sqlite3.Error:
-        try:  # the b-tree's two ends may still be readable when its middle is not
-            low, high = conn.execute("SELECT min(id), max(id) FROM records").fetchone()
-            return int(high) - int(low) + 1 if isinstance(low, int) and isinstance(high, int) else None
-        except sqlite3.Error:
-            return None
+        return _salvage_count(conn)
     finally:
         conn.close()
+
+
+def _salvage_count(conn: sqlite3.Connection) -> int | None:
+    """Rows readable from either end of a damaged table, up to the damage: a lower bound."""
+    total, read_any = 0, False
+    for order in ("ASC", "DESC"):
+        try:
+            for _ in conn.execute(f"SELECT id FROM records ORDER BY id {order}"):
+                total, read_any = total + 1, True
+            return total  # no damage met on this side: every row was counted
+        except sqlite3.Error:
+            continue
+    return total if read_any else None
 
 
 def examine(directory: str, *, count: bool = False) -> Examination:
@@ -126,7 +141,7 @@ def examine(directory: str, *, count: bool = False) -> Examination:
     try:
         if db.stat().st_size == 0 and not wal.exists():
             return Examination(True, None, 0, "ok")
-        conn = _connect_ro(db)
+        conn = connect_ro(db)
     except OSError as exc:
         raise unavailable(directory, exc, "opening the spool") from None
     except sqlite3.Error as exc:
@@ -141,7 +156,8 @@ def examine(directory: str, *, count: bool = False) -> Examination:
                 raise unavailable(directory, exc, "checking the spool") from None
             return Examination(True, _first_line(exc), None, _first_line(exc))
         if results != ["ok"]:
-            found = _first_line("; ".join(results))
+            more = f" (and {len(results) - 1} more)" if len(results) > 1 else ""
+            found = _first_line(results[0].replace("*** in database main ***", "")) + more
             return Examination(True, f"quick_check: {found}", None, found)
         try:
             problem = schema_problem(conn)

@@ -23,7 +23,7 @@ from typing import Any, Final, NamedTuple
 
 __all__ = [
     "COLUMNS", "DB_NAME", "SCHEMA_VERSION", "SIZE_SQL", "SpoolRow", "SpoolUnavailable", "SpooledRecord",
-    "configure", "create_schema", "decode", "encode", "row_size", "schema_problem", "unavailable",
+    "Undecodable", "configure", "create_schema", "decode", "encode", "row_size", "schema_problem", "unavailable",
 ]
 
 DB_NAME: Final = "spool.db"
@@ -113,7 +113,7 @@ def decode(values: tuple[Any, ...]) -> SpooledRecord | None:
     texts_ok = all(isinstance(t, str) for t in (route, stream, key, topic))
     optional_ok = all(t is None or isinstance(t, str) for t in (hash_key, dead_letter))
     ints_ok = all(isinstance(i, int) for i in (rid, arrival, size, crc)) and flag in (0, 1)
-    if not (texts_ok and optional_ok and ints_ok and isinstance(data, bytes)):
+    if not (texts_ok and optional_ok and ints_ok and isinstance(data, bytes)) or isinstance(data, Undecodable):
         return None
     try:
         if crc != _checksum(route, stream, key, hash_key, arrival, data, topic, dead_letter, flag, size):
@@ -126,6 +126,17 @@ def decode(values: tuple[Any, ...]) -> SpooledRecord | None:
 
 # -- the engine -------------------------------------------------------------------------------------
 
+class Undecodable(bytes):
+    """A TEXT value that is not UTF-8: a damaged row, told apart by ``decode``, never raised."""
+
+
+def text_factory(value: bytes) -> str | Undecodable:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return Undecodable(value)
+
+
 def configure(conn: sqlite3.Connection) -> None:
     """The durability settings: WAL, a commit fsynced before it returns, a WAL file trimmed back to
     4 MiB after each checkpoint (one every ~1000 pages, SQLite's default)."""
@@ -136,6 +147,7 @@ def configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_autocheckpoint=1000")
     conn.execute("PRAGMA journal_size_limit=4194304")
     conn.execute("PRAGMA foreign_keys=OFF")
+    conn.text_factory = text_factory
 
 
 def create_schema(conn: sqlite3.Connection) -> None:

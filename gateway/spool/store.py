@@ -44,6 +44,7 @@ from gateway.spool.schema import (
     encode,
     row_size,
     schema_problem,
+    text_factory,
     unavailable,
 )
 
@@ -177,6 +178,7 @@ class SpoolStore:
             reader = sqlite3.connect(self._db, isolation_level=None, timeout=5.0, check_same_thread=False)
             self._reader = reader
             reader.execute("PRAGMA query_only=1")
+            reader.text_factory = text_factory
             self._recount()
             return self._created
         except sqlite3.Error as exc:
@@ -206,8 +208,10 @@ class SpoolStore:
         where = f"spool {self._directory}"
         now = f"{self._records} records, {self._bytes} bytes of {self._max_bytes}"
         if moved_to is not None:
+            size = sum(p.stat().st_size for p in Path(moved_to).iterdir())
             may_hold = f"it may hold {lost} records" if lost is not None else "how many records it holds is unknown"
-            summary = f"{where}: damaged ({problem}); moved to {moved_to} ({may_hold}); started a fresh spool"
+            summary = (f"{where}: damaged ({problem}); moved to {moved_to} ({size} bytes, {may_hold});"
+                       " started a fresh spool")
         elif fresh:
             summary = f"{where}: created a fresh spool ({now})"
         else:
