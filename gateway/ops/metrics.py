@@ -36,6 +36,9 @@ _DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 3
 _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "messages_received": ("counter", ("route",), "MQTT messages matched by a route."),
     "messages_unrouted": ("counter", (), "MQTT messages no route matched."),
+    "messages_skipped": ("counter", ("route", "reason"),
+                         "MQTT messages a route matched but left out by choice (reason retained: its `retained` "
+                         "option); acknowledged."),
     "messages_invalid_topic": ("counter", (),
                                "MQTT messages whose topic is not valid UTF-8: acknowledged and dropped."),
     "records_put": ("counter", ("route", "stream"), "Records Kinesis accepted."),
@@ -133,6 +136,9 @@ class Metrics:
     def messages_received(self, route: str, n: int = 1) -> None:
         self._child("messages_received", route).inc(n)
 
+    def messages_skipped(self, route: str, reason: str, n: int = 1) -> None:
+        self._child("messages_skipped", route, reason).inc(n)
+
     def unrouted(self, n: int = 1) -> None:
         self._m["messages_unrouted"].inc(n)
 
@@ -206,6 +212,7 @@ class Metrics:
             for code in FAILURE_CODES:
                 self._child("records_failed", route, stream, code)
             self._child("messages_received", route)
+            self._child("messages_skipped", route, "retained")
             self._child("records_put", route, stream)
             self._child("records_dead_lettered", route)
             self._child("delivery_latency_seconds", route)
