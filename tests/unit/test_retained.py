@@ -220,3 +220,33 @@ def test_a_skipped_retained_message_is_acknowledged_at_once_counted_and_logged_o
     assert metrics.skipped == {("x", "retained"): 2}
     assert len([r for r in caplog.records if "skips retained messages" in r.getMessage()]) == 1
     assert acked == [1, 2] and acks.pending == 0
+
+
+# --- explain -------------------------------------------------------------------------------------
+
+TWO_CHOICES = """\
+version: 1
+routes:
+  - {name: first, topic: "cfg/#", stream: s1, partition_key: "`k`"}
+  - {name: none, topic: "cfg/#", stream: s2, partition_key: "`k`", retained: never}
+"""
+
+
+@pytest.mark.parametrize(("flags", "first", "none"), [
+    ((), "record", "record"),
+    (("--retain",), "record", "retained message (retained: never)"),
+    (("--resent",), "retained message (retained: new_subscription)", "retained message (retained: never)"),
+])
+def test_explain_shows_whether_each_route_takes_a_retained_message(
+        capsys: pytest.CaptureFixture[str], tmp_path: Any, flags: tuple[str, ...], first: str, none: str) -> None:
+    import json
+
+    from gateway.cli import main
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(TWO_CHOICES, encoding="utf-8")
+    main(["explain", str(routes), "--topic", "cfg/a", "--payload", "{}", *flags])
+    out, err = capsys.readouterr()
+    shown = {o["route"]: o.get("skipped", "record") for o in map(json.loads, out.splitlines())}
+    assert shown == {"first": first, "none": none}
+    assert ('"retained()": true' in err) == bool(flags)
