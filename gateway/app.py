@@ -126,7 +126,8 @@ class Gateway:
             self.metrics.declare_spool_routes([*(r.name for r in table.routes), "-"])
             self.metrics.before_render(self._spool_metrics)
         self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
-                                 outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
+                                 outbound=self.outbound, subscriptions=table.subscriptions,
+                                 retain_handling=table.retain_handling, metrics=self.metrics)
         self.reloader: Reloader | None = None
         self.watcher: DirectoryWatcher | None = None
         if settings.routes_file:
@@ -211,7 +212,7 @@ class Gateway:
             self.metrics.declare_spool_routes(r.name for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
         self.sink.check_streams(_kinesis_streams(new))
-        self.source.update_subscriptions(new.subscriptions)
+        self.source.update_subscriptions(new.subscriptions, new.retain_handling)
 
     # -- health -----------------------------------------------------------------------------
 

@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--payload", help="payload text (UTF-8)")
     payload.add_argument("--payload-file", metavar="PATH", help="file holding the payload bytes")
     explain.add_argument("--qos", type=int, choices=(0, 1), default=1, help="QoS the message arrives with (default 1)")
-    explain.add_argument("--retain", action="store_true", help="the message comes from the broker's retained store")
+    explain.add_argument("--retain", action="store_true",
+                         help="the message comes from the broker's retained store, sent for a new subscription")
+    explain.add_argument("--resent", action="store_true",
+                         help="with --retain implied: a retained copy the broker sends again for a subscription the "
+                              "session already had (a reconnect or restart that resumed the session)")
     explain.add_argument("--user-property", action="append", default=[], metavar="KEY=VALUE", dest="user_properties",
                          help="an MQTT 5 user property (repeatable, in the order sent)")
     explain.add_argument("--content-type", metavar="TYPE", help="the MQTT 5 content type, e.g. application/json")
@@ -177,7 +181,8 @@ def _cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         payload = args.payload.encode("utf-8", "surrogateescape")
     message = make_message(args.topic, payload, args.qos)._replace(
-        retain=args.retain, user_properties=parse_user_properties(args.user_properties), content_type=args.content_type)
+        retain=args.retain or args.resent, resent=args.resent,
+        user_properties=parse_user_properties(args.user_properties), content_type=args.content_type)
     table = _load_table(args.routes, err)
     err.write(metadata_line(message) + "\n")
     outcomes = table.route(message)

@@ -86,6 +86,10 @@ class Message(NamedTuple):
     retain: bool = False
     user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5, in the order sent
     content_type: str | None = None  # MQTT 5
+    resent: bool = False
+    """A retained copy the broker sent again for a subscription the session already had (the
+    gateway re-subscribes on every connect); only ever True with ``retain``. Routes with
+    ``retained: new_subscription`` skip it (docs/route-file.md#retained-messages)."""
 
 
 class Record(NamedTuple):
@@ -108,7 +112,8 @@ class Rejected(NamedTuple):
 
 
 class Skipped(NamedTuple):
-    """The route's ``filter`` expression was falsy for this message."""
+    """The route does not take this message: its ``filter`` expression was falsy (``"filter"``),
+    or it is a retained copy the route's ``retained`` option leaves out (``"retained"``)."""
 
     route: str
     reason: str = "filter"

@@ -24,7 +24,9 @@ from gateway.model import (
     Message,
     Record,
     Rejected,
+    RoutingOutcome,
     Settlement,
+    Skipped,
     dead_letter_envelope,
     record_size,
 )
@@ -166,6 +168,9 @@ class Pipeline(Generic[SinkT]):
         # counter takes a lock per increment).
         self._received: dict[str, int] = {}
         self._unrouted = 0
+        self._retained_skips: dict[str, int] = {}
+        self._flushed_retained_skips: dict[str, int] = {}
+        self._logged_retained_skip: set[str] = set()
         self._flushed: dict[str, int] = {}
         self._flushed_unrouted = 0
         self._flush_lock = threading.Lock()  # the app's tick and a /metrics scrape may meet
@@ -245,6 +250,8 @@ class Pipeline(Generic[SinkT]):
                 records.append((outcome, route))  # type: ignore[arg-type]
             elif kind is Rejected:
                 rejected.append((outcome, route))  # type: ignore[arg-type]
+        if message.retain:
+            self._skipped_retained(message, routes, outcomes)
         parts = len(records) + len(rejected)
         self._arrivals += 1
         ticket = self._acks.arrived(mid, qos, parts, message.received_ms)
@@ -269,6 +276,21 @@ class Pipeline(Generic[SinkT]):
             )
             self._dead_letter(_Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
                               rejection.reason, code)
+
+    def _skipped_retained(self, message: Message, routes: Sequence[Route], outcomes: Sequence[RoutingOutcome]) -> None:
+        """Count the retained copies routes leave out by their `retained` option (the message is
+        acknowledged like any other; a skip is the user's choice, so one INFO line per route)."""
+        skips = self._retained_skips
+        for route, outcome in zip(routes, outcomes, strict=True):
+            if type(outcome) is Skipped and outcome.reason.startswith("retained"):
+                skips[route.name] = skips.get(route.name, 0) + 1
+                if route.name not in self._logged_retained_skip:
+                    self._logged_retained_skip.add(route.name)
+                    why = ("the broker sent it again for a subscription the session already had"
+                           if message.resent else "the route takes no retained messages")
+                    log.info("route %r skips retained messages (retained: %s): one on topic %r is not written, "
+                             "since %s; counted in mqtt_kinesis_gateway_messages_skipped_total{reason=\"retained\"}",
+                             route.name, route.retained, _shown(message.topic), why, extra={"route": route.name})
 
     def after_read(self) -> None:
         """SourceHooks: the MQTT source ended a read round."""
@@ -395,6 +417,11 @@ class Pipeline(Generic[SinkT]):
                 if increase:
                     self._metrics.messages_received(route, increase)
                     self._flushed[route] = total
+            for route, total in list(self._retained_skips.items()):
+                increase = total - self._flushed_retained_skips.get(route, 0)
+                if increase:
+                    self._metrics.messages_skipped(route, "retained", increase)
+                    self._flushed_retained_skips[route] = total
             unrouted = self._unrouted
             if unrouted != self._flushed_unrouted:
                 self._metrics.unrouted(unrouted - self._flushed_unrouted)

@@ -39,6 +39,9 @@ SPOOL_DROP_REASONS = ("when_full", "undecodable", "no_dead_letter", "dead_letter
 _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "messages_received": ("counter", ("route",), "MQTT messages matched by a route."),
     "messages_unrouted": ("counter", (), "MQTT messages no route matched."),
+    "messages_skipped": ("counter", ("route", "reason"),
+                         "MQTT messages a route matched but left out by choice (reason retained: its `retained` "
+                         "option); acknowledged."),
     "messages_invalid_topic": ("counter", (),
                                "MQTT messages whose topic is not valid UTF-8: acknowledged and dropped."),
     "records_put": ("counter", ("route", "stream"), "Records Kinesis accepted."),
@@ -148,6 +151,9 @@ class Metrics:
     def messages_received(self, route: str, n: int = 1) -> None:
         self._child("messages_received", route).inc(n)
 
+    def messages_skipped(self, route: str, reason: str, n: int = 1) -> None:
+        self._child("messages_skipped", route, reason).inc(n)
+
     def unrouted(self, n: int = 1) -> None:
         self._m["messages_unrouted"].inc(n)
 
@@ -250,6 +256,7 @@ class Metrics:
             for code in FAILURE_CODES:
                 self._child("records_failed", route, stream, code)
             self._child("messages_received", route)
+            self._child("messages_skipped", route, "retained")
             self._child("records_put", route, stream)
             self._child("records_dead_lettered", route)
             self._child("delivery_latency_seconds", route)

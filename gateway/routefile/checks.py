@@ -337,5 +337,6 @@ def _build(ctx: _Ctx, spec: _Spec) -> Route:
         append_newline=values.get("append_newline", False),
         dead_letter=dead,
         aggregate=values.get("aggregate", False),
+        retained=values.get("retained", "new_subscription"),
         line=node.start_mark.line + 1 if node is not None else 0,
     )

@@ -4,6 +4,11 @@
 the topic (a trie lookup, memoised per topic), parses a JSON payload at most once however many
 routes match, and turns each route into a ``Record``, a ``Rejected`` with a reason, or a
 ``Skipped``. It does no I/O: ``explain``, ``test`` and the running gateway all call this same code.
+
+Retained copies (``Message.retain``) are taken or skipped per route by its ``retained`` option;
+``retain_handling`` is what the subscriptions must ask of an MQTT 5 broker so that every route
+still gets what it chose: per subscribed filter, the most inclusive choice of the routes whose
+filters share topics with it (docs/route-file.md#retained-messages).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from gateway.routing.cost import ExpressionTooLarge
 from gateway.routing.expressions import CONTEXT, Expression, compile_expression
 from gateway.routing.topics import TopicTrie, minimal_subscriptions
 
-__all__ = ["DeadLetter", "Route", "RouteTable"]
+__all__ = ["RETAIN_HANDLING", "DeadLetter", "Route", "RouteTable"]
+
+RETAIN_HANDLING = {"always": 0, "new_subscription": 1, "never": 2}
+"""A route's ``retained`` choice as an MQTT 5 Retain Handling value (lower takes more)."""
 
 _TOPIC_CACHE_SIZE = 4096        # topics remembered ...
 _TOPIC_CACHE_CHARS = 1 << 20    # ... holding at most this many characters of topic text
@@ -153,7 +161,13 @@ class Route:
     append_newline: bool = False
     dead_letter: DeadLetter | None = None
     aggregate: bool = False
+    retained: Literal["new_subscription", "always", "never"] = "new_subscription"
     line: int = 0  # where the route starts in its file, for messages
+
+    @property
+    def skips_retained(self) -> bool:
+        """Some retained copies are not written by this route (counted as skipped)."""
+        return self.retained != "always"
 
     @property
     def definition(self) -> tuple[Any, ...]:
@@ -164,7 +178,7 @@ class Route:
 
         return (self.filters, self.stream, text(self.partition_key), self.qos, text(self.explicit_hash_key),
                 text(self.filter), text(self.transform), self.format, self.append_newline,
-                self.dead_letter, self.aggregate)
+                self.dead_letter, self.aggregate, self.retained)
 
     @property
     def drop_codes(self) -> tuple[str, ...]:
@@ -238,6 +252,18 @@ def _route_filters(route: Route) -> list[tuple[str, Route]]:
     return [(f, route) for f in route.filters]
 
 
+def _retain_handling(subscriptions: tuple[tuple[str, int], ...], routes: tuple[Route, ...],
+                     trie: TopicTrie[Route]) -> dict[str, int]:
+    """Subscribed filter -> the lowest Retain Handling of the routes whose filters share a topic
+    with it. Sharing, not only covering: with partly overlapping filters a message reaches the
+    gateway by whichever subscription's copy is routed, so each must bring what any route wants."""
+    choices = {route.retained for route in routes}
+    if len(choices) == 1:  # the usual file: one choice for all, no trie walk (a file may hold 70,000 routes)
+        value = RETAIN_HANDLING[choices.pop()]
+        return {f: value for f, _ in subscriptions}
+    return {f: min((RETAIN_HANDLING[r.retained] for r in trie.overlapping(f)), default=1) for f, _ in subscriptions}
+
+
 @dataclass(frozen=True, eq=False)
 class RouteTable:
     """An immutable set of routes plus everything the hot path needs, precomputed."""
@@ -246,6 +272,7 @@ class RouteTable:
     digest: str = ""
     source: str | None = None
     subscriptions: tuple[tuple[str, int], ...] = field(init=False)
+    retain_handling: dict[str, int] = field(init=False)
     _trie: TopicTrie[Route] = field(init=False, repr=False)
     _by_name: dict[str, Route] = field(init=False, repr=False)
     _cache: dict[str, tuple[Route, ...]] = field(init=False, repr=False)
@@ -256,6 +283,7 @@ class RouteTable:
         set_(self, "_trie", TopicTrie(pair for route in self.routes for pair in _route_filters(route)))
         set_(self, "_by_name", {route.name: route for route in self.routes})
         set_(self, "subscriptions", minimal_subscriptions((f, r.qos) for r in self.routes for f in r.filters))
+        set_(self, "retain_handling", _retain_handling(self.subscriptions, self.routes, self._trie))
         set_(self, "_cache", {})
         set_(self, "_needs_json", {})
 
@@ -283,7 +311,11 @@ class RouteTable:
         CONTEXT.set(message.topic, message.received_ms, message)
         document = _NOT_PARSED
         outcomes: list[RoutingOutcome] = []
+        retain = message.retain
         for route in routes:
+            if retain and route.retained != "always" and (message.resent or route.retained == "never"):
+                outcomes.append(Skipped(route.name, f"retained message (retained: {route.retained})"))
+                continue
             if route.format == "json" and document is _NOT_PARSED:
                 document = _decode(message.payload)
             try:

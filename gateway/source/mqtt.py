@@ -12,7 +12,7 @@ granted filters).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gateway.settings.settings import MqttConfig
@@ -32,14 +32,15 @@ class MqttSource:
     """One broker connection: intake of messages, ordered acks, subscriptions, backpressure."""
 
     def __init__(self, config: MqttConfig, *, hooks: SourceHooks, acks: AckTracker, outbound: Outbound,
-                 subscriptions: Iterable[tuple[str, int]] = (), metrics: SourceMetrics | None = None,
+                 subscriptions: Iterable[tuple[str, int]] = (), retain_handling: Mapping[str, int] | None = None,
+                 metrics: SourceMetrics | None = None,
                  client_factory: Callable[..., Any] = BufferedClient,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`config.persistent` must be decided (not None). `client_factory` builds the paho client
         (tests pass a scripted fake); `clock` is the monotonic clock of the loop's read policy."""
         self.config = config
         self.subscriptions = SubscriptionBook(config.share_group)
-        self.subscriptions.set_desired(subscriptions)
+        self.subscriptions.set_desired(subscriptions, retain_handling)
         client = build_client(config, client_factory)   # may raise: nothing started yet
         self._session = PahoSession(config, client, hooks=hooks, acks=acks, outbound=outbound,
                                     subscriptions=self.subscriptions, metrics=metrics, clock=clock)
@@ -94,8 +95,10 @@ class MqttSource:
                                or self._session.sharing_refused, timeout)
         return self.subscriptions_granted
 
-    def update_subscriptions(self, subscriptions: Iterable[tuple[str, int]]) -> None:
+    def update_subscriptions(self, subscriptions: Iterable[tuple[str, int]],
+                             retain_handling: Mapping[str, int] | None = None) -> None:
         """Replace the wanted set (a route reload); applied as a diff on the live connection,
-        new filters before removed ones, and in full on each connect."""
-        self.subscriptions.set_desired(subscriptions)
+        new filters before removed ones, and in full on each connect. `retain_handling` (MQTT 5,
+        filter -> 0/1/2) applies from the next SUBSCRIBE of each filter."""
+        self.subscriptions.set_desired(subscriptions, retain_handling)
         self._outbound.wake()

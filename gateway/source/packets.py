@@ -5,6 +5,7 @@ spells it; nothing here keeps state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from paho.mqtt.packettypes import PacketTypes
@@ -23,11 +24,14 @@ def publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], st
     return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
 
 
-def v5_request(subscribe: list[tuple[str, int]], no_local: bool) -> list[Any]:
-    """MQTT 5 subscribe options: retain handling 1, so a resubscription (every reconnect) does not
-    resend retained messages; no-local (our own dead letters never come back to us), except on a
-    shared subscription, where MQTT 5 forbids it."""
-    return [(f, SubscribeOptions(qos=q, noLocal=no_local, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+def v5_request(subscribe: list[tuple[str, int]], no_local: bool,
+               retain_handling: Callable[[str], int] = lambda _: 1) -> list[Any]:
+    """MQTT 5 subscribe options: each filter's Retain Handling (by default 1, so a resubscription
+    on every reconnect does not resend retained messages; the route table decides it,
+    docs/route-file.md#retained-messages); Retain As Published stays 0, so a live message arrives
+    with retain=0 and only a copy sent on subscribing has the flag; no-local (our own dead letters
+    never come back to us), except on a shared subscription, where MQTT 5 forbids it."""
+    return [(f, SubscribeOptions(qos=q, noLocal=no_local, retainAsPublished=False, retainHandling=retain_handling(f)))
             for f, q in subscribe]
 
 

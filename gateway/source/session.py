@@ -194,7 +194,8 @@ class PahoSession:
         self._outbound.drop_acks()
         v5 = self.config.protocol == "5"
         identifiers = v5 and getattr(props, "SubscriptionIdentifierAvailable", 1) != 0
-        self._subscriptions.new_connection(identifiers=identifiers)
+        self._subscriptions.new_connection(identifiers=identifiers, session_present=bool(flags.session_present),
+                                           retain_handling=v5)
         # A broker without shared subscriptions would take $share/... as a literal filter (nothing
         # arrives) or disconnect us for it (a reconnect storm): subscribe nothing, stay not ready.
         no_sharing = bool(v5 and self.config.share_group and getattr(props, "SharedSubscriptionAvailable", 1) == 0)
@@ -255,9 +256,10 @@ class PahoSession:
             self._extra_copy(mid, qos)
             return
         user_properties, content_type = publish_properties(msg.properties)
+        retain = bool(msg.retain)
         self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
-                                   retain=bool(msg.retain), user_properties=user_properties,
-                                   content_type=content_type), mid, qos)
+                                   retain=retain, user_properties=user_properties, content_type=content_type,
+                                   resent=retain and self._subscriptions.resent(topic, identifiers or ())), mid, qos)
 
     def _extra_copy(self, mid: int, qos: int) -> None:
         """A second copy of a message that another of our subscriptions also brings (partly
@@ -341,18 +343,19 @@ class PahoSession:
         if self.config.protocol != "5":
             self._send_subscribe(subscribe, list(subscribe), None)
             return
-        # Retain handling 1: resubscribing does not resend retained messages. A subscription
-        # identifier applies to a whole SUBSCRIBE, so a filter with one goes in a packet of its own.
+        # Each filter's Retain Handling comes from the route table. A subscription identifier
+        # applies to a whole SUBSCRIBE, so a filter with one goes in a packet of its own.
         no_local = not self.config.share_group
+        handling = self._subscriptions.retain_handling
         plain: list[tuple[str, int]] = []
         for f, q in subscribe:
             identifier = self._subscriptions.identifier(f)
             if identifier is None:
                 plain.append((f, q))
                 continue
-            self._send_subscribe([(f, q)], v5_request([(f, q)], no_local), identified(identifier))
+            self._send_subscribe([(f, q)], v5_request([(f, q)], no_local, handling), identified(identifier))
         if plain:
-            self._send_subscribe(plain, v5_request(plain, no_local), None)
+            self._send_subscribe(plain, v5_request(plain, no_local, handling), None)
 
     def _send_subscribe(self, subscribe: list[tuple[str, int]], request: list[Any], props: Any) -> None:
         try:

@@ -18,16 +18,21 @@ identifier this connection has not granted (a session resumed before its SUBACKs
 removed) is routed too: a duplicate is possible in those moments, a loss never. Identifiers are a
 stable function of the filter, so the ones a resumed session carries from the last run mean the
 same filter now.
+
+And the MQTT 5 Retain Handling of each filter (the route table decides it), with what the
+broker's session held, so that a retained copy sent again for a subscription the session already
+had can be told apart (gateway/source/retained.py).
 """
 
 from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.routing.topics import TopicTrie
+from gateway.source.retained import ResendTracker
 
 __all__ = ["SubackResult", "SubscriptionBook", "share_prefixed", "subscription_identifiers"]
 
@@ -117,9 +122,16 @@ class SubscriptionBook:
         self._grant_order: dict[str, int] = {}    # granted with an identifier, first granted first
         self._copies: _Copies | None = None
         self._copies_stale = False                # grants changed since `_copies` was built
+        self._handling: dict[str, int] = {}       # full filter -> MQTT 5 Retain Handling
+        self._asks_handling = False               # this connection is MQTT 5: the broker is asked
+        self._resends = ResendTracker()
 
-    def set_desired(self, subscriptions: Iterable[tuple[str, int]]) -> None:
-        """Replace the wanted set (filters without the share prefix; QoS 0..2)."""
+    def set_desired(self, subscriptions: Iterable[tuple[str, int]],
+                    retain_handling: Mapping[str, int] | None = None) -> None:
+        """Replace the wanted set (filters without the share prefix; QoS 0..2). `retain_handling`:
+        filter -> MQTT 5 Retain Handling (0 send, 1 only for a new subscription, 2 never);
+        1 for a filter it does not name."""
+        handling = {share_prefixed(f, self._share_group): h for f, h in (retain_handling or {}).items()}
         desired: dict[str, int] = {}
         for topic_filter, qos in subscriptions:
             if qos not in (0, 1, 2):
@@ -130,8 +142,18 @@ class SubscriptionBook:
         with self._lock:
             self._desired = desired
             self._identifiers = identifiers
+            self._handling = {f: handling.get(f, 1) for f in desired}
             self._dirty = True
             self._grants_changed(list(self._granted))   # filters granted before they had an identifier
+
+    def retain_handling(self, topic_filter: str) -> int:
+        """The Retain Handling to subscribe `topic_filter` (full, as `plan()` gives it) with."""
+        return self._handling.get(topic_filter, 1)
+
+    def resent(self, topic: str, identifiers: Sequence[int] = ()) -> bool:
+        """Whether a retained copy on `topic` is one the broker sent again for a subscription its
+        session already had (gateway/source/retained.py). Lock-free."""
+        return self._resends.resent(topic, identifiers)
 
     @property
     def desired(self) -> dict[str, int]:
@@ -143,10 +165,14 @@ class SubscriptionBook:
         """The wanted set changed since the last `plan()` on this connection."""
         return self._dirty
 
-    def new_connection(self, identifiers: bool = False) -> None:
+    def new_connection(self, identifiers: bool = False, *, session_present: bool = False,
+                       retain_handling: bool = False) -> None:
         """A fresh CONNACK: nothing is asked or granted on it yet, so everything is re-subscribed.
-        `identifiers`: the connection is MQTT 5 and the broker takes subscription identifiers."""
+        `identifiers`: the connection is MQTT 5 and the broker takes subscription identifiers;
+        `retain_handling`: it is MQTT 5, so each SUBSCRIBE carries its filter's Retain Handling."""
         with self._lock:
+            self._resends.new_connection(session_present, self._desired, self._granted, self._applied)
+            self._asks_handling = retain_handling
             self._applied.clear()
             self._pending.clear()
             self._granted.clear()
@@ -190,6 +216,9 @@ class SubscriptionBook:
                 self._applied[f] = q
                 self._granted.pop(f, None)
                 self._refused.pop(f, None)
+            self._resends.unsubscribed(unsubscribe)
+            self._resends.subscribed((f for f, _ in subscribe), self._handling if self._asks_handling else {})
+            self._resends.rebuild(self._identifiers if self._identified else {})
             self._grants_changed(unsubscribe + [f for f, _ in subscribe])
             return subscribe, unsubscribe
 

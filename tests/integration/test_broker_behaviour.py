@@ -1,8 +1,8 @@
 """How the gateway copes with what brokers differ in, with real processes: mosquitto, moto, the gateway.
 
 Overlapping filters on MQTT 5 (one copy per subscription from the broker, one record per route
-from the gateway), retained messages a route skips, and the TLS ALPN protocol AWS IoT Core wants
-on port 443 (against a local TLS listener that requires it).
+from the gateway) and the TLS ALPN protocol AWS IoT Core wants on port 443 (against a local TLS
+listener that requires it). Retained messages per broker: test_retained_live.py.
 """
 
 from __future__ import annotations

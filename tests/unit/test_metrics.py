@@ -23,6 +23,7 @@ def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 def exercise(metrics: Metrics) -> None:
     metrics.messages_received("r1", 3)
     metrics.unrouted()
+    metrics.messages_skipped("r1", "retained")
     metrics.records_put("r1", "s1", 500)
     metrics.records_failed("r1", "s1", "record too large")
     metrics.records_retried("s1", 7)
