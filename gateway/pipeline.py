@@ -214,14 +214,25 @@ class Pipeline(Generic[SinkT]):
             except (OSError, ValueError) as error:  # a closed stdout must not stop delivery
                 self._echo = False
                 log.warning("STDOUT=true, but stdout cannot be written (%s): echo turned off", error)
-        table = self._active.current
-        outcomes = table.route(message)
+        routes, outcomes = self._active.current.routed(message)
         if not outcomes:
             self._unrouted += 1
             self._arrivals += 1
             self._acks.arrived(mid, qos, 0, message.received_ms)
             return
-        routes = table.matching(message.topic)  # memoised: the same tuple route() just used
+        if len(outcomes) == 1 and type(outcomes[0]) is Record:   # the common case, in short
+            record = outcomes[0]
+            route = routes[0]
+            name = route.name
+            self._received[name] = self._received.get(name, 0) + 1
+            self._arrivals += 1
+            ticket = self._acks.arrived(mid, qos, 1, message.received_ms)
+            size = record.size + len(message.topic)
+            if record.data is not message.payload:
+                size += len(message.payload)
+            self._outbox.append((record, _Token(ticket, message, route, False, size)))
+            self._outbox_size += size
+            return
         records: list[tuple[Record, Route]] = []
         rejected: list[tuple[Rejected, Route]] = []
         received = self._received
