@@ -299,13 +299,17 @@ class Pipeline(Generic[SinkT]):
         """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
         tickets: list[_Token] = []
         now_ms = time.time_ns() // 1_000_000
-        delivered = self._metrics.delivered
+        latencies: dict[str, list[float]] = {}   # route -> receipt-to-held seconds, one metric call each
         for token, settlement in results:
             if settlement == PUT:
                 if token.is_dead_letter:
                     self._metrics.records_dead_lettered(token.route.name, 1)
                 else:
-                    delivered(token.route.name, max(0, now_ms - token.message.received_ms) / 1000)
+                    name = token.route.name
+                    seconds = latencies.get(name)
+                    if seconds is None:
+                        seconds = latencies[name] = []
+                    seconds.append(max(0, now_ms - token.message.received_ms) / 1000)
                 tickets.append(token)
             elif isinstance(settlement, Failed):
                 if token.is_dead_letter:
@@ -320,6 +324,8 @@ class Pipeline(Generic[SinkT]):
                         f"{settlement.reason}", stream=token.route.stream, topic=_shown(token.message.topic),
                     )
                     self._dead_letter(token, settlement.reason, code)
+        for name, seconds in latencies.items():
+            self._metrics.delivered_many(name, seconds)
         self._release(tickets)
 
     def _release(self, tokens: list[_Token]) -> None:
