@@ -232,14 +232,25 @@ class Pipeline(Generic[SinkT]):
             except (OSError, ValueError) as error:  # a closed stdout must not stop delivery
                 self._echo = False
                 log.warning("STDOUT=true, but stdout cannot be written (%s): echo turned off", error)
-        table = self._active.current
-        outcomes = table.route(message)
+        routes, outcomes = self._active.current.routed(message)
         if not outcomes:
             self._unrouted += 1
             self._arrivals += 1
             self._acks.arrived(mid, qos, 0, message.received_ms)
             return
-        routes = table.matching(message.topic)  # memoised: the same tuple route() just used
+        if len(outcomes) == 1 and type(outcomes[0]) is Record:   # the common case, in short
+            record = outcomes[0]
+            route = routes[0]
+            name = route.name
+            self._received[name] = self._received.get(name, 0) + 1
+            self._arrivals += 1
+            ticket = self._acks.arrived(mid, qos, 1, message.received_ms)
+            size = record.size + len(message.topic)
+            if record.data is not message.payload:
+                size += len(message.payload)
+            self._outbox.append((record, _Token(ticket, message, route, False, size)))
+            self._outbox_size += size
+            return
         records: list[tuple[Record, Route]] = []
         rejected: list[tuple[Rejected, Route]] = []
         received = self._received
@@ -323,13 +334,17 @@ class Pipeline(Generic[SinkT]):
         """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
         tickets: list[_Token] = []
         now_ms = time.time_ns() // 1_000_000
-        delivered = self._metrics.delivered
+        latencies: dict[str, list[float]] = {}   # route -> receipt-to-held seconds, one metric call each
         for token, settlement in results:
             if settlement == PUT:
                 if token.is_dead_letter:
                     self._metrics.records_dead_lettered(token.route.name, 1)
                 else:
-                    delivered(token.route.name, max(0, now_ms - token.message.received_ms) / 1000)
+                    name = token.route.name
+                    seconds = latencies.get(name)
+                    if seconds is None:
+                        seconds = latencies[name] = []
+                    seconds.append(max(0, now_ms - token.message.received_ms) / 1000)
                 tickets.append(token)
             elif isinstance(settlement, Failed):
                 if token.is_dead_letter:
@@ -344,6 +359,8 @@ class Pipeline(Generic[SinkT]):
                         f"{settlement.reason}", stream=token.route.stream, topic=_shown(token.message.topic),
                     )
                     self._dead_letter(token, settlement.reason, code)
+        for name, seconds in latencies.items():
+            self._metrics.delivered_many(name, seconds)
         self._release(tickets)
 
     def _release(self, tokens: list[_Token]) -> None:

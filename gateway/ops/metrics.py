@@ -12,7 +12,8 @@ the exposition without touching the library's process-wide switch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -180,6 +181,23 @@ class Metrics:
 
     def delivered(self, route: str, seconds: float) -> None:
         self._child("delivery_latency_seconds", route).observe(seconds)
+
+    def delivered_many(self, route: str, seconds: Sequence[float]) -> None:
+        """``delivered`` for each value, counted in one increment per bucket instead of two locked
+        increments per value (a settlement carries up to 500 records)."""
+        child = self._child("delivery_latency_seconds", route)
+        bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            for value in seconds:   # not the prometheus-client this was written against: one by one
+                child.observe(value)
+            return
+        counts = [0] * len(bounds)
+        for value in seconds:
+            counts[bisect_left(bounds, value)] += 1   # observe()'s bucket: the first bound >= value
+        total.inc(sum(seconds))
+        for bucket, count in zip(buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
 
     def set_backlog(self, n: int, capacity: int | None = None, n_bytes: int | None = None,
                     capacity_bytes: int | None = None) -> None:

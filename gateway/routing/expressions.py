@@ -227,12 +227,16 @@ def _path_getter(keys: tuple[str, ...]) -> Callable[[Any], Any]:
 class Expression:
     """A compiled route expression. ``evaluate`` is what the hot path calls."""
 
-    __slots__ = ("evaluate", "is_constant", "references_payload", "source")
+    __slots__ = ("evaluate", "is_constant", "references_payload", "source", "uses_context")
 
     def __init__(self, source: str, parsed: dict[str, Any], compiled: Any) -> None:
         self.source = source
         self.references_payload = any(n.get("type") in _PAYLOAD_NODES for n in _walk(parsed))
         self.is_constant = parsed["type"] == "literal"
+        # Reads the per-message CONTEXT (topic, receipt time, MQTT metadata): only then must the
+        # router set it for each message.
+        self.uses_context = any(n.get("type") == "function_expression" and n.get("value") in GATEWAY_FUNCTIONS
+                                for n in _walk(parsed))
         self.evaluate: Callable[[Any], Any] = self._specialise(parsed, compiled)
 
     @staticmethod

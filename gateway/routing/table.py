@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -52,10 +54,6 @@ class DeadLetter:
     target: str
 
 
-class _NotParsed:
-    pass
-
-
 class _BadJson:
     """A JSON route's payload that cannot be parsed, and why (never quoting the payload)."""
 
@@ -65,7 +63,6 @@ class _BadJson:
         self.reason = reason
 
 
-_NOT_PARSED: Any = _NotParsed()
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -264,6 +261,53 @@ def _retain_handling(subscriptions: tuple[tuple[str, int], ...], routes: tuple[R
     return {f: min((RETAIN_HANDLING[r.retained] for r in trie.overlapping(f)), default=1) for f, _ in subscriptions}
 
 
+_Apply = Callable[[Message, Any], RoutingOutcome]
+
+
+class _Plan(NamedTuple):
+    """Routing for one topic: its routes and, per route, the applier and whether it reads JSON."""
+
+    routes: tuple[Route, ...]
+    steps: tuple[tuple[Route, _Apply, bool], ...]
+    parses_json: bool     # some route parses the payload: it is parsed once for all of them
+    uses_context: bool    # some expression reads the per-message CONTEXT
+
+
+def _uses_context(route: Route) -> bool:
+    expressions = (route.partition_key, route.explicit_hash_key, route.filter, route.transform)
+    return any(e is not None and e.uses_context for e in expressions)
+
+
+def _compile_apply(route: Route) -> _Apply:
+    """``route.apply``, specialised at load time for the common shape: no filter, no transform,
+    no explicit hash key. Its results are exactly ``route.apply``'s (a property test compares
+    them); anything else, and any key that is not a plain short ASCII string, takes
+    ``route.apply`` itself."""
+    if route.filter is not None or route.transform is not None or route.explicit_hash_key is not None:
+        return route.apply
+    general = route.apply
+    name, stream, key_of = route.name, route.stream, route.partition_key.evaluate
+    is_json, newline, fmt = route.format == "json", route.append_newline, route.format
+    max_key = MAX_PARTITION_KEY_CHARS
+    bom = len(_BOM)
+    new_record = partial(tuple.__new__, Record)   # Record(...) without its Python-level __new__
+
+    def apply(message: Message, document: Any) -> RoutingOutcome:
+        if is_json and type(document) is _BadJson:
+            return Rejected(name, document.reason, "not_json")
+        key = key_of(document)
+        if type(key) is not str or not 0 < len(key) <= max_key or not key.isascii():
+            return general(message, document)
+        data = message.payload
+        if is_json and data.startswith(_BOM):
+            data = data[bom:]
+        if newline:   # _one_line, whose common case (no line break anywhere) is inlined
+            data = _one_line(data, document, fmt) if b"\n" in data or b"\r" in data else data + b"\n"
+        return new_record((name, stream, key, data, None, len(data) + len(key)))
+
+    return apply
+
+
 @dataclass(frozen=True, eq=False)
 class RouteTable:
     """An immutable set of routes plus everything the hot path needs, precomputed."""
@@ -276,7 +320,8 @@ class RouteTable:
     _trie: TopicTrie[Route] = field(init=False, repr=False)
     _by_name: dict[str, Route] = field(init=False, repr=False)
     _cache: dict[str, tuple[Route, ...]] = field(init=False, repr=False)
-    _needs_json: dict[int, bool] = field(init=False, repr=False)
+    _plans: dict[str, _Plan] = field(init=False, repr=False)
+    _appliers: dict[int, _Apply] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -285,7 +330,9 @@ class RouteTable:
         set_(self, "subscriptions", minimal_subscriptions((f, r.qos) for r in self.routes for f in r.filters))
         set_(self, "retain_handling", _retain_handling(self.subscriptions, self.routes, self._trie))
         set_(self, "_cache", {})
-        set_(self, "_needs_json", {})
+        set_(self, "_plans", {})
+        # Built here, once, so that the hot path does no work that the table already knows.
+        set_(self, "_appliers", {id(route): _compile_apply(route) for route in self.routes})
 
     def get(self, name: str) -> Route | None:
         return self._by_name.get(name)
@@ -305,28 +352,48 @@ class RouteTable:
 
     def route(self, message: Message) -> list[RoutingOutcome]:
         """Every outcome for ``message``: one per matching route, in file order."""
-        routes = self.matching(message.topic)
+        return self.routed(message)[1]
+
+    def routed(self, message: Message) -> tuple[tuple[Route, ...], list[RoutingOutcome]]:
+        """The matching routes (as ``matching``) and their outcomes, pairwise, in file order."""
+        plan = self._plan(message.topic)
+        routes = plan.routes
         if not routes:
-            return []
-        CONTEXT.set(message.topic, message.received_ms, message)
-        document = _NOT_PARSED
+            return routes, []
+        if plan.uses_context:
+            CONTEXT.set(message.topic, message.received_ms, message)
+        document = _decode(message.payload) if plan.parses_json else None
         outcomes: list[RoutingOutcome] = []
         retain = message.retain
-        for route in routes:
+        for route, apply, is_json in plan.steps:
             if retain and route.retained != "always" and (message.resent or route.retained == "never"):
                 outcomes.append(Skipped(route.name, f"retained message (retained: {route.retained})"))
                 continue
-            if route.format == "json" and document is _NOT_PARSED:
-                document = _decode(message.payload)
             try:
-                outcomes.append(route.apply(message, document if route.format == "json" else None))
+                outcomes.append(apply(message, document if is_json else None))
             except ExpressionTooLarge as error:  # the budget of one message (gateway/routing/cost.py)
                 outcomes.append(Rejected(route.name, str(error), "expression_too_large"))
             except Exception as error:  # noqa: BLE001 - one poison message must not stop the rest
                 # The class name only: jmespath's messages quote the offending payload value.
                 outcomes.append(Rejected(route.name, f"expression failed on this payload ({type(error).__name__})",
                                          "expression_error"))
-        return outcomes
+        return routes, outcomes
+
+    def _plan(self, topic: str) -> _Plan:
+        """What routing a message on ``topic`` takes, memoised like ``matching``."""
+        cached = self._plans.get(topic)
+        if cached is not None:
+            return cached
+        routes = self.matching(topic)
+        appliers = self._appliers
+        plan = _Plan(routes, tuple((r, appliers[id(r)], r.format == "json") for r in routes),
+                     any(r.format == "json" for r in routes), any(_uses_context(r) for r in routes))
+        if len(topic) > _CACHED_TOPIC_MAX_CHARS:
+            return plan
+        if len(self._plans) >= _TOPIC_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[topic] = plan
+        return plan
 
     @classmethod
     def legacy(cls, topic: str, stream: str, partition_key: str | None, qos: int) -> RouteTable:

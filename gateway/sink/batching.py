@@ -181,12 +181,18 @@ class SettlementBatch(Generic[T]):
 
     def add(self, entry: Entry[T], settlement: Settlement) -> None:
         """Settle an entry: a user record's token, or every member token of an aggregate."""
-        if entry.members is None:
+        if entry.members is None:   # a user record, the common case: no list of one
             self.settled.append((entry.token, settlement))
-            routes = [entry.route]
-        else:
-            self.settled.extend((token, settlement) for _, token in entry.members)
-            routes = [route for route, _ in entry.members]
+            self.count += 1
+            route = entry.route
+            if isinstance(settlement, Failed):
+                key = (route, settlement.code)
+                self.failed[key] = self.failed.get(key, 0) + 1
+            else:
+                self.put[route] = self.put.get(route, 0) + 1
+            return
+        self.settled.extend((token, settlement) for _, token in entry.members)
+        routes = [route for route, _ in entry.members]
         self.count += len(routes)
         if isinstance(settlement, Failed):
             failed, code = self.failed, settlement.code

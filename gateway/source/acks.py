@@ -13,7 +13,7 @@ pending ticket of the old one and their later settlements do nothing
 
 Threading: `arrived()` and `new_connection()` run on the MQTT network thread; `settle()` runs on
 sink threads, in bulk (one lock round-trip per call). Released acks are handed to the outlet
-(`Outbound.ack`) while the lock is held, which is what keeps acks released by two concurrent
+(`Outbound.ack_many`, once per call) while the lock is held, which is what keeps acks released by two concurrent
 `settle()` calls in order, and what guarantees that once `new_connection()` returns no ack of the
 old connection is handed out any more. So the outlet must be quick, must not block and must never
 call back into the tracker: `Outbound` only queues the ack for the network loop.
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 class AckOutlet(Protocol):
     """Where released acks go (`gateway.source.outbound.Outbound`)."""
 
-    def ack(self, mid: int, qos: int) -> None: ...
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        """(mid, qos) of each released ack, in the order they must go out."""
 
 
 class Ticket:
@@ -78,7 +79,8 @@ class AckTracker:
     """Releases acks as a low-water mark over the tickets of the current connection."""
 
     def __init__(self, outlet: AckOutlet, *, clock_ms: Callable[[], int] = now_ms) -> None:
-        """`outlet.ack(mid, qos)` is told each released ack (see module docstring: quick, no re-entry)."""
+        """`outlet.ack_many(acks)` is told the acks each call releases, in order (see module
+        docstring: quick, no re-entry)."""
         self._outlet = outlet
         self._clock_ms = clock_ms
         self._lock = threading.Lock()
@@ -150,13 +152,18 @@ class AckTracker:
         return done
 
     def _release(self, done: list[Ticket]) -> None:
-        """Pop and ack every complete ticket at the head (lock held)."""
+        """Pop every complete ticket at the head and hand their acks over at once (lock held)."""
         pending = self._pending
+        released: list[tuple[int, int]] = []
         while pending and pending[0].remaining <= 0:
             ticket = pending.popleft()
             ticket.released = True
-            try:
-                self._outlet.ack(ticket.mid, ticket.qos)
-            except Exception as exc:  # noqa: BLE001 - an unsent ack means a redelivery, not a loss
-                log.error("sending ack for mid %d failed: %s: %s", ticket.mid, type(exc).__name__, exc)
+            released.append((ticket.mid, ticket.qos))
             done.append(ticket)
+        if not released:
+            return
+        try:
+            self._outlet.ack_many(released)
+        except Exception as exc:  # noqa: BLE001 - an unsent ack means a redelivery, not a loss
+            log.error("sending %d ack(s) from mid %d failed: %s: %s", len(released), released[0][0],
+                      type(exc).__name__, exc)

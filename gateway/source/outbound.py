@@ -13,7 +13,7 @@ Wake-ups are rationed, because at low rates a wake-up costs more than the messag
 - an ack does not wake a loop whose next round is due within its `patience` (the read interval):
   the ack rides that round. A publish or an explicit `wake()` always wakes it.
 
-Every method is quick and never blocks: `ack` runs under the ack tracker's lock, and nothing here
+Every method is quick and never blocks: `ack_many` runs under the ack tracker's lock, and nothing here
 calls back into the caller.
 """
 
@@ -70,9 +70,13 @@ class Outbound:
     # -- any thread ------------------------------------------------------------------------------
 
     def ack(self, mid: int, qos: int) -> None:
-        """Queue the ack of packet `mid` (the ack tracker calls this when it releases acks)."""
+        """Queue the ack of packet `mid`."""
+        self.ack_many([(mid, qos)])
+
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        """Queue acks, (mid, qos) each, in order (the ack tracker calls this when it releases acks)."""
         with self._lock:
-            self._acks.append((mid, qos))
+            self._acks.extend(acks)
             if self._due is None or self._wake_sent or self._due - self._clock() <= self._patience:
                 return
             self._wake_sent = True

@@ -15,13 +15,21 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 __all__ = ["identified", "publish_properties", "v5_request"]
 
 
-def publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    """(user properties, content type) of a PUBLISH: MQTT 5 only (paho gives None on 3.1.1), and
-    paho sets an attribute only for a property the packet carries."""
+_NO_PROPERTIES = frozenset({"packetType", "types", "names", "properties"})   # what paho keeps besides properties
+
+
+def publish_properties(properties: Any) -> tuple[tuple[tuple[str, str], ...], str | None, Any]:
+    """(user properties, content type, subscription identifiers) of a PUBLISH: MQTT 5 only (paho
+    gives None on 3.1.1), and paho sets an attribute only for a property the packet carries. Most
+    PUBLISHes carry none, which one look at the instance's attributes tells."""
     if properties is None:
-        return (), None
+        return (), None, None
+    attributes = getattr(properties, "__dict__", None)
+    if attributes is not None and attributes.keys() <= _NO_PROPERTIES:
+        return (), None, None
     user_properties = getattr(properties, "UserProperty", None)
-    return (tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None)
+    return ((tuple(user_properties) if user_properties else ()), getattr(properties, "ContentType", None),
+            getattr(properties, "SubscriptionIdentifier", None))
 
 
 def v5_request(subscribe: list[tuple[str, int]], no_local: bool,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
@@ -38,6 +39,8 @@ from gateway.source.subscriptions import SubscriptionBook
 __all__ = ["PahoSession", "SourceMetrics"]
 
 log = logging.getLogger("gateway.source.mqtt")
+
+_new_message = partial(tuple.__new__, Message)   # Message(...) without its Python-level __new__
 
 _STATS = ("connects", "connect_failures", "disconnects", "session_lost", "callback_errors", "invalid_topic",
           "subscriptions_refused", "extra_copies")
@@ -63,6 +66,7 @@ class PahoSession:
         self.config = config
         self._client = client
         self._hooks = hooks
+        self._intake = hooks.intake
         self._acks = acks
         self._outbound = outbound
         self._subscriptions = subscriptions
@@ -84,7 +88,7 @@ class PahoSession:
         self._publishing = False
         client.on_connect = self._guard(self._on_connect)
         client.on_disconnect = self._guard(self._on_disconnect)
-        client.on_message = self._guard(self._on_message)
+        client.on_message = self._on_message
         client.on_subscribe = self._guard(self._on_subscribe)
         client.on_unsubscribe = self._guard(self._on_unsubscribe)
         client.on_publish = self._guard(self._on_publish)
@@ -241,6 +245,13 @@ class PahoSession:
             self._connect_failed(closed_before_connack(str(reason), self.config.protocol))
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        """Every PUBLISH: guarded like the other callbacks (see `_guard`), inline since it is the hot one."""
+        try:
+            self._message(msg)
+        except Exception as exc:  # noqa: BLE001 - never let paho's caller, the loop, die
+            self.callback_failed("on_message", exc)
+
+    def _message(self, msg: Any) -> None:
         self._received += 1
         mid, qos = msg.mid, msg.qos
         try:
@@ -251,15 +262,14 @@ class PahoSession:
             log.warning("message mid %d has a topic that is not valid UTF-8; acknowledged and dropped", mid)
             self._acks.arrived(mid, qos, 0)
             return
-        identifiers = getattr(msg.properties, "SubscriptionIdentifier", None)
+        user_properties, content_type, identifiers = publish_properties(msg.properties)
         if identifiers and not self._subscriptions.routed(topic, identifiers):
             self._extra_copy(mid, qos)
             return
-        user_properties, content_type = publish_properties(msg.properties)
-        retain = bool(msg.retain)
-        self._hooks.intake(Message(topic=topic, payload=bytes(msg.payload), qos=qos, received_ms=now_ms(),
-                                   retain=retain, user_properties=user_properties, content_type=content_type,
-                                   resent=retain and self._subscriptions.resent(topic, identifiers or ())), mid, qos)
+        payload, retain = msg.payload, bool(msg.retain)
+        resent = retain and self._subscriptions.resent(topic, identifiers or ())
+        self._intake(_new_message((topic, payload if type(payload) is bytes else bytes(payload), qos, now_ms(),
+                                   retain, user_properties, content_type, resent)), mid, qos)
 
     def _extra_copy(self, mid: int, qos: int) -> None:
         """A second copy of a message that another of our subscriptions also brings (partly

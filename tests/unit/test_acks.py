@@ -16,8 +16,8 @@ class Wire:
     def __init__(self) -> None:
         self.sent: list[tuple[int, int]] = []
 
-    def ack(self, mid: int, qos: int) -> None:
-        self.sent.append((mid, qos))
+    def ack_many(self, acks: list[tuple[int, int]]) -> None:
+        self.sent.extend(acks)
 
     @property
     def mids(self) -> list[int]:
@@ -130,15 +130,26 @@ def test_failing_outlet_does_not_block_later_acks() -> None:
     sent: list[int] = []
 
     class Flaky:
-        def ack(self, mid: int, qos: int) -> None:
-            if mid == 1:
+        def ack_many(self, acks: list[tuple[int, int]]) -> None:
+            if acks[0][0] == 1:
                 raise OSError("socket gone")
-            sent.append(mid)
+            sent.extend(mid for mid, _ in acks)
 
     tracker = AckTracker(Flaky())
     a, b = tracker.arrived(1, 1, 1), tracker.arrived(2, 1, 1)
-    tracker.settle([a, b])
+    assert tracker.settle([a]) == [a]
+    assert tracker.settle([b]) == [b]
     assert sent == [2]
+
+
+def test_one_settle_hands_every_ack_it_releases_to_the_outlet_at_once_in_order() -> None:
+    calls: list[list[tuple[int, int]]] = []
+    tracker = AckTracker(type("Outlet", (), {"ack_many": lambda self, acks: calls.append(list(acks))})())
+    tickets = [tracker.arrived(mid, 1, 1) for mid in (5, 6, 7)]
+    tracker.settle(tickets[1:])
+    assert calls == []                      # 6 and 7 wait behind 5
+    tracker.settle(tickets[:1])
+    assert calls == [[(5, 1), (6, 1), (7, 1)]]
 
 
 def test_negative_parts_is_refused() -> None:

@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 
 from gateway.source import fastpath
 from gateway.source.fastpath import BufferedClient, SharedTableProperties
+from gateway.source.packets import publish_properties as publish_properties_of
 
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=20)
 
@@ -167,3 +168,16 @@ def test_bytes_buffered_for_an_old_connection_are_dropped_on_a_new_one() -> None
     assert client.buffered() == len(two) // 2
     client._sock = ChunkedSocket([])
     assert client.buffered() == 0
+
+
+@pytest.mark.parametrize("cls", [Properties, fastpath.SharedTableProperties])
+def test_publish_properties_reads_what_the_packet_carries_and_nothing_from_an_empty_set(cls: type) -> None:
+    empty = cls(PacketTypes.PUBLISH)
+    assert publish_properties_of(empty) == ((), None, None)
+    full = cls(PacketTypes.PUBLISH)
+    full.UserProperty = ("a", "1")
+    full.UserProperty = ("b", "2")
+    full.ContentType = "application/json"
+    full.SubscriptionIdentifier = 7
+    assert publish_properties_of(full) == ((("a", "1"), ("b", "2")), "application/json", [7])
+    assert publish_properties_of(None) == ((), None, None)

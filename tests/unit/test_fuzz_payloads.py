@@ -241,7 +241,7 @@ def run_and_check(table: RouteTable, catcher: TracebackCatcher,
     clock = FakeClock()
     kinesis = ScriptedKinesis(seed, fail_share)
     acked: list[tuple[int, int]] = []
-    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append((mid, qos))))
+    acks = AckTracker(SimpleNamespace(ack_many=acked.extend))
     metrics = CountingMetrics()
     mqtt_dlq = MqttDeadLetters()
     pipeline = Pipeline(_Active(table), acks, metrics, outbound=mqtt_dlq, backlog_capacity=10**9,

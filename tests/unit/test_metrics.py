@@ -134,3 +134,19 @@ def test_build_info_carries_the_version_and_the_global_registry_is_untouched() -
     assert samples(metrics)[(PREFIX + "build_info", (("version", __version__),))] == 1
     Metrics()  # a second instance must not clash: each has its own registry
     assert not any(m.name.startswith(PREFIX) for m in REGISTRY.collect())
+
+
+def test_latencies_delivered_in_bulk_count_as_the_same_values_delivered_one_by_one() -> None:
+    values = [0.0, 0.0078125, 0.015625, 0.25, 0.5, 2.5, 2.625, 299.0, 301.0, 4096.0, 0.5]  # exact in binary
+    one, bulk = Metrics(), Metrics()
+    for value in values:
+        one.delivered("r1", value)
+    bulk.delivered_many("r1", values[:4])
+    bulk.delivered_many("r1", values[4:])
+    bulk.delivered_many("r1", [])
+
+    def latency(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {k: v for k, v in samples(m).items() if "delivery_latency" in k[0]}
+
+    assert latency(bulk) == latency(one)
+    assert latency(bulk)[(PREFIX + "delivery_latency_seconds_count", (("route", "r1"),))] == len(values)

@@ -90,3 +90,12 @@ def test_acks_from_many_threads_all_arrive_in_each_threads_order(outbound: Outbo
         taken += [mid for mid, _ in outbound.take().acks]
     for base in (0, 10_000, 20_000):
         assert [mid for mid in taken if base <= mid < base + 500] == list(range(base, base + 500))
+
+
+def test_acks_queued_together_keep_their_order_and_wake_a_sleeping_loop_once(outbound: Outbound) -> None:
+    assert not outbound.sleeping(30, patience=0.1)
+    outbound.ack_many([(3, 1), (4, 1), (5, 1)])
+    outbound.ack_many([(6, 1)])
+    assert readable(outbound)
+    assert outbound.take().acks == [(3, 1), (4, 1), (5, 1), (6, 1)]
+    assert not readable(outbound)

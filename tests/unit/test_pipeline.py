@@ -47,7 +47,7 @@ class CountingMetrics:
 def build(*routes: Route) -> tuple[Pipeline, FakeSink, list[int], CountingMetrics]:
     acked: list[int] = []
     sink, metrics = FakeSink(), CountingMetrics()
-    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append(mid)))
+    acks = AckTracker(SimpleNamespace(ack_many=lambda acks: acked.extend(mid for mid, _ in acks)))
     pipeline = Pipeline(Active(RouteTable(routes)), acks, metrics, make_sink=lambda _settled: sink, backlog_capacity=3)
     return pipeline, sink, acked, metrics
 
@@ -113,7 +113,7 @@ def test_without_a_dead_letter_a_rejection_is_dropped_counted_logged_and_acked(c
 def test_in_bulk_mode_records_reach_the_sink_in_one_put_per_hand_over() -> None:
     acked: list[int] = []
     sink = FakeSink()
-    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append(mid)))
+    acks = AckTracker(SimpleNamespace(ack_many=lambda acks: acked.extend(mid for mid, _ in acks)))
     pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))), acks,
                         CountingMetrics(), make_sink=lambda _settled: sink, backlog_capacity=10)
     for mid in (1, 2, 3):
@@ -131,7 +131,7 @@ def test_the_backlog_is_full_at_capacity_and_frees_as_records_settle() -> None:
     sink = FakeSink()
     outbound = SimpleNamespace(wake=lambda: freed.append(pipeline.held))
     pipeline = Pipeline(Active(RouteTable((Route("a", ("t/#",), "s", expr("name")),))),
-                        AckTracker(SimpleNamespace(ack=lambda mid, qos: None)), CountingMetrics(),
+                        AckTracker(SimpleNamespace(ack_many=lambda acks: None)), CountingMetrics(),
                         make_sink=lambda _settled: sink, outbound=outbound, backlog_capacity=3)  # type: ignore[arg-type]
     for mid in range(3):
         pipeline.intake(message(), mid=mid, qos=1)

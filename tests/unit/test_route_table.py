@@ -6,6 +6,8 @@ from unittest import mock
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.model import Message, Record, Rejected, Skipped
 from gateway.routing import table as table_module
@@ -170,3 +172,36 @@ def test_a_lone_surrogate_escape_is_valid_json_and_accepted() -> None:
     assert isinstance(kept, Record) and kept.data == payload
     assert isinstance(bad_key, Rejected) and "lone surrogate" in bad_key.reason
     assert isinstance(transformed, Record) and transformed.data == b'{"n":"bad \\ud800 name"}'
+
+
+_KEYS = st.one_of(st.text(max_size=300), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False), st.booleans(), st.none(),
+                  st.lists(st.integers(0, 9), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2))
+_PAYLOADS = st.one_of(
+    st.builds(lambda key, extra, crlf: orjson.dumps({"k": key, "x": extra}, option=orjson.OPT_INDENT_2 if crlf else 0),
+              _KEYS, st.text(max_size=20), st.booleans()),
+    st.builds(lambda key: b"\xef\xbb\xbf" + orjson.dumps({"k": key}), _KEYS),
+    st.binary(max_size=40),
+    st.sampled_from([b'{"k": "a"}\n', b'{"k": "a"}\r\n', b'{"k":\n"a"}\n', b"", b"\n"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=_PAYLOADS, fmt=st.sampled_from(["json", "raw"]), newline=st.booleans(),
+       key=st.sampled_from(["k", "`\"const\"`", "topic()", "topic(`2`)", "k.deeper"]))
+def test_the_routes_specialised_at_load_time_give_exactly_what_route_apply_gives(
+        payload: bytes, fmt: str, newline: bool, key: str) -> None:
+    route = Route("r", ("a/#",), "s", expr(key), format=fmt, append_newline=newline)  # type: ignore[arg-type]
+    m = Message("a/b", payload, 1, 1700000000000)
+    document = table_module._decode(payload) if fmt == "json" else None
+    table_module.CONTEXT.set(m.topic, m.received_ms, m)
+    assert table(route).route(m) == [route.apply(m, document)]
+
+
+def test_the_message_context_is_set_only_for_routes_whose_expressions_read_it() -> None:
+    t = table(Route("plain", ("a/#",), "s", expr("name")))
+    with mock.patch.object(table_module.CONTEXT, "set") as context_set:
+        t.route(message("a/b"))
+    assert context_set.call_count == 0
+    t = table(Route("by-topic", ("a/#",), "s", expr("topic(`2`)")))
+    (record,) = t.route(message("a/b"))
+    assert record.partition_key == "b"

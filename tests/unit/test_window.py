@@ -42,3 +42,27 @@ def test_nothing_held_is_no_evidence_and_a_new_connection_forgets() -> None:
     watch.new_connection()
     assert not watch.bound(now=0.3)
     assert not watch.drained(1, now=0.4)
+
+
+def test_a_stream_answered_faster_than_it_arrives_is_released_after_the_hold() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    watch.drained(1, now=0.0)
+    assert watch.drained(1, now=0.3)              # judged a window of one
+    for i in range(1, 90):                        # acked at once, each message shows one held again
+        watch.drained(1, now=0.3 + i * 0.01)
+    assert not watch.bound(now=1.31)              # signs of our own making did not extend it
+    assert not watch.drained(1, now=1.4)          # paced again: one fresh sign is not enough...
+    assert not watch.drained(10, now=1.5)         # ...and with the linger back, the messages pile up
+
+
+def test_a_real_window_of_one_is_renewed_at_once_with_a_growing_hold() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    watch.drained(1, now=0.0)
+    assert watch.drained(1, now=0.3)              # bound until 1.3
+    assert not watch.drained(1, now=1.35)         # expired: fresh signs needed
+    assert watch.drained(1, now=1.65)             # renewed straight on: hold 2 s
+    assert watch.bound(now=3.6)
+    assert not watch.bound(now=3.7)
+    watch.drained(1, now=3.7)
+    assert watch.drained(1, now=4.0)              # and again: hold 4 s
+    assert watch.bound(now=7.9)
