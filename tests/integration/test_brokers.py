@@ -311,6 +311,42 @@ def test_qos1_throughput_on_ejabberds_window_of_one_is_bound_by_kinesis_not_by_t
         assert rates[name] >= ceiling / 2, f"{name}: {rates[name]:.0f} msg/s, ceiling {ceiling:.0f}/s"
 
 
+@pytest.mark.timeout(240)
+def test_with_the_spool_ejabberds_window_of_one_is_no_longer_bound_by_the_kinesis_round_trip(
+        tmp_path: Path, mosquitto: Mosquitto, ejabberd: Ejabberd, kinesis: Any, make_stream: Callable[..., str],
+        gateway_process: Callable[..., GatewayProcess], publisher: Callable[..., Publisher]) -> None:
+    """With GATEWAY_SPOOL_DIR a PUBACK waits for a local group commit, not for Kinesis, so a
+    broker that sends one message per PUBACK is bound by the local commit, not by a PutRecords round
+    trip: faster than the window-of-one ceiling without the spool. The rate is reported beside
+    Mosquitto's wide window (docs/brokers.md)."""
+    from paho.mqtt.enums import MQTTProtocolVersion
+
+    login = {"MQTT_USERNAME": ejabberd.username, "MQTT_PASSWORD": ejabberd.password}
+    ejabberd_pub = {"port": ejabberd.port, "username": "publisher", "password": "any"}
+
+    def spool(name: str) -> dict[str, str]:
+        return {"GATEWAY_SPOOL_DIR": str(tmp_path / f"spool-{name}")}
+
+    ceiling = one_record_round_trips_per_second(kinesis, make_stream(suffix="-probe"))
+
+    rates = {
+        "mosquitto-5": qos1_rate(tmp_path, mosquitto.port, {}, {"port": mosquitto.port}, 2000,
+                                 make_stream(suffix="-m"), gateway_process, publisher),
+        "ejabberd-5+spool": qos1_rate(tmp_path, ejabberd.port, {**login, **spool("e5")}, ejabberd_pub, 2000,
+                                      make_stream(suffix="-e5"), gateway_process, publisher),
+        "ejabberd-3.1.1+spool": qos1_rate(
+            tmp_path, ejabberd.port, {**login, **spool("e3"), "MQTT_PROTOCOL": "3.1.1"},
+            {**ejabberd_pub, "protocol": MQTTProtocolVersion.MQTTv311}, 2000, make_stream(suffix="-e3"),
+            gateway_process, publisher),
+    }
+    emit("brokers-qos1-throughput-spool", "QoS 1, first publish to last record put, spool on for ejabberd: "
+         + " ".join(f"{name}={rate:.0f} msg/s" for name, rate in rates.items())
+         + f"; ejabberd-5+spool/mosquitto-5={rates['ejabberd-5+spool'] / rates['mosquitto-5']:.2f}; "
+         f"one-record PutRecords round trips={ceiling:.0f}/s (the ceiling without the spool)")
+    for name in ("ejabberd-5+spool", "ejabberd-3.1.1+spool"):
+        assert rates[name] > ceiling, f"{name}: {rates[name]:.0f} msg/s, no-spool ceiling {ceiling:.0f}/s"
+
+
 # --- the fixtures leave nothing behind -----------------------------------------------------------
 
 @pytest.mark.timeout(120)

@@ -209,7 +209,7 @@ class Metrics:
 def test_a_skipped_retained_message_is_acknowledged_at_once_counted_and_logged_once(caplog: Any) -> None:
     acked: list[int] = []
     metrics = Metrics()
-    acks = AckTracker(SimpleNamespace(ack=lambda mid, qos: acked.append(mid)))
+    acks = AckTracker(SimpleNamespace(ack_many=lambda pairs: acked.extend(mid for mid, _qos in pairs)))
     table = RouteTable((route("x", "cfg/#", "never"),))
     pipeline = Pipeline(SimpleNamespace(current=table), acks, metrics, make_sink=lambda _: SimpleNamespace(
         put=lambda entries: None, send_now=lambda: None), backlog_capacity=10)
