@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -91,6 +93,12 @@ class SpoolRig:
         return self.records()
 
 
+def publish_until(pub: Publisher, stop: threading.Event, first: int = 0, rate: float = 200.0) -> threading.Thread:
+    """Publish seqs first, first+1, ... at `rate` on a daemon thread until `stop` is set."""
+    seqs = itertools.takewhile(lambda _: not stop.is_set(), itertools.count(first))
+    return pub.publish_in_background(seqs, rate=rate)
+
+
 def wait_alive(gw: GatewayProcess, timeout: float = 30.0) -> None:
     """Until /healthz answers 200 (readiness may rightly be 503 during an outage)."""
     deadline = time.monotonic() + timeout
@@ -123,8 +131,6 @@ class RssSampler:
     """The gateway's RSS once a second on a background thread; `growth_mb` = max - first."""
 
     def __init__(self, gw: GatewayProcess) -> None:
-        import threading
-
         self.gw = gw
         self.samples: list[float] = []
         self._stop = threading.Event()
