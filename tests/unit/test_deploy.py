@@ -436,6 +436,17 @@ def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
         assert name in METRIC_NAMES, name
 
 
+SPOOL_METRICS = ("spool_records", "spool_bytes", "spool_capacity_bytes", "spool_oldest_record_age_seconds",
+                 "spool_dropped_total", "spool_commits_total", "spool_commit_duration_seconds_bucket",
+                 "spool_unavailable", "spool_damaged_total")
+
+
+def test_dashboard_shows_every_spool_metric() -> None:
+    shown = {m for expr in _dashboard_queries() for m in METRIC.findall(expr)}
+    missing = {f"mqtt_kinesis_gateway_{m}" for m in SPOOL_METRICS} - shown
+    assert not missing, f"no dashboard panel shows {sorted(missing)}"
+
+
 def test_dashboard_takes_its_datasource_from_a_variable() -> None:
     dashboard = _json(DASHBOARD)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
@@ -461,7 +472,8 @@ def test_alert_rules_are_complete_and_uniquely_named() -> None:
     assert len(names) == len(set(names))
     assert {f"MqttKinesisGateway{n}" for n in (
         "ReloadFailing", "BacklogNearCapacity", "DeadLettersRising", "BrokerDisconnected",
-        "NoRecordsPutWhileMessagesArrive", "RecordsDropped")} <= set(names)
+        "NoRecordsPutWhileMessagesArrive", "RecordsDropped", "SpoolFilling", "SpoolNotDraining",
+        "SpoolUnavailable", "SpoolDropping")} <= set(names)
     for rule in rules:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0m")), rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
