@@ -1,9 +1,9 @@
 """The ``mqtt-kinesis-gateway`` command line.
 
 Exit codes (the Ruff/ty/SQLFluff convention, so CI can tell a bad file from a broken run):
-  0  valid / every case passed / at least one record would be written
-  1  findings / a case failed / no record would be written
-  2  usage error, unreadable input, invalid route file for explain/test, or an internal error
+  0  valid / every case passed / at least one record would be written / the spool is sound
+  1  findings / a case failed / no record would be written / the spool is damaged
+  2  usage error, unreadable input (or no spool), invalid route file for explain/test, or an internal error
 
 No input produces a traceback: anything unexpected is caught at the top and printed on one line.
 """
@@ -38,6 +38,7 @@ from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
+from gateway.spool.inspect import inspect_spool, write_report
 
 __all__ = ["build_parser", "main"]
 
@@ -89,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the route file JSON Schema")
     schema.set_defaults(handler=_cmd_schema)
+
+    spool = commands.add_parser("spool", help="look at a spool directory without changing it")
+    spool_commands = spool.add_subparsers(dest="spool_command", metavar="SPOOL_COMMAND", required=True)
+    inspect = spool_commands.add_parser(
+        "inspect", help="records and bytes per stream and route, oldest record's age, engine check;"
+                        " exit 0 ok, 1 damaged, 2 no spool or unreadable")
+    inspect.add_argument("directory", metavar="DIR",
+                         help="the spool directory (GATEWAY_SPOOL_DIR, or a worker-N in it)")
+    inspect.set_defaults(handler=_cmd_spool, contents=True)
+    check = spool_commands.add_parser("check", help="the engine check only; exit 0 ok, 1 damaged, 2 unreadable")
+    check.add_argument("directory", metavar="DIR", help="the spool directory")
+    check.set_defaults(handler=_cmd_spool, contents=False)
 
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("--routes", metavar="FILE",
@@ -207,6 +220,15 @@ def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             out.write(f"PASS {case.name}\n")
     err.write(f"{len(parsed) - failed} passed, {failed} failed\n")
     return EXIT_FINDINGS if failed else EXIT_OK
+
+
+# --- spool inspect and check: read-only --------------------------------------------------------
+
+
+def _cmd_spool(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    found = inspect_spool(args.directory, contents=args.contents)
+    write_report(found, out, err, contents=args.contents)
+    return found.exit_code
 
 
 # --- schema and run ---------------------------------------------------------------------------

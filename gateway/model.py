@@ -15,14 +15,17 @@ Invariants owned here:
 
 from __future__ import annotations
 
+import base64
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
+import orjson
+
 __all__ = [
     "MAX_HASH_KEY", "MAX_PARTITION_KEY_CHARS", "MAX_RECORD_BYTES", "MAX_REQUEST_BYTES",
     "MAX_REQUEST_RECORDS", "PUT", "REASON_CODES", "Failed", "Message", "Record", "Rejected",
-    "RoutingOutcome", "Settlement", "Skipped", "is_hash_key", "is_stream_arn", "now_ms",
+    "RoutingOutcome", "Settlement", "Skipped", "dead_letter_envelope", "is_hash_key", "is_stream_arn", "now_ms",
     "record_size", "stream_target",
 ]
 
@@ -136,3 +139,28 @@ class Failed:
 
 Settlement = str | Failed
 """``PUT`` or a ``Failed``: how a record left the sink."""
+
+
+# -- the dead-letter envelope ----------------------------------------------------------------------
+
+# A dead-letter envelope keeps at most this much of the payload and of the topic, so that even the
+# envelope of an oversize message fits in one Kinesis record (1 MiB): base64 makes 512 KiB into
+# 683 KiB, and a topic of 4096 characters is at most 24 KiB of escaped JSON.
+_DEAD_LETTER_PAYLOAD_BYTES: Final = 512 * 1024
+_DEAD_LETTER_TOPIC_CHARS: Final = 4096
+
+
+def dead_letter_envelope(topic: str, payload: bytes, received_ms: int, route: str, reason: str) -> bytes:
+    """The dead-letter record: JSON that Firehose/Athena read, with the payload kept verbatim.
+
+    One format for every writer of dead letters (the pipeline for rejected messages, the spool's
+    sender for records Kinesis refused), so a dead-letter stream holds one shape."""
+    body: dict[str, Any] = {"route": route, "topic": topic[:_DEAD_LETTER_TOPIC_CHARS], "reason": reason,
+                            "received_ms": received_ms, "payload_bytes": len(payload)}
+    if len(topic) > _DEAD_LETTER_TOPIC_CHARS:
+        body["topic_truncated"] = True
+    if len(payload) > _DEAD_LETTER_PAYLOAD_BYTES:
+        payload = payload[:_DEAD_LETTER_PAYLOAD_BYTES]
+        body["payload_truncated"] = True
+    body["payload_base64"] = base64.b64encode(payload).decode("ascii")
+    return orjson.dumps(body) + b"\n"

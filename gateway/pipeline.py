@@ -10,7 +10,6 @@ letter holds it, or when it is dropped with a counted, logged reason. Only then 
 
 from __future__ import annotations
 
-import base64
 import logging
 import sys
 import threading
@@ -18,9 +17,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-import orjson
-
-from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Message, Record, Rejected, Settlement, record_size
+from gateway.model import (
+    MAX_PARTITION_KEY_CHARS,
+    PUT,
+    Failed,
+    Message,
+    Record,
+    Rejected,
+    Settlement,
+    dead_letter_envelope,
+    record_size,
+)
 from gateway.routing.table import Route, RouteTable
 from gateway.source.acks import AckTracker, Ticket
 
@@ -28,11 +35,6 @@ __all__ = ["Pipeline"]
 
 log = logging.getLogger(__name__)
 
-# A dead-letter envelope keeps at most this much of the payload and of the topic, so that even the
-# envelope of an oversize message fits in one Kinesis record (1 MiB): base64 makes 512 KiB into
-# 683 KiB, and a topic of 4096 characters is at most 24 KiB of escaped JSON.
-_DEAD_LETTER_PAYLOAD_BYTES = 512 * 1024
-_DEAD_LETTER_TOPIC_CHARS = 4096
 _LOGGED_TOPIC_CHARS = 200
 _LOG_EVERY_S = 10.0
 _INTAKE_ERRORS_UNREADY = 100   # consecutive failing messages before readiness fails
@@ -54,7 +56,9 @@ class Outbound(Protocol):
 
 
 class Sink(Protocol):
-    """``gateway.sink.kinesis.KinesisSink`` as the pipeline uses it."""
+    """``gateway.sink.kinesis.KinesisSink`` (or ``gateway.spool.spooled.SpooledSink``) as the pipeline
+    uses it. A sink may also have an ``accepting`` property: while it is False, the backlog counts as
+    full (the spool is full or cannot be written), and the sink wakes the source when it turns True."""
 
     def put(self, entries: Sequence[tuple[Record, Any]]) -> None: ...
 
@@ -80,6 +84,12 @@ class _Token:
         self.route = route
         self.is_dead_letter = is_dead_letter
         self.size = size
+
+    @property
+    def dead_letter(self) -> str | None:
+        """The route's dead letter as the spool keeps it: ``kinesis:<stream>``, ``mqtt:<topic>`` or None."""
+        target = self.route.dead_letter
+        return None if target is None else f"{target.kind}:{target.target}"
 
 
 def _held_bytes(record: Record, message: Message) -> int:
@@ -160,6 +170,7 @@ class Pipeline(Generic[SinkT]):
         self._flushed_unrouted = 0
         self._flush_lock = threading.Lock()  # the app's tick and a /metrics scrape may meet
         self.sink: SinkT = make_sink(self.settled)
+        self._gate: Any = self.sink if hasattr(type(self.sink), "accepting") else None
 
     @property
     def held(self) -> int:
@@ -177,9 +188,11 @@ class Pipeline(Generic[SinkT]):
         return self._intake_errors >= _INTAKE_ERRORS_UNREADY
 
     def backlog_full(self) -> bool:
-        """MQTT thread: what is held plus what this read round has routed so far."""
+        """MQTT thread: what is held plus what this read round has routed so far, or a sink that
+        takes nothing now."""
         return (self._held + len(self._outbox) >= self.backlog_capacity
-                or self._held_size + self._outbox_size >= self.backlog_capacity_bytes)
+                or self._held_size + self._outbox_size >= self.backlog_capacity_bytes
+                or (self._gate is not None and not self._gate.accepting))
 
     def _is_full(self) -> bool:  # under _held_lock
         return self._held >= self.backlog_capacity or self._held_size >= self.backlog_capacity_bytes
@@ -333,7 +346,9 @@ class Pipeline(Generic[SinkT]):
             self._drop(token, reason, code)
             self._release([token])
             return
-        envelope = _envelope(token.message, token.route.name, reason)
+        message = token.message
+        envelope = dead_letter_envelope(message.topic, message.payload, message.received_ms, token.route.name,
+                                        reason)
         if target.kind == "kinesis":
             key = token.message.topic[:MAX_PARTITION_KEY_CHARS]
             record = Record(token.route.name, target.target, key, envelope, None, record_size(key, envelope))
@@ -386,20 +401,6 @@ class Pipeline(Generic[SinkT]):
                 self._flushed_unrouted = unrouted
             self._metrics.set_backlog(self._held, self.backlog_capacity, self._held_size,
                                       self.backlog_capacity_bytes)
-
-
-def _envelope(message: Message, route: str, reason: str) -> bytes:
-    """The dead-letter record: JSON that Firehose/Athena read, with the payload kept verbatim."""
-    payload, topic = message.payload, message.topic
-    body: dict[str, Any] = {"route": route, "topic": topic[:_DEAD_LETTER_TOPIC_CHARS], "reason": reason,
-                            "received_ms": message.received_ms, "payload_bytes": len(payload)}
-    if len(topic) > _DEAD_LETTER_TOPIC_CHARS:
-        body["topic_truncated"] = True
-    if len(payload) > _DEAD_LETTER_PAYLOAD_BYTES:
-        payload = payload[:_DEAD_LETTER_PAYLOAD_BYTES]
-        body["payload_truncated"] = True
-    body["payload_base64"] = base64.b64encode(payload).decode("ascii")
-    return orjson.dumps(body) + b"\n"
 
 
 def _shown(topic: str) -> str:

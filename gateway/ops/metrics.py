@@ -21,7 +21,7 @@ from prometheus_client.metrics_core import Metric
 
 from gateway import __version__
 
-__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "PREFIX", "Metrics"]
+__all__ = ["CONTENT_TYPE", "METRIC_NAMES", "PREFIX", "SPOOL_DROP_REASONS", "Metrics"]
 
 PREFIX = "mqtt_kinesis_gateway_"
 FAILURE_CODES = ("too_large", "rejected_by_kinesis", "ttl_exceeded")
@@ -31,6 +31,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500)
 _PUT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+SPOOL_DROP_REASONS = ("when_full", "undecodable", "no_dead_letter", "dead_letter_failed")
+"""Why a record leaves the spool undelivered, declared at 0 per route when the spool is on."""
 
 # name without prefix -> (kind, label names, help); the single source of METRIC_NAMES.
 _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -53,6 +56,17 @@ _SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "backlog_capacity": ("gauge", (), "Records the in-memory backlog may hold."),
     "backlog_bytes": ("gauge", (), "Bytes of records held in memory, not yet settled."),
     "backlog_capacity_bytes": ("gauge", (), "Bytes the in-memory backlog may hold (GATEWAY_BACKLOG_BYTES)."),
+    "spool_records": ("gauge", (), "Records in the spool, waiting for Kinesis (GATEWAY_SPOOL_DIR)."),
+    "spool_bytes": ("gauge", (), "Bytes of records in the spool."),
+    "spool_capacity_bytes": ("gauge", (), "Bytes the spool may hold (GATEWAY_SPOOL_MAX_BYTES)."),
+    "spool_oldest_record_age_seconds": ("gauge", (), "Age of the oldest record in the spool (0 when empty)."),
+    "spool_dropped": ("counter", ("route", "reason"),
+                      "Records removed from the spool undelivered: when_full (drop_oldest), undecodable, "
+                      "no_dead_letter, dead_letter_failed."),
+    "spool_commits": ("counter", (), "Spool transactions committed (appends, deletes, dead-letter swaps)."),
+    "spool_commit_duration_seconds": ("histogram", (), "Duration of a group commit of received records."),
+    "spool_damaged": ("counter", (), "Damaged spools moved aside at start."),
+    "spool_unavailable": ("gauge", (), "1 while the spool cannot be written (disk full, read-only, I/O error)."),
     "mqtt_connected": ("gauge", (), "1 while connected to the broker."),
     "subscriptions_granted": ("gauge", (), "1 when the broker granted every subscription."),
     "mqtt_sessions_lost": ("counter", (), "Reconnects where the broker had no session."),
@@ -105,7 +119,8 @@ class Metrics:
             if kind == "histogram":
                 kwargs["buckets"] = {"batch_records": _BATCH_BUCKETS,
                                      "put_records_duration_seconds": _PUT_BUCKETS,
-                                     "delivery_latency_seconds": _DELIVERY_BUCKETS}[name]
+                                     "delivery_latency_seconds": _DELIVERY_BUCKETS,
+                                     "spool_commit_duration_seconds": _COMMIT_BUCKETS}[name]
             made[name] = cls(PREFIX + name, doc, labels, registry=self.registry, **kwargs)
         self._m = made
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
@@ -169,6 +184,35 @@ class Metrics:
             self._m["backlog_bytes"].set(n_bytes)
         if capacity_bytes is not None:
             self._m["backlog_capacity_bytes"].set(capacity_bytes)
+
+    # -- the spool ----------------------------------------------------------------------------
+    def spool_commit(self, seconds: float) -> None:
+        self._m["spool_commit_duration_seconds"].observe(seconds)
+
+    def spool_dropped(self, route: str, reason: str, n: int = 1) -> None:
+        self._child("spool_dropped", route, reason).inc(n)
+
+    def spool_damaged(self) -> None:
+        self._m["spool_damaged"].inc()
+
+    def spool_committed(self, n: int) -> None:
+        """Transactions since the last call (the store counts them)."""
+        if n > 0:
+            self._m["spool_commits"].inc(n)
+
+    def set_spool(self, records: int, n_bytes: int, capacity_bytes: int, oldest_age_s: float,
+                  unavailable: bool) -> None:
+        self._m["spool_records"].set(records)
+        self._m["spool_bytes"].set(n_bytes)
+        self._m["spool_capacity_bytes"].set(capacity_bytes)
+        self._m["spool_oldest_record_age_seconds"].set(oldest_age_s)
+        self._m["spool_unavailable"].set(1 if unavailable else 0)
+
+    def declare_spool_routes(self, routes: Iterable[str]) -> None:
+        """Every spool drop reason of every route at 0 (the spool is on)."""
+        for route in routes:
+            for reason in SPOOL_DROP_REASONS:
+                self._child("spool_dropped", route, reason)
 
     # -- connection and configuration ---------------------------------------------------------
     def set_connected(self, connected: bool) -> None:

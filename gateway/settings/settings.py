@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS
 from gateway.settings.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
+from gateway.settings.spool import SpoolSettings, spool_ignored, spool_settings
 
 __all__ = [
     "AwsSettings", "HttpSettings", "LegacyRoute", "LoggingSettings", "MqttConfig",
-    "ReloadSettings", "Settings", "SettingsError", "SinkConfig", "find_env_file", "load_settings",
+    "ReloadSettings", "Settings", "SettingsError", "SinkConfig", "SpoolSettings", "find_env_file", "load_settings",
 ]
 
 _MIB = 1024 * 1024
@@ -160,6 +161,8 @@ class Settings:
     shutdown_timeout_s: float
     stdout: bool
     env_file: str | None
+    spool: SpoolSettings | None = None
+    """None without GATEWAY_SPOOL_DIR: records wait in memory and messages are acked after Kinesis."""
     aws_env_overrides: Mapping[str, str] = field(repr=False, compare=False, hash=False)
     secret_values: tuple[str, ...] = field(repr=False, compare=False)
     """MQTT password, AWS secret key and session token: register them with the log redaction."""
@@ -208,6 +211,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
         shutdown_timeout_s=src.number("GATEWAY_SHUTDOWN_TIMEOUT_S", default=20, lo=0),
         stdout=src.boolean("STDOUT", default=False),
         env_file=path,
+        spool=spool_settings(src),
         aws_env_overrides=types.MappingProxyType(_aws_overrides(values, environ, aws)),
         secret_values=tuple(v.text for v in (
             src.get("AWS_SECRET_ACCESS_KEY"), src.get("AWS_SESSION_TOKEN")) if v)
@@ -302,7 +306,7 @@ def _ignored(src: Source, have_route_file: bool, transport: str) -> tuple[str, .
         lines.append("WEBSOCKET is ignored: the transport is tcp (set MQTT_TRANSPORT=websockets to use it)")
     if transport != "websockets" and src.get("MQTT_WS_PATH") is not None:
         lines.append("MQTT_WS_PATH is ignored: the transport is tcp")
-    return tuple(lines)
+    return tuple(lines + spool_ignored(src))
 
 
 def _parse_broker(src: Source, value: Value

@@ -1,0 +1,133 @@
+"""How fast the spool's sender may hand records to the Kinesis sink, per stream.
+
+Why: after a long outage the spool holds far more than a stream takes. A shard accepts 1,000
+records and 1 MiB per second; handing a backlog of a million records over at once would only turn
+into throttled requests, each retried after its own backoff (docs/spool.md#draining). So the
+sender asks this pacer first, and the pacer keeps each stream to what its open shards take.
+
+Invariants owned here (pure: no I/O, no threads, time from the injected clock):
+- per stream, what ``take`` allows over any interval ``t`` is at most ``rate × (t + burst_s)`` in
+  records and in bytes, where ``rate`` is open shards × the per-shard limits × the current factor;
+- a single record larger than the whole bucket still goes, once the bucket is full (it runs into
+  debt), so a big record never waits for ever;
+- throttling lowers the factor (multiplicatively, at most once per ``cooldown_s``, down to
+  ``floor``); it climbs back linearly to 1 over ``recover_s`` without throttling.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["SHARD_BYTES_PER_S", "SHARD_RECORDS_PER_S", "Pacer"]
+
+SHARD_RECORDS_PER_S: Final = 1000
+SHARD_BYTES_PER_S: Final = 1024 * 1024
+
+
+@dataclass
+class _Bucket:
+    shards: int
+    records: float
+    bytes: float
+    at: float
+    factor: float = 1.0
+    lowered_at: float = float("-inf")
+
+
+class Pacer:
+    """Token buckets, one per stream, sized from the stream's open shard count."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, burst_s: float = 0.2,
+                 records_per_shard: float = SHARD_RECORDS_PER_S, bytes_per_shard: float = SHARD_BYTES_PER_S,
+                 decrease: float = 0.5, floor: float = 0.1, cooldown_s: float = 1.0,
+                 recover_s: float = 10.0) -> None:
+        self._clock = clock
+        self._burst_s = burst_s
+        self._records_per_shard = records_per_shard
+        self._bytes_per_shard = bytes_per_shard
+        self._decrease = decrease
+        self._floor = floor
+        self._cooldown_s = cooldown_s
+        self._recover_s = recover_s
+        self._buckets: dict[str, _Bucket] = {}
+
+    def known(self, stream: str) -> bool:
+        """True once ``set_shards`` was told this stream's shard count."""
+        return stream in self._buckets and self._buckets[stream].shards > 0
+
+    def set_shards(self, stream: str, shards: int) -> None:
+        """The stream's open shard count (DescribeStreamSummary's OpenShardCount)."""
+        bucket = self._bucket(stream)
+        bucket.shards = max(1, shards)
+
+    def rate(self, stream: str) -> tuple[float, float]:
+        """(records/s, bytes/s) the stream is paced at now."""
+        bucket = self._refill(stream)
+        return self._rates(bucket)
+
+    def take(self, stream: str, records: int, n_bytes: int) -> float:
+        """Spend ``records`` and ``n_bytes`` of the stream's allowance and return 0.0, or return how
+        many seconds to wait before they fit (nothing spent then)."""
+        bucket = self._refill(stream)
+        per_s_records, per_s_bytes = self._rates(bucket)
+        cap_records, cap_bytes = per_s_records * self._burst_s, per_s_bytes * self._burst_s
+        fits_records = bucket.records >= records or bucket.records >= cap_records
+        fits_bytes = bucket.bytes >= n_bytes or bucket.bytes >= cap_bytes
+        if fits_records and fits_bytes:
+            bucket.records -= records
+            bucket.bytes -= n_bytes
+            return 0.0
+        wait_records = 0.0 if fits_records else (min(records, cap_records) - bucket.records) / per_s_records
+        wait_bytes = 0.0 if fits_bytes else (min(n_bytes, cap_bytes) - bucket.bytes) / per_s_bytes
+        return max(wait_records, wait_bytes, 1e-3)
+
+    def throttled(self, stream: str) -> None:
+        """Kinesis refused records of this stream for throughput: pace it lower for a while."""
+        bucket = self._refill(stream)
+        now = bucket.at
+        if now - bucket.lowered_at < self._cooldown_s:
+            return
+        bucket.lowered_at = now
+        bucket.factor = max(self._floor, bucket.factor * self._decrease)
+        per_s_records, per_s_bytes = self._rates(bucket)
+        bucket.records = min(bucket.records, per_s_records * self._burst_s)
+        bucket.bytes = min(bucket.bytes, per_s_bytes * self._burst_s)
+
+    def factor(self, stream: str) -> float:
+        return self._refill(stream).factor
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop the buckets of streams no longer spooled for (bounded memory over reloads)."""
+        for stream in list(self._buckets):
+            if stream not in keep:
+                del self._buckets[stream]
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _bucket(self, stream: str) -> _Bucket:
+        bucket = self._buckets.get(stream)
+        if bucket is None:
+            # Start with a full bucket: the first batch goes at once.
+            bucket = _Bucket(shards=0, records=self._records_per_shard * self._burst_s,
+                             bytes=self._bytes_per_shard * self._burst_s, at=self._clock())
+            self._buckets[stream] = bucket
+        return bucket
+
+    def _rates(self, bucket: _Bucket) -> tuple[float, float]:
+        shards = max(1, bucket.shards) * bucket.factor
+        return shards * self._records_per_shard, shards * self._bytes_per_shard
+
+    def _refill(self, stream: str) -> _Bucket:
+        bucket = self._bucket(stream)
+        now = self._clock()
+        elapsed = max(0.0, now - bucket.at)
+        bucket.at = now
+        if elapsed and bucket.factor < 1.0 and now - bucket.lowered_at >= self._cooldown_s:
+            bucket.factor = min(1.0, bucket.factor + elapsed / self._recover_s)
+        per_s_records, per_s_bytes = self._rates(bucket)
+        bucket.records = min(per_s_records * self._burst_s, bucket.records + elapsed * per_s_records)
+        bucket.bytes = min(per_s_bytes * self._burst_s, bucket.bytes + elapsed * per_s_bytes)
+        return bucket

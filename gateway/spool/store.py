@@ -1,0 +1,477 @@
+"""SpoolStore: the records between routing and Kinesis, on local disk, in one SQLite database.
+
+Why: an MQTT message may be acknowledged once its records are durable here, so a power loss, a
+kill -9 or an hour without AWS costs nothing the broker was told is safe (docs/spool.md).
+
+Invariants owned here:
+- ``append``/``replace``/``delete`` are each one transaction, durable when they return (WAL,
+  ``synchronous=FULL``); a failure rolls back, leaves the spool as it was, and raises
+  ``SpoolUnavailable`` (or ``SpoolFull`` for the ``block`` policy) — never a half-written spool;
+- ids only grow (AUTOINCREMENT: an id is never reused, even after the spool was empty), so read
+  order is arrival order and a reader's ``after_id`` never skips a row;
+- ``records`` and ``bytes`` are the spool's contents, counted once at open and then kept in step
+  with each commit; ``bytes`` never exceeds ``capacity_bytes`` after an ``append``;
+- ``read`` holds at most one batch in memory, and a row that does not decode is skipped, counted
+  and deleted, never raised;
+- one process at a time: the store holds an exclusive lock on ``spool.lock`` while open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from gateway.spool.check import count_rows, examine, quarantine
+from gateway.spool.schema import (
+    COLUMNS,
+    DB_NAME,
+    SIZE_SQL,
+    SpooledRecord,
+    SpoolRow,
+    SpoolUnavailable,
+    configure,
+    create_schema,
+    decode,
+    encode,
+    row_size,
+    schema_problem,
+    text_factory,
+    unavailable,
+)
+
+__all__ = ["WHEN_FULL", "OpenReport", "SpoolFull", "SpoolRow", "SpoolStore", "SpoolUnavailable", "SpooledRecord"]
+
+WHEN_FULL: Final = ("block", "drop_oldest")
+_CHUNK: Final = 500                      # ids per DELETE statement (under SQLite's parameter limit)
+_VACUUM_PAGES: Final = 4096              # pages given back per incremental vacuum step
+_INSERT: Final = f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
+_SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM records"
+
+
+class SpoolFull(Exception):
+    """``block`` policy: the rows would take the spool past its capacity; nothing was written."""
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    """What ``SpoolStore.open`` found; the caller logs ``summary`` as one line."""
+
+    fresh: bool                   # a new spool was created
+    quarantined_to: str | None    # where the damaged spool was moved (kept for inspection)
+    problem: str | None           # what was found
+    records: int                  # records in the spool now
+    bytes: int
+    lost_estimate: int | None     # records the quarantined spool may hold (None: unknown)
+    summary: str
+
+
+def _environmental(exc: sqlite3.Error) -> bool:
+    name = str(getattr(exc, "sqlite_errorname", "") or "")
+    return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY",
+                            "SQLITE_LOCKED", "SQLITE_PERM")) and name != "SQLITE_IOERR_SHORT_READ"
+
+
+def _lock(directory: str) -> int:
+    path = os.path.join(directory, "spool.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise unavailable(directory, exc, "opening the spool's lock file") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SpoolUnavailable("in_use", f"spool {directory}: in use by another process (spool.lock is held)"
+                               ) from None
+    return fd
+
+
+class SpoolStore:
+    """The spool of one gateway process. Thread use: the committer calls ``append``/``replace``, the
+    sender ``read``/``delete``/``replace``; writes are serialised by a lock on one connection, reads
+    use a second connection (WAL readers never wait for the writer's fsync)."""
+
+    def __init__(self, directory: str, lock_fd: int, max_bytes: int, when_full: str,
+                 clock: Callable[[], float]) -> None:
+        self._directory = directory
+        self._lock_fd = lock_fd
+        self._max_bytes = max_bytes
+        self._when_full = when_full
+        self._clock = clock
+        self._db = os.path.join(directory, DB_NAME)
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._records = 0
+        self._bytes = 0
+        self._dropped: Counter[str] = Counter()
+        self._undecodable = 0
+        self._commits = 0
+        self._deletes_since_vacuum = 0
+        self.last_commit_seconds = 0.0
+        self._resync = True
+        self._created = False
+
+    # -- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str, *, max_bytes: int, when_full: str = "block",
+             clock: Callable[[], float] = time.time) -> tuple[SpoolStore, OpenReport]:
+        """Open (or create) the spool in ``directory``: check it, move a damaged one aside, start a
+        fresh one. Raises ``SpoolUnavailable`` only when no usable spool can be made."""
+        if when_full not in WHEN_FULL:
+            raise ValueError(f"when_full must be one of {', '.join(WHEN_FULL)}, not {when_full!r}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise unavailable(directory, exc, "creating the spool directory") from None
+        lock_fd = _lock(directory)
+        try:
+            store = cls(directory, lock_fd, max_bytes, when_full, clock)
+            report = store._open_checked()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store, report
+
+    def _open_checked(self) -> OpenReport:
+        found = examine(self._directory)
+        problem, moved_to, lost = found.problem, None, None
+        if problem is not None:
+            lost = found.records if found.records is not None else count_rows(Path(self._db))
+            moved_to = quarantine(self._directory, self._clock())
+        try:
+            fresh = self._connect()
+        except sqlite3.DatabaseError as exc:  # damage the check could not see: move it aside once, no loop
+            self._close_connections()
+            if moved_to is not None:
+                raise unavailable(self._directory, exc, "creating a fresh spool") from None
+            problem, lost = " ".join(str(exc).split()), count_rows(Path(self._db))
+            moved_to = quarantine(self._directory, self._clock())
+            try:
+                fresh = self._connect()
+            except sqlite3.Error as again:
+                self._close_connections()
+                raise unavailable(self._directory, again, "creating a fresh spool") from None
+        except BaseException:
+            self._close_connections()
+            raise
+        return self._report(fresh, moved_to, problem, lost)
+
+    def _connect(self) -> bool:
+        """Open both connections (creating the schema in an empty database); True if created.
+        Environmental failures raise ``SpoolUnavailable``; damage raises ``sqlite3.DatabaseError``."""
+        try:
+            self._connect_writer()
+            reader = sqlite3.connect(self._db, isolation_level=None, timeout=5.0, check_same_thread=False)
+            self._reader = reader
+            reader.execute("PRAGMA query_only=1")
+            reader.text_factory = text_factory
+            self._recount()
+            return self._created
+        except sqlite3.Error as exc:
+            if _environmental(exc):
+                raise unavailable(self._directory, exc, "opening the spool") from None
+            raise
+        except OSError as exc:
+            raise unavailable(self._directory, exc, "opening the spool") from None
+
+    def _connect_writer(self) -> None:
+        writer = sqlite3.connect(self._db, isolation_level=None, timeout=5.0, check_same_thread=False)
+        self._writer = writer
+        self._created = schema_problem(writer) == "empty"
+        if self._created:
+            create_schema(writer)
+        configure(writer)
+        problem = schema_problem(writer)
+        if problem is not None:
+            raise sqlite3.DatabaseError(problem)
+
+    def _recount(self) -> None:
+        assert self._writer is not None
+        count, total = self._writer.execute(f"SELECT count(*), total({SIZE_SQL}) FROM records").fetchone()
+        self._records, self._bytes, self._resync = int(count), int(total), False
+
+    def _report(self, fresh: bool, moved_to: str | None, problem: str | None, lost: int | None) -> OpenReport:
+        where = f"spool {self._directory}"
+        now = f"{self._records} records, {self._bytes} bytes of {self._max_bytes}"
+        if moved_to is not None:
+            size = sum(p.stat().st_size for p in Path(moved_to).iterdir())
+            may_hold = f"it may hold {lost} records" if lost is not None else "how many records it holds is unknown"
+            summary = (f"{where}: damaged ({problem}); moved to {moved_to} ({size} bytes, {may_hold});"
+                       " started a fresh spool")
+        elif fresh:
+            summary = f"{where}: created a fresh spool ({now})"
+        else:
+            summary = f"{where}: checked ok; {now} to deliver first"
+        return OpenReport(fresh, moved_to, problem, self._records, self._bytes, lost, summary)
+
+    def _close_connections(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._reader = self._writer = None
+
+    # -- writing ------------------------------------------------------------------------------------
+
+    def _write(self, doing: str, body: Callable[[sqlite3.Connection], tuple[int, int]]) -> None:
+        """Run ``body`` in one transaction; it returns the change in (records, bytes). On any error
+        roll back and raise ``SpoolUnavailable``; totals change only once the commit returned."""
+        if self._writer is None:  # a failure closed it: reopen (the disk may have room again)
+            try:
+                self._connect_writer()
+            except (sqlite3.Error, OSError) as exc:
+                self._close_writer()
+                raise unavailable(self._directory, exc, doing) from None
+        conn = self._writer
+        assert conn is not None
+        try:
+            if self._resync:
+                self._recount()
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            d_records, d_bytes = body(conn)
+            conn.execute("COMMIT")
+            self.last_commit_seconds = time.perf_counter() - started
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback()
+            raise unavailable(self._directory, exc, doing) from None
+        except BaseException:
+            self._rollback()
+            raise
+        self._records += d_records
+        self._bytes += d_bytes
+        self._commits += 1
+
+    def _rollback(self) -> None:
+        """After a failed write the totals are recounted before the next one (a failed COMMIT may
+        still have reached the disk); a connection that cannot even roll back is reopened."""
+        self._resync = True
+        conn = self._writer
+        try:
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._close_writer()
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._writer.close()
+            self._writer = None
+
+    def _insert(self, conn: sqlite3.Connection, rows: Sequence[SpoolRow]) -> tuple[list[int], int]:
+        ids, added = [], 0
+        for row in rows:
+            params = encode(row)
+            ids.append(int(conn.execute(_INSERT, params).lastrowid or 0))
+            added += params[9]
+        return ids, added
+
+    def _make_room(self, conn: sqlite3.Connection, needed: int, dropped: Counter[str]) -> tuple[int, int]:
+        """Delete the oldest rows until ``needed`` more bytes fit; count them per route."""
+        freed = count = 0
+        while self._bytes - freed + needed > self._max_bytes:
+            batch = conn.execute(f"SELECT id, route, {SIZE_SQL} FROM records ORDER BY id LIMIT {_CHUNK}").fetchall()
+            if not batch:
+                break
+            last = None
+            for rid, route, size in batch:
+                if self._bytes - freed + needed <= self._max_bytes:
+                    break
+                last, freed, count = rid, freed + int(size), count + 1
+                dropped[route if isinstance(route, str) else "?"] += 1
+            if last is None:
+                break
+            conn.execute("DELETE FROM records WHERE id <= ?", (last,))
+        return count, freed
+
+    def append(self, rows: Sequence[SpoolRow]) -> list[int]:
+        """Append ``rows`` in one durable transaction; return their ids, in order."""
+        if not rows:
+            return []
+        needed = sum(row_size(r) for r in rows)
+        if self._when_full == "block" and self._bytes + needed > self._max_bytes:
+            raise SpoolFull(f"spool {self._directory}: full ({self._bytes} of {self._max_bytes} bytes;"
+                            f" {len(rows)} records of {needed} bytes wait)")
+        if needed > self._max_bytes:
+            raise SpoolFull(f"spool {self._directory}: {len(rows)} records of {needed} bytes exceed its"
+                            f" capacity of {self._max_bytes} bytes")
+        ids: list[int] = []
+        dropped: Counter[str] = Counter()
+
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            dropped.clear()
+            gone, freed = self._make_room(conn, needed, dropped) if self._when_full == "drop_oldest" else (0, 0)
+            new, added = self._insert(conn, rows)
+            ids[:] = new
+            return len(new) - gone, added - freed
+
+        with self._write_lock:
+            self._write("appending", body)
+            self._dropped.update(dropped)
+        return ids
+
+    def take_dropped(self) -> dict[str, int]:
+        """Records ``drop_oldest`` deleted since the last call, per route."""
+        with self._write_lock:
+            taken, self._dropped = dict(self._dropped), Counter()
+        return taken
+
+    def _delete_ids(self, conn: sqlite3.Connection, ids: Sequence[int]) -> tuple[int, int]:
+        count = freed = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            sizes = conn.execute(f"DELETE FROM records WHERE id IN ({marks}) RETURNING {SIZE_SQL}", chunk).fetchall()
+            count, freed = count + len(sizes), freed + sum(int(s[0]) for s in sizes)
+        return count, freed
+
+    def delete(self, ids: Iterable[int]) -> None:
+        """Delete the rows ``ids`` in one transaction (ids no longer there are ignored)."""
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return
+
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            count, freed = self._delete_ids(conn, wanted)
+            return -count, -freed
+
+        with self._write_lock:
+            self._write("deleting delivered records", body)
+            self._deletes_since_vacuum += len(wanted)
+            if self._deletes_since_vacuum >= 10_000 or self._records == 0:
+                self._deletes_since_vacuum = 0
+                self._shrink()
+
+    def replace(self, delete: Iterable[int], add: Sequence[SpoolRow]) -> list[int]:
+        """Delete ``delete`` and append ``add`` in one transaction (a record becomes its dead
+        letter's envelope). The capacity is not enforced here: the envelope replaces its record."""
+        wanted = [int(i) for i in delete]
+        ids: list[int] = []
+
+        def body(conn: sqlite3.Connection) -> tuple[int, int]:
+            count, freed = self._delete_ids(conn, wanted)
+            new, added = self._insert(conn, add)
+            ids[:] = new
+            return len(new) - count, added - freed
+
+        with self._write_lock:
+            self._write("replacing a record by its dead letter", body)
+        return ids
+
+    def _shrink(self) -> None:
+        """Give free pages back to the file system once they are many and most of the file: after a
+        long outage has drained, the file shrinks back instead of keeping its peak size."""
+        conn = self._writer
+        if conn is None:
+            return
+        try:
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            if free >= _VACUUM_PAGES and free * 2 >= pages:
+                conn.execute(f"PRAGMA incremental_vacuum({_VACUUM_PAGES})").fetchall()
+        except sqlite3.Error:
+            pass  # only housekeeping: the next delete tries again
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]:
+        """Rows with id > ``after_id`` in id order: at most ``max_records``, and at most ``max_bytes``
+        (counted by row size) unless the first row alone is bigger. Undecodable rows are deleted."""
+        out: list[SpooledRecord] = []
+        bad: list[int] = []
+        total = 0
+        with self._read_lock:
+            conn = self._reader
+            if conn is None:
+                return []
+            try:
+                cursor = conn.execute(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after_id, max(1, max_records)))
+                for values in cursor:
+                    record = decode(tuple(values))
+                    if record is None:
+                        bad.append(int(values[0]))
+                        continue
+                    if out and total + record.size > max_bytes:
+                        break
+                    out.append(record)
+                    total += record.size
+                cursor.close()
+            except sqlite3.Error as exc:
+                raise unavailable(self._directory, exc, "reading the spool") from None
+        if bad:
+            def body(conn: sqlite3.Connection) -> tuple[int, int]:
+                count, freed = self._delete_ids(conn, bad)
+                return -count, -freed
+
+            with self._write_lock:
+                self._write("deleting undecodable records", body)
+                self._undecodable += len(bad)
+        return out
+
+    @property
+    def records(self) -> int:
+        return self._records
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._max_bytes
+
+    @property
+    def undecodable(self) -> int:
+        return self._undecodable
+
+    @property
+    def commits(self) -> int:
+        return self._commits
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    def oldest_arrival_ms(self) -> int | None:
+        """The arrival time of the oldest record (the lowest id), or None for an empty spool."""
+        with self._read_lock:
+            if self._reader is None:
+                return None
+            try:
+                row = self._reader.execute("SELECT arrival_ms FROM records ORDER BY id LIMIT 1").fetchone()
+            except sqlite3.Error:
+                return None
+        return row[0] if row and isinstance(row[0], int) else None
+
+    def breakdown(self) -> list[tuple[str, str, int, int]]:
+        """(stream, route, records, bytes) for each stream and route in the spool (a full scan)."""
+        with self._read_lock:
+            if self._reader is None:
+                return []
+            rows = self._reader.execute(
+                f"SELECT stream, route, count(*), total({SIZE_SQL}) FROM records"
+                " GROUP BY stream, route ORDER BY stream, route").fetchall()
+        return [(str(s), str(r), int(n), int(b)) for s, r, n, b in rows]
+
+    def close(self) -> None:
+        """Close the connections (the last close checkpoints the WAL) and release the lock."""
+        with self._write_lock, self._read_lock:
+            self._close_connections()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
