@@ -9,6 +9,7 @@ delivered + dropped = every message the gateway received, no more, no less.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 
@@ -16,6 +17,14 @@ import pytest
 
 from tests.fault.spool_rig import SpoolRig, wait_alive
 from tests.support.oracle import check_delivery, emit, wait_until
+from tests.support.publisher import WELDER
+
+MIN_CAP = 16 * 1024 * 1024     # the smallest GATEWAY_SPOOL_MAX_BYTES the gateway accepts
+PAD = 8000                     # bytes of padding per message, so a few thousand fill the smallest cap
+
+
+def _padded(seq: int) -> bytes:
+    return json.dumps({**WELDER, "seq": seq, "pad": "x" * PAD}).encode()
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 
@@ -50,10 +59,10 @@ def test_qos0_restart_during_an_outage_loses_none_of_what_was_spooled(
 def test_drop_oldest_keeps_the_newest_and_counts_every_drop(
         make_spool_rig: Callable[..., SpoolRig], report) -> None:
     rig = make_spool_rig()
-    gw = rig.gateway(GATEWAY_SPOOL_MAX_BYTES=str(256 * 1024), GATEWAY_SPOOL_WHEN_FULL="drop_oldest")
-    pub = rig.publisher()
+    gw = rig.gateway(GATEWAY_SPOOL_MAX_BYTES=str(MIN_CAP), GATEWAY_SPOOL_WHEN_FULL="drop_oldest")
+    pub = rig.publisher(payload=_padded)
     rig.proxy.cut()
-    n = 5000
+    n = 2 * MIN_CAP // PAD           # twice what the spool can hold
     pub.publish_range(n, rate=500)
     assert pub.wait_acked(30)
     assert wait_until(lambda: gw.metric("messages_received_total") >= n, 30)
