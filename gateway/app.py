@@ -33,13 +33,18 @@ from gateway.pipeline import OnSettled, Pipeline
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable
-from gateway.settings.settings import MqttConfig, Settings, SettingsError
+from gateway.settings.settings import MqttConfig, Settings, SettingsError, SpoolSettings
 from gateway.sink.aws import make_kinesis_client
 from gateway.sink.clients import RegionalClients
 from gateway.sink.kinesis import KinesisSink
+from gateway.sink.shards import open_shard_count
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
+from gateway.spool.opening import LazyStore
+from gateway.spool.ports import RetryWatch
+from gateway.spool.spooled import SpooledSink
+from gateway.spool.store import OpenReport, SpoolStore
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
@@ -102,6 +107,8 @@ class Gateway:
         os.environ.update(settings.aws_env_overrides)
         self.outbound = Outbound()
         self.acks = AckTracker(self.outbound)
+        self.spool = self._open_spool(settings.spool) if settings.spool is not None else None
+        self._spool_counted = (0, 0)   # the store's (commits, undecodable) already in the metrics
         self.pipeline = Pipeline(self.active, self.acks, self.metrics, make_sink=self._sink_factory(table),
                                  outbound=self.outbound, backlog_capacity=settings.backlog,
                                  backlog_capacity_bytes=settings.backlog_bytes, echo=settings.stdout)
@@ -112,6 +119,9 @@ class Gateway:
             raise StartupError("AWS_REGION: not set, and no region in the AWS profile; set AWS_REGION"
                                " (e.g. us-east-1) to the region of the streams") from None
         self.metrics.before_render(self.pipeline.flush_counts)
+        if self.spool is not None:
+            self.metrics.declare_spool_routes([*(r.name for r in table.routes), "-"])
+            self.metrics.before_render(self._spool_metrics)
         self.source = MqttSource(_mqtt_config(settings, table), hooks=self.pipeline, acks=self.acks,
                                  outbound=self.outbound, subscriptions=table.subscriptions, metrics=self.metrics)
         self.reloader: Reloader | None = None
@@ -124,9 +134,40 @@ class Gateway:
                                   liveness=self.alive, readiness=self.readiness)
                      if settings.http.port else None)
 
-    def _sink_factory(self, table: RouteTable) -> Callable[[OnSettled], KinesisSink[Any]]:
+    def _open_spool(self, spool: SpoolSettings) -> LazyStore:
+        """The spool of this process; one line says what was found in it (a damaged one is moved
+        aside and counted). A spool that cannot be opened at all is tried again every second."""
+        def opened(report: OpenReport) -> None:
+            if report.quarantined_to is not None:
+                self.metrics.spool_damaged()
+                log.warning("%s", report.summary)
+            else:
+                log.info("%s", report.summary)
+
+        store = LazyStore(lambda: SpoolStore.open(spool.directory, max_bytes=spool.max_bytes,
+                                                  when_full=spool.when_full),
+                          spool.max_bytes, on_open=opened)
+        store.try_open()
+        return store
+
+    def _spool_metrics(self) -> None:
+        spool, sink = self.spool, self.sink
+        if spool is None or not isinstance(sink, SpooledSink):
+            return
+        oldest = spool.oldest_arrival_ms()
+        age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+        self.metrics.set_spool(spool.records, spool.bytes, spool.capacity_bytes, age, sink.spool_problem is not None)
+        commits, undecodable = spool.commits, spool.undecodable
+        counted_commits, counted_undecodable = self._spool_counted
+        self._spool_counted = (commits, undecodable)
+        self.metrics.spool_committed(commits - counted_commits)
+        if undecodable > counted_undecodable:
+            self.metrics.spool_dropped("-", "undecodable", undecodable - counted_undecodable)
+
+    def _sink_factory(self, table: RouteTable) -> Callable[[OnSettled], KinesisSink[Any] | SpooledSink]:
         """How the pipeline builds its sink: one Kinesis client per region, the route table's
-        aggregate routes, settlements reported to the pipeline."""
+        aggregate routes, settlements reported to the pipeline; with a spool, the Kinesis sink
+        delivers the spool's rows and the spooled sink settles records once they are on disk."""
         aws, kinesis = self.settings.aws, self.settings.kinesis
         clients = RegionalClients(
             lambda region: make_kinesis_client(region=region, assume_role_arn=aws.assume_role_arn,
@@ -134,9 +175,24 @@ class Gateway:
                                                max_pool_connections=kinesis.max_in_flight + 2),
             default_region=aws.region)
 
-        def make(on_settled: OnSettled) -> KinesisSink[Any]:
-            return KinesisSink(clients, kinesis, on_settled=on_settled, metrics=self.metrics,
-                               aggregate_routes=(r.name for r in table.routes if r.aggregate))
+        aggregate = [r.name for r in table.routes if r.aggregate]
+
+        def make(on_settled: OnSettled) -> KinesisSink[Any] | SpooledSink:
+            if self.spool is None:
+                return KinesisSink(clients, kinesis, on_settled=on_settled, metrics=self.metrics,
+                                   aggregate_routes=aggregate)
+            spool = self.spool
+            problem = None if spool.problem is None else str(spool.problem)
+            sink = SpooledSink(
+                spool, lambda settled, retried: KinesisSink(clients, kinesis, on_settled=settled,
+                                                            metrics=RetryWatch(self.metrics, retried)),
+                on_settled, self.metrics, wake=self.outbound.wake, publish=self.outbound.publish,
+                shard_count=lambda stream: open_shard_count(clients.for_stream(stream), stream),
+                max_in_flight_records=2 * kinesis.max_in_flight * kinesis.max_batch_records,
+                name=f"spool {self.settings.spool.directory if self.settings.spool else ''}",
+                initial_problem=problem)
+            sink.set_aggregate_routes(aggregate)
+            return sink
 
         return make
 
@@ -145,6 +201,8 @@ class Gateway:
     def _swapped(self, old: RouteTable, new: RouteTable, diff: TableDiff) -> None:
         """Runs on the reload worker after the swap: metrics, the sink and subscriptions follow."""
         self.metrics.declare_routes((r.name, r.stream, r.drop_codes) for r in new.routes)
+        if self.spool is not None:
+            self.metrics.declare_spool_routes(r.name for r in new.routes)
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
         self.sink.check_streams(_kinesis_streams(new))
         self.source.update_subscriptions(new.subscriptions)
@@ -164,6 +222,11 @@ class Gateway:
             "intake_working": not self.pipeline.intake_failing,
         }
         problems = {f"stream {stream}": why for stream, why in self.sink.stream_problems().items()}
+        if isinstance(self.sink, SpooledSink):
+            problem = self.sink.spool_problem
+            checks["spool_writable"] = problem is None
+            if problem is not None:
+                problems["spool"] = problem
         return all(checks.values()), checks, problems
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -216,13 +279,31 @@ class Gateway:
         drained = self.sink.drain(max(0.0, deadline - time.monotonic() - 1.0))
         self.source.stop(max(0.5, min(2.0, deadline - time.monotonic())))
         self.sink.close()
+        if self.spool is not None:
+            self._spool_metrics()
+            self.spool.close()
         self.outbound.close()
         if self.http is not None:
             self.http.stop()
         self.pipeline.flush(everything=True)
-        if drained:
+        if isinstance(self.sink, SpooledSink):
+            self._spool_shutdown_line(drained)
+        elif drained:
             log.info("stopped: everything delivered was acknowledged")
         else:
             log.warning("stopped at the deadline with %d record(s) undelivered; %s", self.pipeline.held,
                         _undelivered_fate({q for _, q in self.active.current.subscriptions}))
         return self._exit_code
+
+    def _spool_shutdown_line(self, drained: bool) -> None:
+        """What the spool keeps for the next start, and what was never spooled, in one line."""
+        assert isinstance(self.sink, SpooledSink) and self.spool is not None
+        where = self.settings.spool.directory if self.settings.spool else "the spool"
+        unspooled = self.sink.pending_records
+        lost = (f"; {unspooled} record(s) received were not yet in the spool, so not acknowledged: "
+                f"{_undelivered_fate({q for _, q in self.active.current.subscriptions})}" if unspooled else "")
+        if drained:
+            log.info("stopped: everything received was delivered to Kinesis; the spool %s is empty", where)
+        else:
+            log.warning("stopped at the deadline with %d record(s) in the spool %s: they were acknowledged and are "
+                        "delivered first at the next start%s", self.spool.records, where, lost)

@@ -64,6 +64,8 @@ def supervise(workers: int, settings: Any, argv: list[str]) -> int:
             "MQTT_SHARE_GROUP": share_group,
             "HTTP_PORT": str(settings.http.port + index) if settings.http.port else "0",
         })
+        if settings.spool is not None:   # one spool per worker: a spool is one process's (its lock)
+            env["GATEWAY_SPOOL_DIR"] = settings.spool.for_worker(index)
         children.append(subprocess.Popen(_child_argv(argv), env=env,  # noqa: S603 - our own command
                                          preexec_fn=_die_with_parent))  # noqa: PLW1509 - no threads here
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from gateway.model import stream_target
 
-__all__ = ["ShardLister", "ShardMap", "load_shard_map"]
+__all__ = ["ShardLister", "ShardMap", "StreamDescriber", "load_shard_map", "open_shard_count"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +53,15 @@ def load_shard_map(client: ShardLister, stream: str) -> ShardMap:
         if "EndingSequenceNumber" not in s.get("SequenceNumberRange", {})
     )
     return ShardMap(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows))
+
+
+class StreamDescriber(Protocol):
+    def describe_stream_summary(self, **kwargs: Any) -> dict[str, Any]: ...
+
+
+def open_shard_count(client: StreamDescriber, stream: str) -> int | None:
+    """The stream's open shards (DescribeStreamSummary's OpenShardCount): what a drain is paced by.
+    None when the answer has no count; errors are the caller's to handle."""
+    summary = client.describe_stream_summary(**stream_target(stream)).get("StreamDescriptionSummary", {})
+    count = summary.get("OpenShardCount") if isinstance(summary, dict) else None
+    return count if isinstance(count, int) and count > 0 else None

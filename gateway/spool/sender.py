@@ -22,68 +22,19 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Record, Settlement, dead_letter_envelope
 from gateway.spool.pacing import Pacer
+from gateway.spool.ports import Inner, RateLimitedLog, SenderMetrics, Store
 from gateway.spool.schema import SpooledRecord, SpoolRow, SpoolUnavailable
 
-__all__ = ["Inner", "Sender", "SenderMetrics", "Store"]
+__all__ = ["Sender"]
 
 log = logging.getLogger("gateway.spool")
 
 _SHARDS_REFRESH_S = 300.0
 _SHARDS_RETRY_S = 5.0
-_LOG_EVERY_S = 10.0
-
-
-class Store(Protocol):
-    """``gateway.spool.store.SpoolStore`` as the spool's threads use it."""
-
-    def append(self, rows: Sequence[SpoolRow]) -> list[int]: ...
-    def take_dropped(self) -> dict[str, int]: ...
-    def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]: ...
-    def delete(self, ids: Iterable[int]) -> None: ...
-    def replace(self, delete: Iterable[int], add: Sequence[SpoolRow]) -> list[int]: ...
-    @property
-    def records(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def capacity_bytes(self) -> int: ...
-
-
-class Inner(Protocol):
-    """``gateway.sink.kinesis.KinesisSink[int]`` as the sender uses it."""
-
-    def put(self, entries: Sequence[tuple[Record, int]]) -> None: ...
-    @property
-    def pending_records(self) -> int: ...
-
-
-class SenderMetrics(Protocol):
-    def records_dead_lettered(self, route: str, n: int) -> None: ...
-    def records_dropped(self, route: str, reason: str, n: int) -> None: ...
-    def spool_dropped(self, route: str, reason: str, n: int) -> None: ...
-
-
-class RateLimitedLog:
-    """One warning per key at most every ``interval_s``; what was held back is told as a count."""
-
-    def __init__(self, clock: Callable[[], float], interval_s: float = _LOG_EVERY_S) -> None:
-        self._clock, self._interval_s = clock, interval_s
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, text: str) -> None:
-        now = self._clock()
-        with self._lock:
-            last, held = self._last.get(key, (float("-inf"), 0))
-            if now - last < self._interval_s:
-                self._last[key] = (last, held + 1)
-                return
-            self._last[key] = (now, 0)
-        log.warning("%s%s", text, f" (and {held} more like it before this)" if held else "")
 
 
 class Sender:

@@ -26,61 +26,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from gateway.model import PUT, Failed, Message, Record, Settlement
+from gateway.model import PUT, Failed, Record, Settlement
 from gateway.spool.pacing import Pacer
+from gateway.spool.ports import InnerSink, Origin, RateLimitedLog, SpoolMetrics, Store
 from gateway.spool.schema import SpoolRow, SpoolUnavailable, row_size
-from gateway.spool.sender import RateLimitedLog, Sender, Store
+from gateway.spool.sender import Sender
 from gateway.spool.store import SpoolFull
 
-__all__ = ["Origin", "SpoolMetrics", "SpooledSink"]
+__all__ = ["SpooledSink"]
 
 log = logging.getLogger("gateway.spool")
 
 _LOG_EVERY_S = 10.0
-
-
-class Origin(Protocol):
-    """What the pipeline's token tells the spool about a record (``gateway.pipeline``'s token)."""
-
-    @property
-    def message(self) -> Message: ...
-    @property
-    def is_dead_letter(self) -> bool: ...
-    @property
-    def dead_letter(self) -> str | None:
-        """The route's dead letter at routing time: ``kinesis:<stream>``, ``mqtt:<topic>`` or None."""
-
-
-class InnerSink(Protocol):
-    """``gateway.sink.kinesis.KinesisSink[int]``: what the spooled sink passes through to it."""
-
-    def put(self, entries: Sequence[tuple[Record, int]]) -> None: ...
-    def start(self) -> None: ...
-    def drain(self, deadline_s: float) -> bool: ...
-    def close(self, timeout_s: float = 1.0) -> None: ...
-    def check_streams(self, streams: Iterable[str]) -> None: ...
-    def set_aggregate_routes(self, routes: Iterable[str]) -> None: ...
-    def stream_problems(self) -> dict[str, str]: ...
-    @property
-    def pending_records(self) -> int: ...
-    @property
-    def healthy(self) -> bool: ...
-    @property
-    def alive(self) -> bool: ...
-    @property
-    def last_error(self) -> str | None: ...
-
-
-class SpoolMetrics(Protocol):
-    """What the spooled sink reports (gateway.ops.metrics implements it)."""
-
-    def spool_commit(self, seconds: float) -> None: ...
-    def spool_dropped(self, route: str, reason: str, n: int) -> None: ...
-    def records_dead_lettered(self, route: str, n: int) -> None: ...
-    def records_dropped(self, route: str, reason: str, n: int) -> None: ...
-    def callback_error(self) -> None: ...
 
 
 OnSettled = Callable[[Sequence[tuple[Any, Settlement]]], None]
@@ -97,7 +56,10 @@ class SpooledSink:
                  publish: Callable[[str, bytes, int, Callable[[bool, str], None]], None] | None = None,
                  shard_count: Callable[[str], int | None] | None = None, clock: Callable[[], float] = time.monotonic,
                  pacer: Pacer | None = None, max_in_flight_records: int = 4000,
-                 max_in_flight_bytes: int = 16 * 1024 * 1024, retry_s: float = 1.0, name: str = "spool") -> None:
+                 max_in_flight_bytes: int = 16 * 1024 * 1024, retry_s: float = 1.0, name: str = "spool",
+                 initial_problem: str | None = None) -> None:
+        """``initial_problem``: the spool could not be opened (``LazyStore``); the sink starts as not
+        accepting, says so once, and tries again every ``retry_s``."""
         self._store = store
         self._on_settled = on_settled
         self._metrics = metrics
@@ -125,6 +87,10 @@ class SpooledSink:
         self.inner = make_inner(self._sender.settled, self._sender.throttled)
         self._sender.inner = self.inner
         self._thread: threading.Thread | None = None
+        if initial_problem is not None:
+            self._accepting = False
+            self._retry_at = clock() + retry_s
+            self._problem("commit", initial_problem)
 
     # -- the pipeline's Sink ------------------------------------------------------------------------
 
@@ -253,8 +219,8 @@ class SpooledSink:
                     return False
                 if self._pending and self._accepting:
                     break
-                if self._pending:   # blocked: again once the sender freed room, or after retry_s
-                    now = self._clock()
+                if self._pending or "commit" in self._problems:   # blocked: again once the sender
+                    now = self._clock()                           # freed room, or after retry_s
                     if self._freed != self._freed_seen or now >= self._retry_at:
                         break
                     self._cond.wait(self._retry_at - now)
@@ -263,7 +229,10 @@ class SpooledSink:
             batch, self._pending = self._pending, []
             self._committing = len(batch)
         try:
-            self._commit(batch)
+            if batch:
+                self._commit(batch)
+            else:   # nothing pending, but the spool could not be written: is it writable again?
+                self._append([], [], [])
         finally:
             with self._cond:
                 self._committing = 0
@@ -271,8 +240,6 @@ class SpooledSink:
         return True
 
     def _commit(self, batch: list[tuple[Record, Any]]) -> None:
-        if not batch:
-            return
         rows: list[SpoolRow] = []
         kept: list[tuple[Record, Any]] = []
         refused: list[tuple[Any, Settlement]] = []
@@ -320,13 +287,15 @@ class SpooledSink:
             else:
                 self._problem("commit", str(problem))
             return False
-        self._metrics.spool_commit(time.perf_counter() - started)
+        if rows:
+            self._metrics.spool_commit(time.perf_counter() - started)
         self._problem("commit", None)
         self._set_full(None)
         self._sender.committed()
         if dropped:
             self._count_dropped(dropped)
-        self._settle([(token, PUT) for _, token in entries])
+        if entries:
+            self._settle([(token, PUT) for _, token in entries])
         if not self._accepting:
             with self._cond:
                 self._accepting = True

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "ops": {"model"},
     "pipeline": {"model", "routing", "source"},
     "workers": {"model", "settings"},
-    "app": {"model", "settings", "routing", "routefile", "source", "sink", "ops", "pipeline"},
+    "app": {"model", "settings", "routing", "routefile", "source", "sink", "spool", "ops", "pipeline"},
     "explain": {"model", "routing"},
     "cli": {"model", "settings", "routing", "routefile", "ops", "app", "workers", "explain", "spool"},
     "__main__": {"cli"},

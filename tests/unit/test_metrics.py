@@ -36,6 +36,11 @@ def exercise(metrics: Metrics) -> None:
     metrics.session_lost()
     metrics.callback_error()
     metrics.reload_result(True, "ab" * 32, now=1700000000.0)
+    metrics.spool_commit(0.002)
+    metrics.spool_dropped("r1", "when_full", 3)
+    metrics.spool_damaged()
+    metrics.spool_committed(4)
+    metrics.set_spool(5, 500, 1000, 1.5, False)
 
 
 def test_metric_names_lists_exactly_the_exported_sample_names() -> None:

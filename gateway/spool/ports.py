@@ -1,0 +1,149 @@
+"""The seams of the spool package: what its threads need of the store, the Kinesis sink, the
+pipeline's tokens and the metrics, as protocols, so that each side can be faked in tests.
+
+Also the one rate-limited warning both threads use (a line per reason at most every 10 s, with the
+count of what was held back), so that a flood of bad records never floods the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from gateway.model import Message, Record
+from gateway.spool.schema import SpooledRecord, SpoolRow
+
+__all__ = ["Inner", "InnerMetrics", "InnerSink", "Origin", "RateLimitedLog", "RetryWatch", "SenderMetrics",
+           "SpoolMetrics", "Store"]
+
+log = logging.getLogger("gateway.spool")
+
+_LOG_EVERY_S = 10.0
+
+
+class Store(Protocol):
+    """``gateway.spool.store.SpoolStore`` as the spool's threads use it."""
+
+    def append(self, rows: Sequence[SpoolRow]) -> list[int]: ...
+    def take_dropped(self) -> dict[str, int]: ...
+    def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]: ...
+    def delete(self, ids: Iterable[int]) -> None: ...
+    def replace(self, delete: Iterable[int], add: Sequence[SpoolRow]) -> list[int]: ...
+    @property
+    def records(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def capacity_bytes(self) -> int: ...
+
+
+class Inner(Protocol):
+    """``gateway.sink.kinesis.KinesisSink[int]`` as the sender uses it."""
+
+    def put(self, entries: Sequence[tuple[Record, int]]) -> None: ...
+    @property
+    def pending_records(self) -> int: ...
+
+
+class SenderMetrics(Protocol):
+    def records_dead_lettered(self, route: str, n: int) -> None: ...
+    def records_dropped(self, route: str, reason: str, n: int) -> None: ...
+    def spool_dropped(self, route: str, reason: str, n: int) -> None: ...
+
+
+class RateLimitedLog:
+    """One warning per key at most every ``interval_s``; what was held back is told as a count."""
+
+    def __init__(self, clock: Callable[[], float], interval_s: float = _LOG_EVERY_S) -> None:
+        self._clock, self._interval_s = clock, interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, text: str) -> None:
+        now = self._clock()
+        with self._lock:
+            last, held = self._last.get(key, (float("-inf"), 0))
+            if now - last < self._interval_s:
+                self._last[key] = (last, held + 1)
+                return
+            self._last[key] = (now, 0)
+        log.warning("%s%s", text, f" (and {held} more like it before this)" if held else "")
+
+
+class Origin(Protocol):
+    """What the pipeline's token tells the spool about a record (``gateway.pipeline``'s token)."""
+
+    @property
+    def message(self) -> Message: ...
+    @property
+    def is_dead_letter(self) -> bool: ...
+    @property
+    def dead_letter(self) -> str | None:
+        """The route's dead letter at routing time: ``kinesis:<stream>``, ``mqtt:<topic>`` or None."""
+
+
+class InnerSink(Protocol):
+    """``gateway.sink.kinesis.KinesisSink[int]``: what the spooled sink passes through to it."""
+
+    def put(self, entries: Sequence[tuple[Record, int]]) -> None: ...
+    def start(self) -> None: ...
+    def drain(self, deadline_s: float) -> bool: ...
+    def close(self, timeout_s: float = 1.0) -> None: ...
+    def check_streams(self, streams: Iterable[str]) -> None: ...
+    def set_aggregate_routes(self, routes: Iterable[str]) -> None: ...
+    def stream_problems(self) -> dict[str, str]: ...
+    @property
+    def pending_records(self) -> int: ...
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def last_error(self) -> str | None: ...
+
+
+class InnerMetrics(Protocol):
+    """``gateway.sink.kinesis.SinkMetrics``."""
+
+    def records_put(self, route: str, stream: str, n: int) -> None: ...
+    def records_failed(self, route: str, stream: str, reason: str, n: int) -> None: ...
+    def records_retried(self, stream: str, n: int) -> None: ...
+    def batch_sent(self, stream: str, n_records: int, seconds: float) -> None: ...
+    def callback_error(self) -> None: ...
+
+
+class RetryWatch:
+    """The inner sink's metrics, passed through; a retry also tells the pacer (``on_retried``)."""
+
+    def __init__(self, metrics: InnerMetrics, on_retried: Callable[[str], None]) -> None:
+        self._metrics, self._on_retried = metrics, on_retried
+
+    def records_put(self, route: str, stream: str, n: int) -> None:
+        self._metrics.records_put(route, stream, n)
+
+    def records_failed(self, route: str, stream: str, reason: str, n: int) -> None:
+        self._metrics.records_failed(route, stream, reason, n)
+
+    def records_retried(self, stream: str, n: int) -> None:
+        self._metrics.records_retried(stream, n)
+        self._on_retried(stream)
+
+    def batch_sent(self, stream: str, n_records: int, seconds: float) -> None:
+        self._metrics.batch_sent(stream, n_records, seconds)
+
+    def callback_error(self) -> None:
+        self._metrics.callback_error()
+
+
+class SpoolMetrics(Protocol):
+    """What the spooled sink reports (gateway.ops.metrics implements it)."""
+
+    def spool_commit(self, seconds: float) -> None: ...
+    def spool_dropped(self, route: str, reason: str, n: int) -> None: ...
+    def records_dead_lettered(self, route: str, n: int) -> None: ...
+    def records_dropped(self, route: str, reason: str, n: int) -> None: ...
+    def callback_error(self) -> None: ...
+
+
