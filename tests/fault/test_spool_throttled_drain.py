@@ -44,8 +44,19 @@ def test_drain_fills_the_shards_capacity_without_a_throttling_storm(
     t_heal = time.monotonic()
     stop = threading.Event()
     live = publish_until(pub, stop, BACKLOG, LIVE_RATE)
-    drained = wait_until(lambda: gw.metric("spool_records") < LIVE_RATE, 120, poll_s=0.1)
+    timeline: list[str] = []
+    last = {"sent": 0, "accepted": 0, "throttled": 0}
+
+    def progress() -> bool:
+        now = rig.endpoint.throttle_stats(rig.stream)
+        timeline.append(f"{time.monotonic() - t_heal:.1f}s +{now['accepted'] - last['accepted']}"
+                        f"/-{now['throttled'] - last['throttled']}")
+        last.update(now)
+        return gw.metric("spool_records") < LIVE_RATE
+
+    drained = wait_until(progress, 120, poll_s=0.5)
     drain_s = time.monotonic() - t_heal
+    print("\n[spool-throttled-drain] accepted/throttled per 0.5 s: " + " ".join(timeline))
     stats = rig.endpoint.throttle_stats(rig.stream)
     acked_during = len(pub.acked) - acked_before
     stop.set()
