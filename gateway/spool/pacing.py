@@ -34,6 +34,7 @@ __all__ = ["SHARD_BYTES_PER_S", "SHARD_RECORDS_PER_S", "Pacer"]
 
 SHARD_RECORDS_PER_S: Final = 1000
 SHARD_BYTES_PER_S: Final = 1024 * 1024
+_EPSILON: Final = 1e-6   # refills add up in floating point: a bucket 1e-12 short of a record is full
 
 
 @dataclass
@@ -86,8 +87,8 @@ class Pacer:
         bucket = self._refill(stream)
         per_s_records, per_s_bytes = self._rates(bucket)
         cap_records, cap_bytes = per_s_records * self._burst_s, per_s_bytes * self._burst_s
-        fits_records = bucket.records >= records or bucket.records >= cap_records
-        fits_bytes = bucket.bytes >= n_bytes or bucket.bytes >= cap_bytes
+        fits_records = bucket.records >= records - _EPSILON or bucket.records >= cap_records - _EPSILON
+        fits_bytes = bucket.bytes >= n_bytes - _EPSILON or bucket.bytes >= cap_bytes - _EPSILON
         if fits_records and fits_bytes:
             bucket.records -= records
             bucket.bytes -= n_bytes
@@ -148,9 +149,10 @@ class Pacer:
         bucket = self._bucket(stream)
         now = self._clock()
         elapsed = max(0.0, now - bucket.at)
+        recovering = now - max(bucket.at, bucket.lowered_at + self._cooldown_s)   # time since the cooldown ended
         bucket.at = now
-        if elapsed and bucket.factor < 1.0 and now - bucket.lowered_at >= self._cooldown_s:
-            bucket.factor = min(1.0, bucket.factor + elapsed / self._recover_s)
+        if bucket.factor < 1.0 and recovering > 0:
+            bucket.factor = min(1.0, bucket.factor + recovering / self._recover_s)
         per_s_records, per_s_bytes = self._rates(bucket)
         bucket.records = min(per_s_records * self._burst_s, bucket.records + elapsed * per_s_records)
         bucket.bytes = min(per_s_bytes * self._burst_s, bucket.bytes + elapsed * per_s_bytes)

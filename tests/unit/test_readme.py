@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_SOURCES = (
     ROOT / "gateway" / "settings" / "settings.py",
     ROOT / "gateway" / "settings" / "environment.py",
+    ROOT / "gateway" / "settings" / "spool.py",
 )
 ROUTE_SCHEMA = ROOT / "schema" / "routes.schema.json"
 README = ROOT / "README.md"
