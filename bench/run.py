@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                               "machine": machine(), "rows": [], "checks": [], "notes": []}
     rows, checks = result["rows"], result["checks"]
     t_start = time.monotonic()
-    endpoint = Endpoint([sc.STREAM, sc.NAIVE_STREAM, sc.SPOOL_STREAM, *(x.stream for x in args.subjects)],
-                        wd).start()
+    endpoint = Endpoint([sc.STREAM, sc.NAIVE_STREAM, *(x.stream for x in args.subjects)], wd).start()
     try:
         _log(f"endpoint on port {endpoint.port}; measuring it alone")
         result["endpoint_ceiling"] = measure_ceiling(endpoint, seconds=1.5 if args.quick else 3.0)

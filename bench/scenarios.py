@@ -11,11 +11,14 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from bench.measure import MB, Monitor
 from bench.runner import ROOT, Subject, run_group
@@ -25,7 +28,11 @@ from bench.subject import subject as external
 
 STREAM = "bench-stream"
 NAIVE_STREAM = "bench-naive"
-SPOOL_STREAM = "bench-spool"
+SPOOL_OFF_STREAM, SPOOL_STREAM = "bench-g-off", "bench-g-on"
+# (g) streams of this many shards: with the spool on, the sender paces to the shards' capacity
+# (1,000 records/s each), as it must against real Kinesis; the bench endpoint never throttles, so
+# one shard would measure the pacer's limit, not the spool's cost. Both streams get the same count.
+SPOOL_SHARDS = 64
 FILTER = "bench/+/welder/#"
 PY = sys.executable
 Row = dict[str, Any]
@@ -312,6 +319,18 @@ def _spool_gateway(name: str, routes: Path, spool_root: Path) -> Subject:
                    info={"kind": "gateway, spool on", "spool": True})
 
 
+def create_stream(ep: Endpoint, name: str, shards: int) -> None:
+    """CreateStream at the bench endpoint (once: a stream that exists already is fine)."""
+    req = urllib.request.Request(ep.url, method="POST", data=orjson.dumps({"StreamName": name, "ShardCount": shards}),
+                                 headers={"X-Amz-Target": "Kinesis_20131202.CreateStream",
+                                          "Content-Type": "application/x-amz-json-1.1"})
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if b"ResourceInUseException" not in exc.read():
+            raise
+
+
 def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
     """Samples of `names` (prefix `mqtt_kinesis_gateway_` implied) from a gateway's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -339,17 +358,19 @@ def _commits(row: Row) -> tuple[float | None, float | None]:
 
 def spool(sizes: Sizes, ep: Endpoint, wd: Path) -> tuple[Rows, Checks]:
     """(g) spool off vs on (GATEWAY_SPOOL_DIR): side by side at 100 msg/s on one load, then a QoS 1
-    burst each, one after the other."""
+    burst each, one after the other, each into a stream of SPOOL_SHARDS shards."""
     where = wd / "spool"
     n = int(sizes.steady_rate * sizes.steady_s)
-    off_routes = route_file(where / "off.yaml", qos=1)
+    for name in (SPOOL_OFF_STREAM, SPOOL_STREAM):
+        create_stream(ep, name, SPOOL_SHARDS)
+    off_routes = route_file(where / "off.yaml", qos=1, stream=SPOOL_OFF_STREAM)
     on_routes = route_file(where / "on.yaml", qos=1, stream=SPOOL_STREAM)
-    res = run_group([gateway("spool-off", off_routes, info={"kind": "gateway, spool off"}),
+    res = run_group([gateway("spool-off", off_routes, stream=SPOOL_OFF_STREAM, info={"kind": "gateway, spool off"}),
                      _spool_gateway("spool-on", on_routes, where / "dirs")], count=n, qos=1,
                     rate=sizes.steady_rate, endpoint=ep, workdir=where / "steady", deadline_s=sizes.steady_s + 120)
     s_off, s_on = res["spool-off"], res["spool-on"]
     kw = _burst_kw(sizes, ep, 1)
-    b_off = _median_of(sizes, lambda: gateway("spool-off", off_routes, info={"kind": "gateway, spool off"}),
+    b_off = _median_of(sizes, lambda: gateway("spool-off", off_routes, stream=SPOOL_OFF_STREAM, info={"kind": "gateway, spool off"}),
                        where / "burst", kw)
     b_on = _median_of(sizes, lambda: _spool_gateway("spool-on", on_routes, where / "dirs"), where / "burst", kw)
     rows = [dict(s_off, scenario="g spool, steady QoS1"), dict(s_on, scenario="g spool, steady QoS1"),
