@@ -23,7 +23,7 @@ RATE = 200.0
 RSS_GROWTH_MB = 30.0
 
 
-@pytest.mark.parametrize("outage_s", [60, pytest.param(600, marks=pytest.mark.long)])
+@pytest.mark.parametrize("outage_s", [60, pytest.param(600, marks=[pytest.mark.long, pytest.mark.timeout(1500)])])
 def test_outage_loses_nothing_the_broker_acked_and_keeps_rss_flat(
         make_spool_rig: Callable[..., SpoolRig], report, outage_s: int) -> None:
     rig = make_spool_rig()
