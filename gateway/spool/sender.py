@@ -66,6 +66,7 @@ class Sender:
         self._handed: dict[int, tuple[str, int, int]] = {}
         self._handed_per_stream: dict[str, list[int]] = {}   # stream -> [records, bytes]
         self._dropped_in_flight: set[int] = set()   # in flight, but drop_oldest removed them from the spool
+        self._unpruned: dict[int, str] = {}         # delivered, not yet deleted from the spool: id -> route
         self._ready: dict[str, deque[SpooledRecord]] = {}
         self._due_at: float | None = None    # when paced rows may go
         self._retry_at: float | None = None  # when a failed store call is tried again
@@ -111,6 +112,8 @@ class Sender:
                     record = self._in_flight.pop(row_id, None)
                     if record is not None:
                         self._in_flight_bytes -= record.size
+                        if row_id not in self._dropped_in_flight:   # else: already not counted as dropped
+                            self._unpruned[row_id] = record.row.route   # delivered: never a drop
                     self._dropped_in_flight.discard(row_id)
                     self._deletes.append(row_id)
                 elif isinstance(settlement, Failed):
@@ -127,6 +130,10 @@ class Sender:
                 if (oldest_id is None or row_id < oldest_id) and row_id not in self._dropped_in_flight:
                     self._dropped_in_flight.add(row_id)
                     out[record.row.route] += 1
+            for row_id, route in list(self._unpruned.items()):   # delivered before the store dropped them
+                if oldest_id is None or row_id < oldest_id:
+                    del self._unpruned[row_id]
+                    out[route] += 1
         return out
 
     @property
@@ -209,6 +216,9 @@ class Sender:
                 failed.pop(0)
             if deletes:
                 self._store.delete(deletes)
+                with self._cond:
+                    for row_id in deletes:
+                        self._unpruned.pop(row_id, None)
                 deletes = []
                 self._on_room()
             self._read()

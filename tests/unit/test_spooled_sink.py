@@ -388,3 +388,19 @@ def test_the_sender_paces_a_stream_to_its_shards() -> None:
     rig.clock.now += 0.1
     rig.sink.sender.step()
     assert len(rig.kinesis.ids) == first + 100 + 50
+
+
+def test_drop_oldest_does_not_count_a_row_delivered_but_not_yet_deleted() -> None:
+    size = row_size(SpoolRow("r1", "s1", "k1", None, 0, b"d" * 10, "t/1", None, False))
+    rig = Rig(FakeStore(capacity=2 * size, when_full="drop_oldest"))
+    rig.sink.put([entry(1), entry(2)])
+    rig.sink.commit_once()
+    rig.sink.sender.step()
+    rig.settle((1, PUT))                   # Kinesis has row 1; the sender has not deleted it yet
+    rig.sink.put([entry(3)])
+    rig.sink.commit_once()                 # the store drops row 1 to make room
+    assert rig.metrics.counts[("spool_dropped", "r1", "when_full")] == 0
+    rig.settle((2, PUT))
+    rig.sink.put([entry(4)])
+    rig.sink.commit_once()                 # drops row 2, in flight and then delivered: not counted either
+    assert rig.metrics.counts[("spool_dropped", "r1", "when_full")] == 0
