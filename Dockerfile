@@ -34,6 +34,11 @@ COPY gateway/ gateway/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl
 
+# The spool's directory, empty, for the runtime stage to copy with its owner: the runtime stage
+# builds nothing, and a VOLUME over a directory the image lacks would be root's, not writable by
+# the gateway's user.
+RUN mkdir -p /var/spool/mqtt-kinesis-gateway
+
 
 FROM python:3.11-slim-bookworm AS runtime
 
@@ -42,15 +47,23 @@ LABEL org.opencontainers.image.title="mqtt-kinesis-gateway" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder --chown=10001:10001 /var/spool/mqtt-kinesis-gateway /var/spool/mqtt-kinesis-gateway
 
 # GATEWAY_ROUTES points into the directory Kubernetes mounts the routes ConfigMap on
 # (deploy/kubernetes); with `docker run`, mount a directory holding routes.yaml there.
+# GATEWAY_SPOOL_DIR turns the spool on (docs/spool.md): a message is acknowledged once it is on
+# disk there, so an uplink outage fills the volume instead of losing what the broker cannot queue.
+# Give it a named volume (`-v mkg-spool:/var/spool/mqtt-kinesis-gateway`) so that it outlives the
+# container; set GATEWAY_SPOOL_DIR= (empty) to acknowledge after Kinesis instead.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     LOG_FORMAT=json \
     GATEWAY_ROUTES=/etc/mqtt-kinesis-gateway/routes.yaml \
+    GATEWAY_SPOOL_DIR=/var/spool/mqtt-kinesis-gateway \
     HTTP_PORT=8081
+
+VOLUME ["/var/spool/mqtt-kinesis-gateway"]
 
 # A numeric user, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001

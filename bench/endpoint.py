@@ -17,6 +17,16 @@ Read-back (bench only, not Kinesis): `GET /_records?stream=S&start=I&limit=N` re
 `{"records": [[recv_ns, partition_key, data_base64], ...], "next": J, "total": T}`;
 `GET /_stats` returns counts per stream and request counts; `POST /_reset` forgets every record.
 
+Throttling like Kinesis (`--throttle`, or `POST /_throttle?stream=S&on=1` at run time): each shard
+of a provisioned stream takes at most 1,000 records/s and 1 MiB/s (data + partition key, what
+Kinesis counts). An entry beyond that fails on its own, as Kinesis does: PutRecords answers HTTP
+200 with `FailedRecordCount` and a per-entry `ProvisionedThroughputExceededException`; PutRecord
+gets that error for the whole request. The limit is a token bucket per shard holding one second's
+worth, refilled continuously, so a steady 1,000 records/s passes and a burst above it does not.
+`GET /_stats` adds `throttle: {stream: {shards, sent, accepted, throttled, first_accept_ns,
+last_accept_ns}}` for every throttled stream, so a test can tell what share of the shards'
+capacity a sender used and how many of its entries were refused.
+
 Run: `python -m bench.endpoint --port 0 --stream bench-stream` prints `{"port": P}` on stdout.
 """
 
@@ -38,18 +48,72 @@ JSON_CT = b"application/x-amz-json-1.1"
 TARGET_PREFIX = "Kinesis_20131202."
 MAX_HASH = 2**128 - 1
 SEQ_BASE = 49_000_000_000_000_000_000
+SHARD_RECORDS_PER_S = 1000
+SHARD_BYTES_PER_S = 1024 * 1024
+THROTTLED = "ProvisionedThroughputExceededException"
+
+
+class ShardBucket:
+    """One shard's write allowance: a token bucket of one second's records and bytes."""
+
+    __slots__ = ("at", "bytes", "records")
+
+    def __init__(self, now: float) -> None:
+        self.records = float(SHARD_RECORDS_PER_S)
+        self.bytes = float(SHARD_BYTES_PER_S)
+        self.at = now
+
+    def take(self, size: int, now: float) -> bool:
+        """Whether one entry of `size` Kinesis-counted bytes fits now (and if so, spend it)."""
+        dt = max(0.0, now - self.at)
+        self.at = now
+        self.records = min(float(SHARD_RECORDS_PER_S), self.records + dt * SHARD_RECORDS_PER_S)
+        self.bytes = min(float(SHARD_BYTES_PER_S), self.bytes + dt * SHARD_BYTES_PER_S)
+        if self.records < 1.0 or self.bytes < size:
+            return False
+        self.records -= 1.0
+        self.bytes -= size
+        return True
+
+
+class Throttle:
+    """Per-shard limits of one stream, and what it was sent, accepted and refused."""
+
+    def __init__(self, shards: int, clock: Any) -> None:
+        self.clock = clock
+        now = clock()
+        self.buckets = [ShardBucket(now) for _ in range(shards)]
+        self.sent = self.accepted = self.throttled = 0
+        self.first_accept_ns = self.last_accept_ns = 0
+
+    def admit(self, shard: int, size: int) -> bool:
+        self.sent += 1
+        now = self.clock()
+        if self.buckets[shard].take(size, now):
+            self.accepted += 1
+            ns = int(now * 1e9)
+            self.first_accept_ns = self.first_accept_ns or ns
+            self.last_accept_ns = ns
+            return True
+        self.throttled += 1
+        return False
+
+    def stats(self, shards: int) -> dict[str, int]:
+        return {"shards": shards, "sent": self.sent, "accepted": self.accepted, "throttled": self.throttled,
+                "first_accept_ns": self.first_accept_ns, "last_accept_ns": self.last_accept_ns}
 
 
 class Stream:
     """One stream: its shards' hash ranges and every record it was given, in arrival order."""
 
-    __slots__ = ("created", "name", "records", "shards")
+    __slots__ = ("created", "name", "records", "shards", "throttle")
 
     def __init__(self, name: str, shards: int = 1) -> None:
         self.name = name
         self.shards = max(1, shards)
         self.records: list[tuple[int, str, str]] = []
         self.created = time.time()
+        self.throttle: Throttle | None = None
 
     def arn(self) -> str:
         return f"arn:aws:kinesis:us-east-1:000000000000:stream/{self.name}"
@@ -81,10 +145,21 @@ class ApiError(Exception):
 class Store:
     """All streams; the Kinesis actions and the read-back helpers."""
 
-    def __init__(self, auto_create: bool = False) -> None:
+    def __init__(self, auto_create: bool = False, throttle: bool = False, clock: Any = time.monotonic) -> None:
         self.streams: dict[str, Stream] = {}
         self.auto_create = auto_create
         self.requests: dict[str, int] = {}
+        self.throttle_new = throttle
+        self.clock = clock
+
+    def add(self, name: str, shards: int = 1) -> Stream:
+        s = self.streams[name] = Stream(name, shards)
+        if self.throttle_new:
+            self.set_throttle(s, True)
+        return s
+
+    def set_throttle(self, s: Stream, on: bool) -> None:
+        s.throttle = Throttle(s.shards, self.clock) if on else None
 
     def stream(self, body: dict[str, Any]) -> Stream:
         name = body.get("StreamName") or str(body.get("StreamARN", "")).rpartition("/")[2]
@@ -93,14 +168,14 @@ class Store:
             if not self.auto_create or not name:
                 raise ApiError("ResourceNotFoundException",
                                f"Stream {name} under account 000000000000 not found.")
-            s = self.streams[name] = Stream(name)
+            s = self.add(name)
         return s
 
     def create_stream(self, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("StreamName", "")
         if name in self.streams:
             raise ApiError("ResourceInUseException", f"Stream {name} already exists")
-        self.streams[name] = Stream(name, int(body.get("ShardCount") or 1))
+        self.add(name, int(body.get("ShardCount") or 1))
         return {}
 
     def describe_stream_summary(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -130,8 +205,25 @@ class Store:
         s.records.append((now, key, data))
         return str(seq), f"shardId-{s.shard_of(key, rec.get('ExplicitHashKey')):012d}"
 
+    def _admit(self, s: Stream, rec: dict[str, Any]) -> int | None:
+        """The shard index if the stream's throttle lets this entry in, else None (refused)."""
+        key, data = rec.get("PartitionKey"), rec.get("Data")
+        if not isinstance(key, str) or not isinstance(data, str):
+            raise ApiError("ValidationException", "1 validation error detected: PartitionKey or Data")
+        assert s.throttle is not None
+        shard = s.shard_of(key, rec.get("ExplicitHashKey"))
+        size = len(data) * 3 // 4 - data.endswith("=") - data.endswith("==") + len(key.encode())
+        return shard if s.throttle.admit(shard, size) else None
+
+    def _refusal(self, s: Stream, shard: int) -> str:
+        return (f"Rate exceeded for shard shardId-{shard:012d} in stream {s.name} under account "
+                "000000000000.")
+
     def put_record(self, body: dict[str, Any]) -> dict[str, Any]:
         s = self.stream(body)
+        if s.throttle is not None and self._admit(s, body) is None:
+            shard = s.shard_of(str(body.get("PartitionKey")), body.get("ExplicitHashKey"))
+            raise ApiError(THROTTLED, self._refusal(s, shard))
         seq, shard = self._entry(s, time.time_ns(), body)
         return {"SequenceNumber": seq, "ShardId": shard}
 
@@ -142,6 +234,8 @@ class Store:
             raise ApiError("ValidationException", "Records must hold 1 to 500 entries")
         now = time.time_ns()
         start = len(s.records)
+        if s.throttle is not None:
+            return self._put_throttled(s, recs, now)
         if s.shards == 1:
             # Hot path: validate and append in one pass; the response is built from a template.
             append = s.records.append
@@ -158,6 +252,20 @@ class Store:
             parts = [b'{"SequenceNumber":"%s","ShardId":"%s"}' % (q.encode(), sh.encode())
                      for q, sh in entries]
         return b'{"FailedRecordCount":0,"Records":[' + b",".join(parts) + b"]}"
+
+    def _put_throttled(self, s: Stream, recs: list[dict[str, Any]], now: int) -> bytes:
+        """PutRecords on a throttled stream: each entry admitted or refused on its own shard."""
+        parts, failed = [], 0
+        for rec in recs:
+            shard = self._admit(s, rec)
+            if shard is None:
+                failed += 1
+                refused = s.shard_of(str(rec.get("PartitionKey")), rec.get("ExplicitHashKey"))
+                parts.append(orjson.dumps({"ErrorCode": THROTTLED, "ErrorMessage": self._refusal(s, refused)}))
+                continue
+            seq, sid = self._entry(s, now, rec)
+            parts.append(b'{"SequenceNumber":"%s","ShardId":"%s"}' % (seq.encode(), sid.encode()))
+        return b'{"FailedRecordCount":%d,"Records":[' % failed + b",".join(parts) + b"]}"
 
     def get_shard_iterator(self, body: dict[str, Any]) -> dict[str, Any]:
         s = self.stream(body)
@@ -207,11 +315,21 @@ class Store:
 
     def stats(self) -> bytes:
         return orjson.dumps({"streams": {n: len(s.records) for n, s in self.streams.items()},
-                             "requests": self.requests})
+                             "requests": self.requests,
+                             "throttle": {n: s.throttle.stats(s.shards) for n, s in self.streams.items()
+                                          if s.throttle is not None}})
+
+    def throttle(self, query: dict[str, list[str]]) -> bytes:
+        """`POST /_throttle?stream=S&on=1|0`: start (with fresh counters and full buckets) or stop."""
+        s = self.stream({"StreamName": query.get("stream", [""])[0]})
+        self.set_throttle(s, query.get("on", ["1"])[0] not in ("0", "false", "off"))
+        return b"{}"
 
     def reset(self) -> bytes:
         for s in self.streams.values():
             s.records = []
+            if s.throttle is not None:
+                self.set_throttle(s, True)
         self.requests = {}
         return b"{}"
 
@@ -277,6 +395,8 @@ class HttpProtocol(asyncio.Protocol):
                 return _response(200, self.store.stats(), b"application/json")
             if url.path == "/_reset" and method == "POST":
                 return _response(200, self.store.reset(), b"application/json")
+            if url.path == "/_throttle" and method == "POST":
+                return _response(200, self.store.throttle(parse_qs(url.query)), b"application/json")
             return _response(404, b'{"message":"not found"}', b"application/json")
         except ApiError as exc:
             return _response(exc.status, orjson.dumps({"__type": exc.kind, "message": exc.message}))
@@ -305,10 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream", action="append", default=[], help="create this stream at start")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--auto-create", action="store_true", help="unknown streams spring into being")
+    ap.add_argument("--throttle", action="store_true",
+                    help="every stream takes at most 1,000 records/s and 1 MiB/s per shard, as Kinesis does")
     args = ap.parse_args(argv)
-    store = Store(auto_create=args.auto_create)
+    store = Store(auto_create=args.auto_create, throttle=args.throttle)
     for name in args.stream:
-        store.streams[name] = Stream(name, args.shards)
+        store.add(name, args.shards)
 
     def ready(port: int) -> None:
         sys.stdout.write(orjson.dumps({"port": port}).decode() + "\n")

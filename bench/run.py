@@ -4,7 +4,9 @@ Starts a local Mosquitto (fresh per measured run) and the bench Kinesis endpoint
 endpoint alone, the memory floor and the routing lookup, then runs the gateway and its baselines
 on the same payload and reads back every record. Prints a Markdown table and writes
 bench/results/<timestamp>.json. Scenarios: a steady 100 msg/s, b bursts (QoS 0 and QoS 1),
-c workers, d 10,000 routes, e routing lookup, f KPL aggregation; select with `--only a,b`.
+c workers, d 10,000 routes, e routing lookup, f KPL aggregation, g the spool on vs off
+(GATEWAY_SPOOL_DIR: CPU at 100 msg/s, QoS 1 burst rate, commits per second, RSS); select with
+`--only a,b`.
 `--subject NAME=COMMAND` adds any other bridge to a and b (bench/subject.py).
 """
 
@@ -35,7 +37,7 @@ from bench.services import Endpoint
 from bench.subject import SubjectError, parse_subjects
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL = "abcdef"
+ALL = "abcdefg"
 
 
 def _log(msg: str) -> None:
@@ -45,7 +47,7 @@ def _log(msg: str) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke version (~2 min)")
-    ap.add_argument("--only", default=ALL, help="scenarios to run, e.g. 'a,b' (default: all of a-f)")
+    ap.add_argument("--only", default=ALL, help="scenarios to run, e.g. 'a,b' (default: all of a-g)")
     ap.add_argument("--burst", type=int, help="burst size (default 100000, quick 20000)")
     ap.add_argument("--steady-s", type=float, help="length of the 100 msg/s run (default 60, quick 10)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat each burst run, keep the median")
@@ -142,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         if "f" in only:
             _log("(f) KPL aggregation")
             r, c = sc.aggregation(sizes, endpoint, wd, plain0)  # type: ignore[arg-type]
+            rows += r
+            checks += c
+        if "g" in only:
+            _log("(g) spool off vs on")
+            r, c = sc.spool(sizes, endpoint, wd)
             rows += r
             checks += c
         if "c" in only:

@@ -56,6 +56,9 @@ class Subject:
     #                                   its CPU window then ends at its last record
     # (broker port, endpoint URL, run work dir) -> (argv, env, cwd): a --subject, set up per run
     prepare: Callable[[int, str, Path], tuple[list[str], dict[str, str], Path]] | None = None
+    # counters read from the subject itself (e.g. its /metrics) at the start and end of the
+    # measured window; the result's "probe" holds end - start of each
+    probe: Callable[[], dict[str, float]] | None = None
 
 
 class _Proc:
@@ -233,9 +236,15 @@ def _wait_done(procs: list[_Proc], endpoint: Endpoint, base: dict[str, int], cou
 
 
 def _writer_result(p: _Proc, r: dict[str, Any], mon: Monitor, endpoint: Endpoint, base: int,
-                   cpu0: float, end: tuple[float, float], w0: float, t0: int) -> None:
+                   cpu0: float, end: tuple[float, float], w0: float, t0: int,
+                   probe0: dict[str, float] | None = None) -> None:
     s = p.subject
     assert s.stream is not None
+    if s.probe is not None and probe0 is not None:
+        try:
+            r["probe"] = {k: v - probe0.get(k, 0.0) for k, v in s.probe().items()}
+        except OSError as exc:
+            r["probe"] = {"error": str(exc)}
     if p.proc.poll() is not None:
         r["died"] = f"exit {p.proc.returncode}: {p.tail(3)}"
         print(f"[bench] {s.name} exited early with {p.proc.returncode}; log tail:\n{p.tail()}",
@@ -299,6 +308,7 @@ def _run_once(subjects: list[Subject], *, count: int, qos: int, rate: float, end
             spies = [_py_spy(p, workdir) for p in writers if PROFILE]
             base = {p.subject.name: endpoint.count(str(p.subject.stream)) for p in writers}
             cpu0 = {p.subject.name: mon.snapshot(p.subject.name).cpu_seconds() for p in writers}
+            probe0 = {p.subject.name: p.subject.probe() for p in writers if p.subject.probe is not None}
             svc0 = (cpu_now(broker.proc.pid), cpu_now(endpoint.proc.pid))
             busy0, self0 = machine_busy_s(), time.process_time()
             w0 = time.monotonic()
@@ -317,7 +327,8 @@ def _run_once(subjects: list[Subject], *, count: int, qos: int, rate: float, end
                 r: dict[str, Any] = {"subject": s.name, "count": count, "qos": qos, "rate": rate,
                                      "warmup_messages": warm, **s.info}
                 if s.stream:
-                    _writer_result(p, r, mon, endpoint, base[s.name], cpu0[s.name], ends[s.name], w0, t0)
+                    _writer_result(p, r, mon, endpoint, base[s.name], cpu0[s.name], ends[s.name], w0, t0,
+                                   probe0.get(s.name))
                 else:
                     _reader_result(p, r, ends[s.name], w0, t0)
                 span = r["span_s"]

@@ -11,19 +11,28 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.measure import MB, Monitor
 from bench.runner import ROOT, Subject, run_group
-from bench.services import Endpoint
+from bench.services import Endpoint, free_port
 from bench.subject import External, burst_checks, steady_checks
 from bench.subject import subject as external
 
 STREAM = "bench-stream"
 NAIVE_STREAM = "bench-naive"
+SPOOL_OFF_STREAM, SPOOL_STREAM = "bench-g-off", "bench-g-on"
+# (g) streams of this many shards: with the spool on, the sender paces to the shards' capacity
+# (1,000 records/s each), as it must against real Kinesis; the bench endpoint never throttles, so
+# one shard would measure the pacer's limit, not the spool's cost. Both streams get the same count.
+SPOOL_SHARDS = 64
 FILTER = "bench/+/welder/#"
 PY = sys.executable
 Row = dict[str, Any]
@@ -48,10 +57,11 @@ class Sizes:
         return cls(steady_s=10.0, burst=20_000, naive_cap_s=5.0, subject_cap_s=15.0, extra_routes=10_000)
 
 
-def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool = False) -> Path:
+def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool = False,
+               stream: str = STREAM) -> Path:
     """The bench route: welder payload, key `name`, newline-terminated; plus non-matching routes."""
     lines = ["version: 1", "routes:",
-             "  - name: welder", f"    topic: \"{FILTER}\"", f"    stream: {STREAM}",
+             "  - name: welder", f"    topic: \"{FILTER}\"", f"    stream: {stream}",
              "    partition_key: name", f"    qos: {qos}", "    append_newline: true"]
     if aggregate:
         lines.append("    aggregate: true")
@@ -64,7 +74,8 @@ def route_file(path: Path, *, qos: int, extra_routes: int = 0, aggregate: bool =
 
 
 def gateway(name: str, routes: Path, *, workers: int = 1, aggregated: bool = False,
-            env: dict[str, str] | None = None, info: dict[str, Any] | None = None) -> Subject:
+            env: dict[str, str] | None = None, info: dict[str, Any] | None = None,
+            stream: str = STREAM, probe: Callable[[], dict[str, float]] | None = None) -> Subject:
     cmd = os.environ.get("BENCH_GATEWAY_COMMAND")
     argv = (shlex.split(cmd) if cmd else [PY, "-m", "gateway"]) + ["run", "--routes", str(routes)]
     if workers > 1:
@@ -76,8 +87,8 @@ def gateway(name: str, routes: Path, *, workers: int = 1, aggregated: bool = Fal
         e["MQTT_SHARE_GROUP"] = "bench"
     e.update(GATEWAY_ENV)
     e.update(env or {})
-    return Subject(name, argv, e, stream=STREAM, aggregated=aggregated,
-                   min_subscribers=workers if workers > 1 else 0,
+    return Subject(name, argv, e, stream=stream, aggregated=aggregated,
+                   min_subscribers=workers if workers > 1 else 0, probe=probe,
                    info={"kind": "gateway", "workers": workers, **(info or {})})
 
 
@@ -291,3 +302,91 @@ def aggregation(sizes: Sizes, ep: Endpoint, wd: Path, plain: Row) -> tuple[Rows,
         check("f: CPU per message, plain / aggregated", "report",
               _ratio(plain["cpu_s_per_1k"], agg["cpu_s_per_1k"]), None),
         check("f: aggregated lost", "0", agg["lost"], agg["lost"] == 0)]
+
+
+def _spool_gateway(name: str, routes: Path, spool_root: Path) -> Subject:
+    """The gateway with GATEWAY_SPOOL_DIR set (a fresh directory per run) and its /metrics read
+    at the start and end of the window, for the spool's commits."""
+    port = free_port()
+    spool_dir = spool_root / f"{name}-{time.monotonic_ns()}"
+
+    def probe() -> dict[str, float]:
+        return scrape(port, ("spool_commits_total", "spool_commit_duration_seconds_sum",
+                             "spool_commit_duration_seconds_count"))
+
+    return gateway(name, routes, stream=SPOOL_STREAM, probe=probe,
+                   env={"GATEWAY_SPOOL_DIR": str(spool_dir), "HTTP_PORT": str(port)},
+                   info={"kind": "gateway, spool on", "spool": True})
+
+
+def create_stream(ep: Endpoint, name: str, shards: int) -> None:
+    """CreateStream at the bench endpoint (once: a stream that exists already is fine)."""
+    req = urllib.request.Request(ep.url, method="POST", data=orjson.dumps({"StreamName": name, "ShardCount": shards}),
+                                 headers={"X-Amz-Target": "Kinesis_20131202.CreateStream",
+                                          "Content-Type": "application/x-amz-json-1.1"})
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if b"ResourceInUseException" not in exc.read():
+            raise
+
+
+def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Samples of `names` (prefix `mqtt_kinesis_gateway_` implied) from a gateway's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        bare = key.split("{", 1)[0].removeprefix("mqtt_kinesis_gateway_")
+        if bare in out:
+            out[bare] += float(value)
+    return out
+
+
+def _commits(row: Row) -> tuple[float | None, float | None]:
+    """(commits per second over the run, mean commit ms) of a spool-on row."""
+    probe, span = row.get("probe") or {}, row.get("span_s")
+    commits = probe.get("spool_commits_total")
+    per_s = commits / span if commits and span else None
+    n = probe.get("spool_commit_duration_seconds_count")
+    mean_ms = 1000 * probe["spool_commit_duration_seconds_sum"] / n if n else None
+    return per_s, mean_ms
+
+
+def spool(sizes: Sizes, ep: Endpoint, wd: Path) -> tuple[Rows, Checks]:
+    """(g) spool off vs on (GATEWAY_SPOOL_DIR): side by side at 100 msg/s on one load, then a QoS 1
+    burst each, one after the other, each into a stream of SPOOL_SHARDS shards."""
+    where = wd / "spool"
+    n = int(sizes.steady_rate * sizes.steady_s)
+    for name in (SPOOL_OFF_STREAM, SPOOL_STREAM):
+        create_stream(ep, name, SPOOL_SHARDS)
+    off_routes = route_file(where / "off.yaml", qos=1, stream=SPOOL_OFF_STREAM)
+    on_routes = route_file(where / "on.yaml", qos=1, stream=SPOOL_STREAM)
+    res = run_group([gateway("spool-off", off_routes, stream=SPOOL_OFF_STREAM, info={"kind": "gateway, spool off"}),
+                     _spool_gateway("spool-on", on_routes, where / "dirs")], count=n, qos=1,
+                    rate=sizes.steady_rate, endpoint=ep, workdir=where / "steady", deadline_s=sizes.steady_s + 120)
+    s_off, s_on = res["spool-off"], res["spool-on"]
+    kw = _burst_kw(sizes, ep, 1)
+    b_off = _median_of(sizes, lambda: gateway("spool-off", off_routes, stream=SPOOL_OFF_STREAM, info={"kind": "gateway, spool off"}),
+                       where / "burst", kw)
+    b_on = _median_of(sizes, lambda: _spool_gateway("spool-on", on_routes, where / "dirs"), where / "burst", kw)
+    rows = [dict(s_off, scenario="g spool, steady QoS1"), dict(s_on, scenario="g spool, steady QoS1"),
+            dict(b_off, scenario="g spool, burst QoS1"), dict(b_on, scenario="g spool, burst QoS1")]
+    ratio = _ratio(b_on["msg_per_s"], b_off["msg_per_s"])
+    steady_commits, steady_ms = _commits(s_on)
+    burst_commits, burst_ms = _commits(b_on)
+    bad = sum(r["lost"] + r["duplicates"] for r in (s_off, s_on, b_off, b_on))
+    return rows, [
+        check("g: burst QoS1 msg/s, spool on / off", "≥ 70 %", ratio, ratio is not None and ratio >= 0.70),
+        check("g: CPU at 100 msg/s, spool off (% of one core)", "report", s_off["cpu_pct"], None),
+        check("g: CPU at 100 msg/s, spool on (% of one core)", "report", s_on["cpu_pct"], None),
+        check("g: spool commits per second at 100 msg/s", "report", steady_commits, None),
+        check("g: spool commits per second in the QoS1 burst", "report", burst_commits, None),
+        check("g: mean spool commit ms at 100 msg/s", "report", steady_ms, None),
+        check("g: mean spool commit ms in the burst", "report", burst_ms, None),
+        check("g: peak RSS MB in the burst, spool on / off", "report",
+              _ratio(b_on["peak_rss_mb"], b_off["peak_rss_mb"]), None),
+        check("g: lost + duplicated (all four runs)", "0", bad, bad == 0)]

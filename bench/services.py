@@ -120,9 +120,11 @@ def mosquitto_version() -> str:
 class Endpoint:
     """The bench Kinesis endpoint (bench/endpoint.py) plus a tiny client for its read-back API."""
 
-    def __init__(self, streams: list[str], workdir: Path) -> None:
+    def __init__(self, streams: list[str], workdir: Path, *, shards: int = 1, throttle: bool = False) -> None:
         self.streams = streams
         self.workdir = workdir
+        self.shards = shards
+        self.throttle = throttle
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -134,6 +136,7 @@ class Endpoint:
         args = [sys.executable, "-m", "bench.endpoint", "--port", "0"]
         for s in self.streams:
             args += ["--stream", s]
+        args += ["--shards", str(self.shards)] + (["--throttle"] if self.throttle else [])
         root = Path(__file__).resolve().parents[1]
         log = open(self.workdir / "endpoint.log", "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, cwd=root,
@@ -158,6 +161,14 @@ class Endpoint:
 
     def reset(self) -> None:
         self._get("/_reset", "POST")
+
+    def throttle_stats(self, stream: str) -> dict[str, int]:
+        """sent / accepted / throttled entries (and shards) of a throttled stream since it was throttled."""
+        return dict(self.stats()["throttle"][stream])
+
+    def set_throttle(self, stream: str, on: bool = True) -> None:
+        """Throttle `stream` like Kinesis from now on (fresh counters, full buckets), or stop."""
+        self._get(f"/_throttle?stream={stream}&on={int(on)}", "POST")
 
     def records(self, stream: str, start: int = 0) -> list[list[Any]]:
         """Every record held for `stream` from index `start`: [recv_ns, partition_key, data_b64]."""

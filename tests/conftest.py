@@ -33,13 +33,22 @@ if TYPE_CHECKING:  # the live support needs moto, cryptography and psutil: impor
     from tests.support.tcpproxy import TcpProxy
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test under tests/integration and tests/fault carries its marker, whatever its module says."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test under tests/integration and tests/fault carries its marker, whatever its module says.
+
+    `long` tests run only when the -m expression names `long`: pyproject's addopts says
+    `-m "not long"`, but a command line's own -m (`-m fault`) replaces it, and must not pull in
+    a 10-minute variant by accident."""
     for item in items:
         parts = Path(str(item.fspath)).parts
         for folder in ("integration", "fault"):
             if folder in parts and item.get_closest_marker(folder) is None:
                 item.add_marker(getattr(pytest.mark, folder))
+    if "long" not in (config.getoption("markexpr", "") or ""):
+        keep = [i for i in items if i.get_closest_marker("long") is None]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i.get_closest_marker("long")])
+            items[:] = keep
 
 
 @pytest.fixture(scope="session")

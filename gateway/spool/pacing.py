@@ -7,11 +7,20 @@ sender asks this pacer first, and the pacer keeps each stream to what its open s
 
 Invariants owned here (pure: no I/O, no threads, time from the injected clock):
 - per stream, what ``take`` allows over any interval ``t`` is at most ``rate × (t + burst_s)`` in
-  records and in bytes, where ``rate`` is open shards × the per-shard limits × the current factor;
+  records and in bytes, where ``rate`` is open shards × the per-shard limits × ``headroom`` × the
+  current factor; the headroom (95 %) is there because keys never split perfectly evenly over the
+  shards, and the retries of what a shard refused come out of the same allowance;
 - a single record larger than the whole bucket still goes, once the bucket is full (it runs into
   debt), so a big record never waits for ever;
+- entries the sink retried are charged to the allowance (``throttled(stream, n)``, debt bounded
+  to one second's worth): the sink resends them whatever the pacer says, so new records wait;
+- records handed over and not yet settled are at most ``window_s`` (3 s) of the rate
+  (``window_open``): during an outage the sink holds no more than Kinesis takes in a few seconds
+  (its retries then come back spread over their backoff), not the sender's whole in-flight bound;
 - throttling lowers the factor (multiplicatively, at most once per ``cooldown_s``, down to
-  ``floor``); it climbs back linearly to 1 over ``recover_s`` without throttling.
+  ``floor``) only while the stream is being paced, i.e. it spent allowance within ``cooldown_s``:
+  the retries of an outage, or of records handed over before it, say nothing about the pace;
+  the factor climbs back linearly to 1 over ``recover_s`` without throttling.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class _Bucket:
     at: float
     factor: float = 1.0
     lowered_at: float = float("-inf")
+    spent_at: float = float("-inf")
 
 
 class Pacer:
@@ -43,10 +53,12 @@ class Pacer:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *, burst_s: float = 0.2,
                  records_per_shard: float = SHARD_RECORDS_PER_S, bytes_per_shard: float = SHARD_BYTES_PER_S,
-                 decrease: float = 0.5, floor: float = 0.1, cooldown_s: float = 1.0,
-                 recover_s: float = 10.0) -> None:
+                 headroom: float = 0.95, decrease: float = 0.8, floor: float = 0.25, cooldown_s: float = 1.0,
+                 recover_s: float = 5.0, window_s: float = 3.0) -> None:
         self._clock = clock
         self._burst_s = burst_s
+        self._headroom = headroom
+        self._window_s = window_s
         self._records_per_shard = records_per_shard
         self._bytes_per_shard = bytes_per_shard
         self._decrease = decrease
@@ -80,16 +92,28 @@ class Pacer:
         if fits_records and fits_bytes:
             bucket.records -= records
             bucket.bytes -= n_bytes
+            bucket.spent_at = bucket.at
             return 0.0
         wait_records = 0.0 if fits_records else (min(records, cap_records) - bucket.records) / per_s_records
         wait_bytes = 0.0 if fits_bytes else (min(n_bytes, cap_bytes) - bucket.bytes) / per_s_bytes
         return max(wait_records, wait_bytes, 1e-3)
 
-    def throttled(self, stream: str) -> None:
-        """Kinesis refused records of this stream for throughput: pace it lower for a while."""
+    def window_open(self, stream: str, records: int, n_bytes: int) -> bool:
+        """Whether more may be handed over while ``records`` (counted as ``take`` counts them) and
+        ``n_bytes`` of this stream are with the sink, not yet settled."""
+        per_s_records, per_s_bytes = self._rates(self._refill(stream))
+        return (records < max(1.0, per_s_records * self._window_s)
+                and n_bytes < max(1.0, per_s_bytes * self._window_s))
+
+    def throttled(self, stream: str, retried: int = 0) -> None:
+        """The sink retried ``retried`` entries of this stream (Kinesis refused them, or could not
+        be reached): charge them, and pace lower for a while if the pace was the cause."""
         bucket = self._refill(stream)
         now = bucket.at
-        if now - bucket.lowered_at < self._cooldown_s:
+        if retried:
+            per_s_records, _ = self._rates(bucket)
+            bucket.records = max(-per_s_records, bucket.records - retried)
+        if now - bucket.lowered_at < self._cooldown_s or now - bucket.spent_at > self._cooldown_s:
             return
         bucket.lowered_at = now
         bucket.factor = max(self._floor, bucket.factor * self._decrease)
@@ -118,7 +142,7 @@ class Pacer:
         return bucket
 
     def _rates(self, bucket: _Bucket) -> tuple[float, float]:
-        shards = max(1, bucket.shards) * bucket.factor
+        shards = max(1, bucket.shards) * bucket.factor * self._headroom
         return shards * self._records_per_shard, shards * self._bytes_per_shard
 
     def _refill(self, stream: str) -> _Bucket:

@@ -117,7 +117,7 @@ class InnerMetrics(Protocol):
 class RetryWatch:
     """The inner sink's metrics, passed through; a retry also tells the pacer (``on_retried``)."""
 
-    def __init__(self, metrics: InnerMetrics, on_retried: Callable[[str], None]) -> None:
+    def __init__(self, metrics: InnerMetrics, on_retried: Callable[[str, int], None]) -> None:
         self._metrics, self._on_retried = metrics, on_retried
 
     def records_put(self, route: str, stream: str, n: int) -> None:
@@ -128,7 +128,7 @@ class RetryWatch:
 
     def records_retried(self, stream: str, n: int) -> None:
         self._metrics.records_retried(stream, n)
-        self._on_retried(stream)
+        self._on_retried(stream, n)
 
     def batch_sent(self, stream: str, n_records: int, seconds: float) -> None:
         self._metrics.batch_sent(stream, n_records, seconds)

@@ -62,6 +62,9 @@ class Sender:
         self._unread = True        # rows may be committed beyond the cursor
         self._in_flight: dict[int, SpooledRecord] = {}
         self._in_flight_bytes = 0
+        # handed to the inner sink, not yet settled: row id -> (stream, records as paced, bytes)
+        self._handed: dict[int, tuple[str, int, int]] = {}
+        self._handed_per_stream: dict[str, list[int]] = {}   # stream -> [records, bytes]
         self._dropped_in_flight: set[int] = set()   # in flight, but drop_oldest removed them from the spool
         self._unpruned: dict[int, str] = {}         # delivered, not yet deleted from the spool: id -> route
         self._ready: dict[str, deque[SpooledRecord]] = {}
@@ -90,14 +93,20 @@ class Sender:
         with self._cond:
             self._aggregated = frozenset(routes)
 
-    def throttled(self, stream: str) -> None:
-        """The inner sink retried records of ``stream``: pace it lower for a while."""
+    def throttled(self, stream: str, retried: int = 0) -> None:
+        """The inner sink retried ``retried`` records of ``stream``: charge them, pace lower for a while."""
         with self._cond:
-            self.pacer.throttled(stream)
+            self.pacer.throttled(stream, retried)
 
     def settled(self, results: Sequence[tuple[int, Settlement]]) -> None:
         """The inner sink's ``on_settled`` (its worker threads): queue the spool's side of it."""
         with self._cond:
+            for row_id, _ in results:
+                handed = self._handed.pop(row_id, None)
+                if handed is not None:
+                    totals = self._handed_per_stream[handed[0]]
+                    totals[0] -= handed[1]
+                    totals[1] -= handed[2]
             for row_id, settlement in results:
                 if settlement == PUT:
                     record = self._in_flight.pop(row_id, None)
@@ -253,14 +262,21 @@ class Sender:
             due: float | None = None
             now = self._clock()
             for stream, queue in list(self._ready.items()):
+                handed = self._handed_per_stream.setdefault(stream, [0, 0])
                 while queue:
                     record = queue[0]
                     row = record.row
-                    wait = self.pacer.take(stream, 0 if row.route in self._aggregated else 1, record.size)
+                    counted = 0 if row.route in self._aggregated else 1
+                    if not self.pacer.window_open(stream, handed[0], handed[1]):
+                        break   # a settlement wakes the sender again
+                    wait = self.pacer.take(stream, counted, record.size)
                     if wait > 0:
                         due = now + wait if due is None else min(due, now + wait)
                         break
                     queue.popleft()
+                    self._handed[record.id] = (stream, counted, record.size)
+                    handed[0] += counted
+                    handed[1] += record.size
                     size = len(row.data) + len(row.partition_key.encode())
                     entries.append((Record(row.route, stream, row.partition_key, row.data, row.explicit_hash_key,
                                            size), record.id))

@@ -43,8 +43,8 @@ _LOG_EVERY_S = 10.0
 
 
 OnSettled = Callable[[Sequence[tuple[Any, Settlement]]], None]
-MakeInner = Callable[[Callable[[list[tuple[int, Settlement]]], None], Callable[[str], None]], InnerSink]
-"""``make_inner(on_settled, on_retried)``: the Kinesis sink whose tokens are row ids; ``on_retried(stream)``
+MakeInner = Callable[[Callable[[list[tuple[int, Settlement]]], None], Callable[[str, int], None]], InnerSink]
+"""``make_inner(on_settled, on_retried)``: the Kinesis sink whose tokens are row ids; ``on_retried(stream, n)``
 is to be called when it retries records of a stream (its ``records_retried`` metric)."""
 
 

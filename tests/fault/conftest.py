@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from tests.fault.helpers import FULL, SEED, Rig, routes_yaml
+from tests.fault.spool_rig import STOCK_QUEUE, STREAM, SpoolRig
+from tests.fault.spool_rig import routes_yaml as spool_routes
 from tests.support.faultproxy import FaultProxy
 from tests.support.gatewayproc import GatewayProcess
 from tests.support.oracle import DeliveryReport, check_delivery
@@ -50,6 +52,36 @@ def rig(make_stream: Callable[..., str], kinesis: Any, fault_proxy: FaultProxy,
     routes = tmp_path / "routes.yaml"
     routes.write_text(routes_yaml(stream))
     return Rig(stream, routes, kinesis, fault_proxy, gateway_process, publisher, request.node.name)
+
+
+@pytest.fixture
+def make_spool_rig(tmp_path: Path, mosquitto_factory: Callable[..., Any],
+                   gateway_process: Callable[..., GatewayProcess],
+                   publisher: Callable[..., Publisher]) -> Iterator[Callable[..., SpoolRig]]:
+    """make_spool_rig(shards=1, throttle=False, qos=1) -> a SpoolRig (tests/fault/spool_rig.py):
+    Mosquitto with the stock max_queued_messages 1000, the bench Kinesis endpoint (throttling per
+    shard like Kinesis if asked) behind a TCP proxy, and a spool directory in tmp_path."""
+    from bench.services import Endpoint
+    from tests.support.tcpproxy import TcpProxy
+
+    opened: list[Any] = []
+
+    def make(shards: int = 1, throttle: bool = False, qos: int = 1,
+             spool_dir: Path | None = None) -> SpoolRig:
+        broker = mosquitto_factory(max_queued_messages=STOCK_QUEUE)
+        (tmp_path / "endpoint").mkdir(exist_ok=True)
+        endpoint = Endpoint([STREAM], tmp_path / "endpoint", shards=shards, throttle=throttle).start()
+        opened.append(endpoint)
+        proxy = TcpProxy(endpoint.port).start()
+        opened.append(proxy)
+        routes = tmp_path / "spool-routes.yaml"
+        routes.write_text(spool_routes(qos=qos))
+        return SpoolRig(broker, endpoint, proxy, spool_dir or tmp_path / "spool", routes,
+                        gateway_process, publisher)
+
+    yield make
+    for thing in reversed(opened):
+        thing.stop()
 
 
 @pytest.fixture

@@ -119,3 +119,21 @@ def test_cbor_requests_are_refused_with_a_clear_error(endpoint: Endpoint) -> Non
         urllib.request.urlopen(req, timeout=10)
     body = orjson.loads(err.value.read())
     assert body["__type"] == "SerializationException" and "CBOR" in body["message"]
+
+
+def test_a_throttled_stream_fails_entries_beyond_a_shards_limit_with_http_200(endpoint: Endpoint, kinesis) -> None:
+    """Over real HTTP and botocore: the partial failure is an HTTP 200 botocore hands back as data."""
+    kinesis.create_stream(StreamName="limited", ShardCount=2)
+    endpoint.set_throttle("limited")
+    recs = [{"Data": _welder(i), "PartitionKey": f"device{i}"} for i in range(500)]
+    failed = sum(kinesis.put_records(StreamName="limited", Records=recs)["FailedRecordCount"] for _ in range(6))
+    codes = {r.get("ErrorCode") for r in kinesis.put_records(StreamName="limited", Records=recs)["Records"]}
+    stats = endpoint.throttle_stats("limited")
+    assert stats["shards"] == 2 and stats["sent"] == 3500
+    assert stats["accepted"] + stats["throttled"] == 3500
+    assert stats["accepted"] == endpoint.count("limited")
+    assert failed > 0 and "ProvisionedThroughputExceededException" in codes
+    # two shards hold 2,000 records of allowance; the short run refills a little more, never 3,500
+    assert 2000 <= stats["accepted"] < 3500
+    endpoint.set_throttle("limited", on=False)
+    assert kinesis.put_records(StreamName="limited", Records=recs)["FailedRecordCount"] == 0

@@ -36,6 +36,7 @@ K8S = ROOT / "deploy" / "kubernetes"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 IAM = ROOT / "deploy" / "iam"
+SPOOL_DIR = "/var/spool/mqtt-kinesis-gateway"
 POD_NAME = "mqtt-kinesis-gateway-0"  # what the StatefulSet calls its first replica
 KUBERNETES_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())  # oldest we claim, newest
 RATE_FUNCTIONS = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
@@ -153,7 +154,9 @@ def test_runtime_stage_copies_only_the_venv_onto_the_same_pinned_slim_base() -> 
     assert len(bases) >= 2 and len(set(bases)) == 1, bases  # venv symlinks need the same python
     assert re.fullmatch(r"python:3\.\d+-slim(-[a-z]+)?", bases[0]), bases[0]
     runtime = _runtime_stage()
-    assert [r for w, r in runtime if w == "COPY"] == ["--from=builder /opt/venv /opt/venv"]
+    assert [r for w, r in runtime if w == "COPY"] == [
+        "--from=builder /opt/venv /opt/venv",
+        f"--from=builder --chown={_image_instruction('USER')} {SPOOL_DIR} {SPOOL_DIR}"]  # empty, the user's
     assert not [r for w, r in runtime if w == "RUN"], "the runtime stage must not build anything"
 
 
@@ -178,6 +181,14 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies() -> None:
             copied.update(s.rstrip("/") for s in rest.split()[:-1])
     assert allowed == copied
     assert not {".env", ".git", ".venv", "tests", "bench"} & allowed
+
+
+def test_image_spools_to_a_volume_the_gateway_user_owns() -> None:
+    env = _image_env()
+    assert env["GATEWAY_SPOOL_DIR"] == SPOOL_DIR
+    assert json.loads(_image_instruction("VOLUME")) == [SPOOL_DIR]
+    builder = _dockerfile()[: max(i for i, (w, _) in enumerate(_dockerfile()) if w == "FROM")]
+    assert any(w == "RUN" and f"mkdir -p {SPOOL_DIR}" in r for w, r in builder)
 
 
 def test_image_environment_is_accepted_by_the_settings_loader() -> None:
@@ -265,6 +276,21 @@ def test_routes_configmap_is_mounted_as_the_directory_gateway_routes_points_into
     assert posixpath.basename(routes) in configmap["data"]
     assert _image_env()["GATEWAY_ROUTES"] == routes
     assert _env()["GATEWAY_RELOAD"] == "inotify"
+
+
+def test_each_replica_spools_to_its_own_claim_larger_than_the_spool_cap() -> None:
+    statefulset = _resource("StatefulSet")
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    (mount,) = [m for m in _container()["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+    assert _env()["GATEWAY_SPOOL_DIR"] == mount["mountPath"] == _image_env()["GATEWAY_SPOOL_DIR"]
+    assert not mount.get("readOnly") and "subPath" not in mount
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    units = {"Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    assert int(size[:-2]) * units[size[-2:]] > int(_env()["GATEWAY_SPOOL_MAX_BYTES"])
+    # a claim outlives scale-down and deletion: what a spool holds waits for its replica
+    assert set(statefulset["spec"]["persistentVolumeClaimRetentionPolicy"].values()) == {"Retain"}
+    assert "Scale-down" in (K8S / "statefulset.yaml").read_text()
 
 
 def test_grace_period_outlasts_the_shutdown_drain() -> None:
@@ -410,6 +436,17 @@ def test_dashboard_queries_only_metrics_the_gateway_exports() -> None:
         assert name in METRIC_NAMES, name
 
 
+SPOOL_METRICS = ("spool_records", "spool_bytes", "spool_capacity_bytes", "spool_oldest_record_age_seconds",
+                 "spool_dropped_total", "spool_commits_total", "spool_commit_duration_seconds_bucket",
+                 "spool_unavailable", "spool_damaged_total")
+
+
+def test_dashboard_shows_every_spool_metric() -> None:
+    shown = {m for expr in _dashboard_queries() for m in METRIC.findall(expr)}
+    missing = {f"mqtt_kinesis_gateway_{m}" for m in SPOOL_METRICS} - shown
+    assert not missing, f"no dashboard panel shows {sorted(missing)}"
+
+
 def test_dashboard_takes_its_datasource_from_a_variable() -> None:
     dashboard = _json(DASHBOARD)
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
@@ -435,7 +472,8 @@ def test_alert_rules_are_complete_and_uniquely_named() -> None:
     assert len(names) == len(set(names))
     assert {f"MqttKinesisGateway{n}" for n in (
         "ReloadFailing", "BacklogNearCapacity", "DeadLettersRising", "BrokerDisconnected",
-        "NoRecordsPutWhileMessagesArrive", "RecordsDropped")} <= set(names)
+        "NoRecordsPutWhileMessagesArrive", "RecordsDropped", "SpoolFilling", "SpoolNotDraining",
+        "SpoolUnavailable", "SpoolDropping")} <= set(names)
     for rule in rules:
         assert re.fullmatch(r"\d+[smh]", rule.get("for", "0m")), rule["alert"]
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]

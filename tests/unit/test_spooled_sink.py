@@ -182,7 +182,7 @@ class Rig:
         def publish_(topic: str, payload: bytes, qos: int, done: Callable[[bool, str], None]) -> None:
             self.published.append((topic, payload, done))
 
-        self.pacer = Pacer(self.clock)
+        self.pacer = Pacer(self.clock, headroom=1.0, decrease=0.5)   # round figures for the pacing test
         self.sink = SpooledSink(self.store, make_inner, self.settled.extend, self.metrics, wake=wake,
                                 publish=publish_ if publish is None else publish, clock=self.clock, pacer=self.pacer,
                                 max_in_flight_records=max_records)
