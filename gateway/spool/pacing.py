@@ -14,9 +14,10 @@ Invariants owned here (pure: no I/O, no threads, time from the injected clock):
   debt), so a big record never waits for ever;
 - entries the sink retried are charged to the allowance (``throttled(stream, n)``, debt bounded
   to one second's worth): the sink resends them whatever the pacer says, so new records wait;
-- records handed over and not yet settled are at most ``window_s`` (3 s) of the rate
-  (``window_open``): during an outage the sink holds no more than Kinesis takes in a few seconds
-  (its retries then come back spread over their backoff), not the sender's whole in-flight bound;
+- records handed over and not yet settled are at most ``window_s`` (1 s) of the rate
+  (``window_open``): during an outage the sink holds no more than the shards take in a second,
+  not the sender's whole in-flight bound, so the burst when the link returns fits in what a shard
+  allows at once;
 - throttling lowers the factor (multiplicatively, at most once per ``cooldown_s``, down to
   ``floor``) only while the stream is being paced, i.e. it spent allowance within ``cooldown_s``:
   the retries of an outage, or of records handed over before it, say nothing about the pace;
@@ -54,7 +55,7 @@ class Pacer:
     def __init__(self, clock: Callable[[], float] = time.monotonic, *, burst_s: float = 0.2,
                  records_per_shard: float = SHARD_RECORDS_PER_S, bytes_per_shard: float = SHARD_BYTES_PER_S,
                  headroom: float = 0.95, decrease: float = 0.8, floor: float = 0.25, cooldown_s: float = 1.0,
-                 recover_s: float = 5.0, window_s: float = 3.0) -> None:
+                 recover_s: float = 5.0, window_s: float = 1.0) -> None:
         self._clock = clock
         self._burst_s = burst_s
         self._headroom = headroom

@@ -34,10 +34,15 @@ def test_drain_fills_the_shards_capacity_without_a_throttling_storm(
     rig = make_spool_rig(shards=SHARDS, throttle=True)
     gw = rig.gateway()
     pub = rig.publisher()
+    # the gateway ran before the outage, so it knows the stream's shards (a lookup that fails
+    # during an outage is retried every few seconds, and until then one shard is assumed)
+    pub.publish_range(range(-100, 0), rate=200)
+    assert pub.wait_acked(30) and rig.wait_delivered(set(pub.acked), 30)
     rig.proxy.cut()
     pub.publish_range(BACKLOG, rate=1500)
     assert pub.wait_acked(60), f"{len(pub.unacked)} not PUBACKed during the outage"
     assert wait_until(lambda: gw.metric("spool_records") >= BACKLOG, 30), gw.metric("spool_records")
+    time.sleep(1)
     rig.endpoint.set_throttle(rig.stream)     # fresh counters and full buckets from here
     acked_before = len(pub.acked)
     rig.proxy.heal()
