@@ -66,7 +66,6 @@ class PahoSession:
         self.config = config
         self._client = client
         self._hooks = hooks
-        self._intake = hooks.intake
         self._acks = acks
         self._outbound = outbound
         self._subscriptions = subscriptions
@@ -268,8 +267,8 @@ class PahoSession:
             return
         payload, retain = msg.payload, bool(msg.retain)
         resent = retain and self._subscriptions.resent(topic, identifiers or ())
-        self._intake(_new_message((topic, payload if type(payload) is bytes else bytes(payload), qos, now_ms(),
-                                   retain, user_properties, content_type, resent)), mid, qos)
+        self._hooks.intake(_new_message((topic, payload if type(payload) is bytes else bytes(payload), qos, now_ms(),
+                                       retain, user_properties, content_type, resent)), mid, qos)
 
     def _extra_copy(self, mid: int, qos: int) -> None:
         """A second copy of a message that another of our subscriptions also brings (partly
