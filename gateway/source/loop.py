@@ -25,7 +25,8 @@ Invariants held here:
   work in `Outbound` and wake the loop through its socket.
 - the wait is a `selectors.DefaultSelector` (epoll on Linux), so a socket's fd number does not
   matter; `select()` refuses fds of 1024 and above.
-- time comes only from the injected clock, so the policy is tested without sleeping.
+- time comes only from the injected clock, so the policy is tested without sleeping (the wait for the
+  broker's close at shutdown, `gateway.source.closing`, is bounded in real time: it is no policy).
 - an error in a round is logged on one line, counted, and the round retried after a backoff; after
   _FAILED_ROUNDS_LIMIT failed rounds in a row the thread ends instead of spinning, and `alive` turns
   False, so /healthz fails and the supervisor restarts the process
@@ -42,6 +43,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from gateway.settings.settings import MqttConfig
+from gateway.source.closing import closing_copy, wait_for_broker_close
 from gateway.source.hooks import SourceHooks
 from gateway.source.outbound import Outbound, Taken
 from gateway.source.window import WindowWatch
@@ -55,6 +57,7 @@ _PACE_BELOW_RATE = 1000      # msg/s under which reads of a drained socket are p
 _PAUSED_POLL_S = 0.05        # how often a paused loop re-checks the backlog
 _FAILED_ROUNDS_LIMIT = 5     # failed rounds in a row after which the loop gives up
 _SHUTDOWN_WRITES = 20        # DISCONNECT gets at most this many 0.1 s waits to leave
+_SHUTDOWN_LINGER_S = 2.0     # how long a stop waits for the broker to close after DISCONNECT
 
 
 class NetworkLoopError(Exception):
@@ -346,11 +349,14 @@ class NetworkLoop:
         return float(value) if isinstance(value, (int, float)) and value > 0 else float(self._config.keepalive_s)
 
     def _shutdown(self) -> None:
-        """Let already-released acks out, send DISCONNECT, close. The session stays at the broker."""
+        """Let already-released acks out, send DISCONNECT, wait for the broker to close, close.
+        The session stays at the broker."""
         client = self._session.client
-        if client.socket() is None:
+        sock = client.socket()
+        if sock is None:
             return
         self._session.service(self._outbound.take())
+        linger = closing_copy(sock)    # paho closes its socket as soon as DISCONNECT is written
         client.disconnect()
         for _ in range(_SHUTDOWN_WRITES):
             sock = client.socket()
@@ -363,6 +369,8 @@ class NetworkLoop:
         sock = client.socket()
         if sock is not None:
             sock.close()
+        if linger is not None:
+            wait_for_broker_close(linger, _SHUTDOWN_LINGER_S)
 
 
 def _buffered(client: Any, sock: Any) -> bool:

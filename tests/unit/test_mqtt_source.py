@@ -80,6 +80,7 @@ class FakeClient:
         self.on_publish: Any = None
         self.options: dict[int, list[Any]] = {}     # SUBSCRIBE mid -> the options of each filter
         self.identifiers: dict[int, int] = {}       # SUBSCRIBE mid -> its subscription identifier
+        self.broker_closes = True                   # the broker closes its end on DISCONNECT
 
     # configuration ---------------------------------------------------------------------------
     def enable_logger(self, logger: Any) -> None:
@@ -172,6 +173,8 @@ class FakeClient:
 
     def disconnect(self) -> int:
         self.out.append(("disconnect",))
+        if self.broker_closes and self.peer is not None:
+            self.peer.close()
         return 0
 
     # paho's reads, scripted --------------------------------------------------------------------
@@ -758,6 +761,28 @@ def test_stop_flushes_released_acks_then_disconnects(fake: Any) -> None:
     assert m.source.stop(5)
     kinds = [p[0] for p in m.client.wire + m.client.out]
     assert kinds[-2:] == ["ack", "disconnect"]
+
+
+def test_stop_returns_only_once_the_broker_has_closed_after_disconnect(fake: Any) -> None:
+    """Until the broker closes, it may not have read the acks before DISCONNECT: a reset or a
+    takeover by the next process would make it redeliver what was acked."""
+    m = fake()
+    m.client.broker_closes = False
+    m.client.fire_connect()
+    broker = m.client.peer
+    assert broker is not None
+    m.source.start()
+    stopped: list[bool] = []
+    stopping = threading.Thread(target=lambda: stopped.append(m.source.stop(5)))
+    stopping.start()
+    broker.settimeout(5)
+    while broker.recv(4096):                 # until our half-close...
+        pass
+    broker.sendall(b"late bytes")            # ...after which the gateway still reads (a closed socket: EPIPE)
+    assert not stopped
+    broker.close()                           # the broker has read everything and closes
+    stopping.join(5)
+    assert stopped == [True]
 
 
 class Metrics:
