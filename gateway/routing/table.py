@@ -319,7 +319,6 @@ class RouteTable:
     retain_handling: dict[str, int] = field(init=False)
     _trie: TopicTrie[Route] = field(init=False, repr=False)
     _by_name: dict[str, Route] = field(init=False, repr=False)
-    _cache: dict[str, tuple[Route, ...]] = field(init=False, repr=False)
     _plans: dict[str, _Plan] = field(init=False, repr=False)
     _appliers: dict[int, _Apply] = field(init=False, repr=False)
 
@@ -329,7 +328,6 @@ class RouteTable:
         set_(self, "_by_name", {route.name: route for route in self.routes})
         set_(self, "subscriptions", minimal_subscriptions((f, r.qos) for r in self.routes for f in r.filters))
         set_(self, "retain_handling", _retain_handling(self.subscriptions, self.routes, self._trie))
-        set_(self, "_cache", {})
         set_(self, "_plans", {})
         # Built here, once, so that the hot path does no work that the table already knows.
         set_(self, "_appliers", {id(route): _compile_apply(route) for route in self.routes})
@@ -339,16 +337,7 @@ class RouteTable:
 
     def matching(self, topic: str) -> tuple[Route, ...]:
         """Routes whose filters match ``topic``, in file order; memoised per topic (bounded)."""
-        cached = self._cache.get(topic)
-        if cached is not None:
-            return cached
-        found = self._trie.match(topic)
-        if len(topic) > _CACHED_TOPIC_MAX_CHARS:
-            return found
-        if len(self._cache) >= _TOPIC_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[topic] = found
-        return found
+        return self._plan(topic).routes
 
     def route(self, message: Message) -> list[RoutingOutcome]:
         """Every outcome for ``message``: one per matching route, in file order."""
@@ -380,19 +369,19 @@ class RouteTable:
         return routes, outcomes
 
     def _plan(self, topic: str) -> _Plan:
-        """What routing a message on ``topic`` takes, memoised like ``matching``."""
+        """What routing a message on ``topic`` takes: the one memo of the table, bounded in topics
+        and in topic length."""
         cached = self._plans.get(topic)
         if cached is not None:
             return cached
-        routes = self.matching(topic)
+        routes = self._trie.match(topic)
         appliers = self._appliers
         plan = _Plan(routes, tuple((r, appliers[id(r)], r.format == "json") for r in routes),
                      any(r.format == "json" for r in routes), any(_uses_context(r) for r in routes))
-        if len(topic) > _CACHED_TOPIC_MAX_CHARS:
-            return plan
-        if len(self._plans) >= _TOPIC_CACHE_SIZE:
-            self._plans.clear()
-        self._plans[topic] = plan
+        if len(topic) <= _CACHED_TOPIC_MAX_CHARS:
+            if len(self._plans) >= _TOPIC_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[topic] = plan
         return plan
 
     @classmethod
