@@ -98,14 +98,17 @@ class LeanKinesisClient:
     # ---- the three calls ----------------------------------------------------------------------
 
     def put_records(self, **kwargs: Any) -> dict[str, Any]:
-        records = [{k: _b64(v) for k, v in record.items()} for record in kwargs["Records"]]
-        return self._call("PutRecords", {**kwargs, "Records": records}, "data")
+        # The base64 copies live only until the body is made: a 5 MiB request held for its retries
+        # is then one body, not the body plus a list of its strings (docs/settings.md).
+        body = orjson.dumps({**kwargs, "Records": [{k: _b64(v) for k, v in record.items()}
+                                                   for record in kwargs["Records"]]})
+        return self._call("PutRecords", kwargs, "data", body)
 
     def list_shards(self, **kwargs: Any) -> dict[str, Any]:
-        return self._call("ListShards", kwargs, "control")
+        return self._call("ListShards", kwargs, "control", orjson.dumps(kwargs))
 
     def describe_stream_summary(self, **kwargs: Any) -> dict[str, Any]:
-        return self._call("DescribeStreamSummary", kwargs, "control")
+        return self._call("DescribeStreamSummary", kwargs, "control", orjson.dumps(kwargs))
 
     def close(self) -> None:
         with self._lock:
@@ -130,8 +133,8 @@ class LeanKinesisClient:
                     pool = self._pools[url] = ConnectionPool(Endpoint.parse(url), **self._pool_args)
         return pool
 
-    def _call(self, operation: str, params: Mapping[str, Any], kind: str) -> dict[str, Any]:
-        body = orjson.dumps(params)
+    def _call(self, operation: str, params: Mapping[str, Any], kind: str, body: bytes) -> dict[str, Any]:
+        """POST ``body`` (``params`` as JSON) with the SDK's retries; ``params`` picks the endpoint."""
         pool = self._pool_for(params, kind)
         ep = pool.endpoint
         base = {"Content-Type": _CONTENT_TYPE, "X-Amz-Target": _TARGET + operation, "User-Agent": _USER_AGENT}
