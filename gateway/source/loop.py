@@ -367,9 +367,11 @@ class NetworkLoop:
             client.loop_write()
         self._watch(None, 0)
         sock = client.socket()
-        if sock is not None:
+        if sock is not None:      # DISCONNECT never left: the broker has no reason to close
             sock.close()
-        if linger is not None:
+            if linger is not None:
+                linger.close()
+        elif linger is not None:
             wait_for_broker_close(linger, _SHUTDOWN_LINGER_S)
 
 

@@ -289,13 +289,13 @@ class SpooledSink:
             return False
         if rows:
             self._metrics.spool_commit(time.perf_counter() - started)
-        if entries:   # the PUBACKs first: the sender woken below competes for the GIL with the MQTT loop
-            self._settle([(token, PUT) for _, token in entries])
         self._problem("commit", None)
         self._set_full(None)
         self._sender.committed()
         if dropped:
             self._count_dropped(dropped)
+        if entries:
+            self._settle([(token, PUT) for _, token in entries])
         if not self._accepting:
             with self._cond:
                 self._accepting = True

@@ -173,6 +173,9 @@ class FakeClient:
 
     def disconnect(self) -> int:
         self.out.append(("disconnect",))
+        if self.sock is not None:              # paho writes DISCONNECT and closes its socket
+            self.sock.close()
+            self.sock = None
         if self.broker_closes and self.peer is not None:
             self.peer.close()
         return 0
