@@ -96,7 +96,11 @@ def test_unknown_ca_is_refused_with_one_line_and_bounded_backoff(
                                            "self-signed certificate in certificate chain")), lines
     # it did retry (backoff, not give-up): the broker saw more than one TLS handshake attempt
     time.sleep(0.5)
-    assert broker.log_text().count("Client connection from 127.0.0.1 failed") >= 3, \
+    # (mosquitto words a refused handshake "Client connection ... failed" or "Client <unknown>
+    # disconnected", depending on when the client's alert arrives: count the attempts themselves)
+    attempts = [line for line in broker.log_text().splitlines()
+                if "New connection from 127.0.0.1" in line and line.endswith(f"on port {broker.tls_port}.")]
+    assert len(attempts) >= 3, \
         broker.log_text()[-2000:]
 
 
