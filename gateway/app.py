@@ -153,7 +153,7 @@ class Gateway:
 
         store = LazyStore(lambda: SpoolStore.open(spool.directory, max_bytes=spool.max_bytes,
                                                   when_full=spool.when_full),
-                          spool.max_bytes, on_open=opened)
+                          spool.max_bytes, on_open=opened, drops_oldest=spool.when_full == "drop_oldest")
         store.try_open()
         return store
 

@@ -25,9 +25,10 @@ class LazyStore:
     """``SpoolStore`` once ``open_store()`` succeeds; ``SpoolUnavailable`` for writes until then."""
 
     def __init__(self, open_store: Callable[[], tuple[SpoolStore, OpenReport]], capacity_bytes: int,
-                 on_open: Callable[[OpenReport], None] = lambda _: None) -> None:
+                 on_open: Callable[[OpenReport], None] = lambda _: None, *, drops_oldest: bool = False) -> None:
         self._open_store = open_store
         self._capacity = capacity_bytes
+        self.drops_oldest = drops_oldest
         self._on_open = on_open
         self._store: SpoolStore | None = None
         self._lock = threading.Lock()

@@ -37,6 +37,9 @@ class Store(Protocol):
     def bytes(self) -> int: ...
     @property
     def capacity_bytes(self) -> int: ...
+    @property
+    def drops_oldest(self) -> bool:
+        """``drop_oldest``: an append may delete the oldest rows, which the sender may be reading."""
 
 
 class Inner(Protocol):

@@ -76,22 +76,25 @@ class SpoolUnavailable(Exception):
         self.code = code
 
 
-def _utf8(text: str | None) -> bytes:
-    return b"" if text is None else text.encode("utf-8", "surrogatepass")
+def _utf8_len(text: str | None) -> int:
+    if text is None:
+        return 0
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def row_size(row: SpoolRow) -> int:
     """Bytes a row counts against the spool's capacity: its data, its text fields, an overhead."""
-    texts = (row.route, row.stream, row.partition_key, row.explicit_hash_key, row.topic, row.dead_letter)
-    return len(row.data) + sum(len(_utf8(t)) for t in texts) + ROW_OVERHEAD
+    return (len(row.data) + _utf8_len(row.route) + _utf8_len(row.stream) + _utf8_len(row.partition_key)
+            + _utf8_len(row.explicit_hash_key) + _utf8_len(row.topic) + _utf8_len(row.dead_letter) + ROW_OVERHEAD)
 
 
 def _checksum(route: str, stream: str, key: str, hash_key: str | None, arrival_ms: int, data: bytes,
               topic: str, dead_letter: str | None, is_dead_letter: int, size: int) -> int:
-    head = b"\x00".join((_utf8(route), _utf8(stream), _utf8(key),
-                         b"\x01" if hash_key is None else b"\x02" + _utf8(hash_key), str(arrival_ms).encode(),
-                         _utf8(topic), b"\x01" if dead_letter is None else b"\x02" + _utf8(dead_letter),
-                         b"1" if is_dead_letter else b"0", str(size).encode()))
+    # the fields joined by NUL, None as \x01 and a value as \x02 + value; encoded once (UTF-8 of a join
+    # is the join of the UTF-8s, so this is the byte string every spool's checksums were made over)
+    head = "\x00".join((route, stream, key, "\x01" if hash_key is None else "\x02" + hash_key, str(arrival_ms),
+                        topic, "\x01" if dead_letter is None else "\x02" + dead_letter,
+                        "1" if is_dead_letter else "0", str(size))).encode("utf-8", "surrogatepass")
     return zlib.crc32(data, zlib.crc32(head))
 
 
@@ -110,10 +113,11 @@ def decode(values: tuple[Any, ...]) -> SpooledRecord | None:
     if len(values) != len(COLUMNS):
         return None
     rid, route, stream, key, hash_key, arrival, data, topic, dead_letter, flag, size, crc = values
-    texts_ok = all(isinstance(t, str) for t in (route, stream, key, topic))
-    optional_ok = all(t is None or isinstance(t, str) for t in (hash_key, dead_letter))
-    ints_ok = all(isinstance(i, int) for i in (rid, arrival, size, crc)) and flag in (0, 1)
-    if not (texts_ok and optional_ok and ints_ok and isinstance(data, bytes)) or isinstance(data, Undecodable):
+    # exact types: a TEXT that is not UTF-8 comes back as Undecodable (a bytes), never as str or data
+    texts_ok = type(route) is str and type(stream) is str and type(key) is str and type(topic) is str
+    optional_ok = (hash_key is None or type(hash_key) is str) and (dead_letter is None or type(dead_letter) is str)
+    ints_ok = type(rid) is int and type(arrival) is int and type(size) is int and type(crc) is int and flag in (0, 1)
+    if not (texts_ok and optional_ok and ints_ok and type(data) is bytes):
         return None
     try:
         if crc != _checksum(route, stream, key, hash_key, arrival, data, topic, dead_letter, flag, size):

@@ -35,6 +35,7 @@ log = logging.getLogger("gateway.spool")
 
 _SHARDS_REFRESH_S = 300.0
 _SHARDS_RETRY_S = 5.0
+_READ_EVERY_S = 0.01   # while rows are in flight, new commits are read at most this often (see _has_work)
 
 
 class Sender:
@@ -56,7 +57,10 @@ class Sender:
         self._max_records, self._max_bytes, self._retry_s = max_records, max_bytes, retry_s
         self.inner: Inner | None = None   # set by the spooled sink once it made the Kinesis sink
         self.order_lock = threading.Lock()   # a read and an append-with-drops never interleave
-        self._cond = threading.Condition(threading.Lock())
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)
+        self._shards_wake = threading.Condition(lock)   # only a new stream or close wakes the shards thread
+        self._read_at = 0.0        # while rows are in flight, the next read of new commits waits until then
         self._cursor = 0
         self._commits = 0          # commits since start (committer); reads compare against it
         self._unread = True        # rows may be committed beyond the cursor
@@ -162,6 +166,7 @@ class Sender:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._shards_wake.notify_all()
         end = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, end - time.monotonic()))
@@ -189,11 +194,18 @@ class Sender:
                 continue
             if self._has_work(now):
                 return True
-            self._cond.wait(None if self._due_at is None else max(0.0, self._due_at - now))
+            wake = self._due_at
+            if self._unread and self._room():   # held back by _READ_EVERY_S
+                wake = self._read_at if wake is None else min(wake, self._read_at)
+            self._cond.wait(None if wake is None else max(0.0, wake - now))
         return False
 
     def _has_work(self, now: float) -> bool:
-        return bool(self._deletes or self._failed or self._published or (self._unread and self._room())
+        """New commits are read at once when nothing is in flight, else at most every ``_READ_EVERY_S``:
+        the rows in flight wait for the inner sink's linger anyway, and a broker that sends one message
+        per PUBACK makes one commit per message, which would otherwise cost one read per message."""
+        fresh = self._unread and self._room() and (not self._in_flight or now >= self._read_at)
+        return bool(self._deletes or self._failed or self._published or fresh
                     or (self._due_at is not None and now >= self._due_at))
 
     def _room(self) -> bool:
@@ -241,6 +253,7 @@ class Sender:
                 commits, after = self._commits, self._cursor
             rows = self._store.read(after, records, n_bytes)
             with self._cond:
+                self._read_at = self._clock() + _READ_EVERY_S
                 for record in rows:
                     self._in_flight[record.id] = record
                     self._in_flight_bytes += record.size
@@ -249,7 +262,7 @@ class Sender:
                     if queue is None:
                         queue = self._ready[stream] = deque()
                         self._shards_at.setdefault(stream, 0.0)
-                        self._cond.notify_all()
+                        self._shards_wake.notify_all()
                     queue.append(record)
                 if rows:
                     self._cursor = rows[-1].id
@@ -367,7 +380,7 @@ class Sender:
                     if due:
                         break
                     wake = min(self._shards_at.values(), default=None)
-                    self._cond.wait(None if wake is None else max(0.05, wake - now))
+                    self._shards_wake.wait(None if wake is None else max(0.05, wake - now))
             for stream in due:
                 try:
                     shards = self._shard_count(stream)

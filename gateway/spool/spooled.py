@@ -6,10 +6,11 @@ records go to the local spool and its PUBACK goes out once that write is durable
 
 Invariants owned here:
 - ``put`` runs on the MQTT thread and only appends to a pending list and notifies: no disk I/O;
-- one committer thread appends *everything* pending in one transaction (group commit: what piles
+- one commit at a time appends *everything* pending in one transaction (group commit: what piles
   up during a commit goes into the next one) and only then settles those records PUT to the
   pipeline, so the ack tracker releases their PUBACKs; a record is never settled before it is
-  durable;
+  durable. The committer thread commits, except when the broker waits for our acks
+  (``send_now``) and the committer is idle: then the MQTT thread commits itself;
 - a full spool (``block``) or one that cannot be written (disk full, read-only: ``SpoolUnavailable``)
   makes the sink not ``accepting``: the pipeline then reports its backlog full and the MQTT source
   stops reading and acknowledging, as without a spool. The commit is tried again once the sender
@@ -21,6 +22,7 @@ Invariants owned here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -101,7 +103,19 @@ class SpooledSink:
             self._cond.notify_all()
 
     def send_now(self) -> None:
-        """Nothing waits for a linger here: the committer commits as soon as anything is pending."""
+        """MQTT thread: the broker waits for our PUBACKs (its in-flight window is full) or the
+        backlog is full. When the committer is idle, commit what is pending here and now: the
+        PUBACKs then leave in this round of the MQTT loop, not after a hand-off to the committer
+        and back, which is what a window of one message pays per message (docs/spool.md#storage)."""
+        with self._cond:
+            if self._committing or not self._pending or not self._accepting or self._closed:
+                return
+            batch, self._pending = self._pending, []
+            self._committing = len(batch)
+        try:
+            self._commit_taken(batch)
+        except Exception:
+            log.exception("spool commit error")
 
     @property
     def accepting(self) -> bool:
@@ -217,6 +231,9 @@ class SpooledSink:
             while block:
                 if self._closed:
                     return False
+                if self._committing:          # the MQTT thread commits (send_now): the next batch waits
+                    self._cond.wait()
+                    continue
                 if self._pending and self._accepting:
                     break
                 if self._pending or "commit" in self._problems:   # blocked: again once the sender
@@ -228,6 +245,11 @@ class SpooledSink:
                 self._cond.wait()
             batch, self._pending = self._pending, []
             self._committing = len(batch)
+        self._commit_taken(batch)
+        return True
+
+    def _commit_taken(self, batch: list[tuple[Record, Any]]) -> None:
+        """Commit a batch taken off ``_pending`` by whichever thread set ``_committing``: only one at a time."""
         try:
             if batch:
                 self._commit(batch)
@@ -237,20 +259,22 @@ class SpooledSink:
             with self._cond:
                 self._committing = 0
                 self._cond.notify_all()
-        return True
 
     def _commit(self, batch: list[tuple[Record, Any]]) -> None:
         rows: list[SpoolRow] = []
+        sizes: list[int] = []
         kept: list[tuple[Record, Any]] = []
         refused: list[tuple[Any, Settlement]] = []
         capacity = self._store.capacity_bytes
         for record, token in batch:
             row = _row(record, token)
-            if row_size(row) > capacity:   # could never fit: its dead letter gets the envelope instead
-                refused.append((token, Failed(f"record of {row_size(row)} bytes is larger than the spool "
+            size = row_size(row)
+            if size > capacity:   # could never fit: its dead letter gets the envelope instead
+                refused.append((token, Failed(f"record of {size} bytes is larger than the spool "
                                               f"({capacity} bytes, GATEWAY_SPOOL_MAX_BYTES)", True, "too_large")))
                 continue
             rows.append(row)
+            sizes.append(size)
             kept.append((record, token))
         if refused:
             self._settle(refused)
@@ -258,8 +282,8 @@ class SpooledSink:
         start = 0
         while start < len(rows):
             end, size = start, 0
-            while end < len(rows) and (end == start or size + row_size(rows[end]) <= chunk_bytes):
-                size += row_size(rows[end])
+            while end < len(rows) and (end == start or size + sizes[end] <= chunk_bytes):
+                size += sizes[end]
                 end += 1
             if not self._append(rows[start:end], kept[start:end], kept[end:]):
                 return
@@ -269,7 +293,9 @@ class SpooledSink:
         """One transaction; settle its records PUT. On failure, ``entries`` and ``rest`` wait for the next try."""
         started = time.perf_counter()
         try:
-            with self._sender.order_lock:
+            # Only an append that may drop rows must not interleave with the sender's read of them:
+            # otherwise the lock would hold the sender up for every commit's fsync, and the other way round.
+            with self._sender.order_lock if self._store.drops_oldest else contextlib.nullcontext():
                 self._store.append(rows)
                 dropped = self._store.take_dropped()
                 if dropped:

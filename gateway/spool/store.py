@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from gateway.spool.check import count_rows, examine, quarantine
 from gateway.spool.schema import (
@@ -42,7 +42,6 @@ from gateway.spool.schema import (
     create_schema,
     decode,
     encode,
-    row_size,
     schema_problem,
     text_factory,
     unavailable,
@@ -53,6 +52,7 @@ __all__ = ["WHEN_FULL", "OpenReport", "SpoolFull", "SpoolRow", "SpoolStore", "Sp
 WHEN_FULL: Final = ("block", "drop_oldest")
 _CHUNK: Final = 500                      # ids per DELETE statement (under SQLite's parameter limit)
 _VACUUM_PAGES: Final = 4096              # pages given back per incremental vacuum step
+_LAST_ID: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
 _INSERT: Final = f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})"
 _SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM records"
 
@@ -273,13 +273,13 @@ class SpoolStore:
                 self._writer.close()
             self._writer = None
 
-    def _insert(self, conn: sqlite3.Connection, rows: Sequence[SpoolRow]) -> tuple[list[int], int]:
-        ids, added = [], 0
-        for row in rows:
-            params = encode(row)
-            ids.append(int(conn.execute(_INSERT, params).lastrowid or 0))
-            added += params[9]
-        return ids, added
+    def _insert(self, conn: sqlite3.Connection, encoded: Sequence[tuple[Any, ...]]) -> tuple[list[int], int]:
+        if not encoded:
+            return [], 0
+        conn.executemany(_INSERT, encoded)
+        # AUTOINCREMENT, one writer, one transaction: the rows took the ids up to the sequence, in order
+        last = int(conn.execute(_LAST_ID).fetchone()[0])
+        return list(range(last - len(encoded) + 1, last + 1)), sum(params[9] for params in encoded)
 
     def _make_room(self, conn: sqlite3.Connection, needed: int, dropped: Counter[str]) -> tuple[int, int]:
         """Delete the oldest rows until ``needed`` more bytes fit; count them per route."""
@@ -303,7 +303,8 @@ class SpoolStore:
         """Append ``rows`` in one durable transaction; return their ids, in order."""
         if not rows:
             return []
-        needed = sum(row_size(r) for r in rows)
+        encoded = [encode(row) for row in rows]
+        needed = sum(params[9] for params in encoded)
         if self._when_full == "block" and self._bytes + needed > self._max_bytes:
             raise SpoolFull(f"spool {self._directory}: full ({self._bytes} of {self._max_bytes} bytes;"
                             f" {len(rows)} records of {needed} bytes wait)")
@@ -316,7 +317,7 @@ class SpoolStore:
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
             dropped.clear()
             gone, freed = self._make_room(conn, needed, dropped) if self._when_full == "drop_oldest" else (0, 0)
-            new, added = self._insert(conn, rows)
+            new, added = self._insert(conn, encoded)
             ids[:] = new
             return len(new) - gone, added - freed
 
@@ -365,7 +366,7 @@ class SpoolStore:
 
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
             count, freed = self._delete_ids(conn, wanted)
-            new, added = self._insert(conn, add)
+            new, added = self._insert(conn, [encode(row) for row in add])
             ids[:] = new
             return len(new) - count, added - freed
 
@@ -434,6 +435,10 @@ class SpoolStore:
     @property
     def capacity_bytes(self) -> int:
         return self._max_bytes
+
+    @property
+    def drops_oldest(self) -> bool:
+        return self._when_full == "drop_oldest"
 
     @property
     def undecodable(self) -> int:

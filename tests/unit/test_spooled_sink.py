@@ -71,6 +71,10 @@ class FakeStore:
         self.appends.append(len(rows))
         return self._add(rows)
 
+    @property
+    def drops_oldest(self) -> bool:
+        return self.when_full == "drop_oldest"
+
     def take_dropped(self) -> dict[str, int]:
         taken, self.dropped = dict(self.dropped), Counter()
         return taken
