@@ -213,6 +213,43 @@ def test_put_only_queues_and_one_commit_takes_everything_pending() -> None:
     assert len(rig.metrics.commits) == 1 and rig.sink.pending_records == 0
 
 
+def test_send_now_commits_on_the_calling_thread_so_the_acks_leave_without_a_hand_off() -> None:
+    rig = Rig()
+    rig.sink.put([entry(1)])
+    rig.sink.send_now()      # the broker waits for our PUBACK (a window of one): no committer round trip
+    assert rig.store.appends == [1] and [(t.n, s) for t, s in rig.settled] == [(1, PUT)]
+    assert rig.sink.pending_records == 0
+
+
+def test_send_now_leaves_the_batch_to_a_commit_in_progress_and_never_commits_out_of_order() -> None:
+    rig = Rig()
+    rig.sink.put([entry(1)])
+    taken: list[int] = []
+    real_append = rig.store.append
+
+    def append_and_meanwhile_send_now(rows: Any) -> list[int]:
+        taken.append(len(rows))
+        if len(taken) == 1:
+            rig.sink.put([entry(2)])
+            rig.sink.send_now()      # the committer is busy: entry 2 waits for the next commit
+        return real_append(rows)
+
+    rig.store.append = append_and_meanwhile_send_now  # type: ignore[method-assign]
+    rig.sink.commit_once()
+    assert taken == [1] and [t.n for t, _ in rig.settled] == [1] and rig.sink.pending_records == 1
+    rig.sink.commit_once()
+    assert taken == [1, 1] and [t.n for t, _ in rig.settled] == [1, 2]
+
+
+def test_send_now_does_not_commit_into_a_spool_that_is_not_accepting() -> None:
+    rig = Rig()
+    rig.store.fail = SpoolUnavailable("disk_full", "spool x: disk full (ENOSPC)")
+    rig.sink.put([entry(1)])
+    rig.sink.commit_once()
+    rig.sink.send_now()
+    assert rig.settled == [] and rig.sink.pending_records == 1
+
+
 def test_rows_keep_what_delivery_and_the_dead_letter_need() -> None:
     rig = Rig()
     record, token = entry(7, dead_letter="kinesis:dlq")
