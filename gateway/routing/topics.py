@@ -231,11 +231,15 @@ def minimal_subscriptions(filters: Iterable[tuple[str, int]]) -> tuple[tuple[str
     names = sorted(best)
     trie: TopicTrie[str] = TopicTrie((name, name) for name in names)
     coverers = {name: set(trie.covering(name)) - {name} for name in names}
-    kept = [name for name in names if not coverers[name]]
+    # Two filters may cover each other (`/#` and `/+/#` match the same topics): of such a pair the
+    # first in sort order is kept, so one of them is always subscribed.
+    kept_set = {name for name in names
+                if not any(name not in coverers[cover] or cover < name for cover in coverers[name])}
+    kept = [name for name in names if name in kept_set]
     qos_of = dict(best)
     for name in names:
         for cover in coverers[name]:
-            if not coverers[cover]:
+            if cover in kept_set:
                 qos_of[cover] = max(qos_of[cover], best[name])
     # Filters that still overlap in part (a/+/x and a/y/+) take the higher QoS of the two: on
     # MQTT 3.1.1 Mosquitto sends one copy at the QoS of whichever matched first.

@@ -124,6 +124,13 @@ def test_covered_filter_is_not_subscribed_separately() -> None:
     assert minimal_subscriptions([("a/#", 1), ("a/+/x", 1), ("b/c", 0)]) == (("a/#", 1), ("b/c", 0))
 
 
+def test_of_two_filters_that_cover_each_other_one_is_subscribed_at_the_higher_qos() -> None:
+    # `/#` and `/+/#` match the same topics (`+` matches the empty level of `/`): dropping each
+    # for the other subscribed nothing
+    assert minimal_subscriptions([("/#", 0), ("/+/#", 1)]) == (("/#", 1),)
+    assert minimal_subscriptions([("/+/#", 0), ("/#", 0), ("/a", 1)]) == (("/#", 1),)
+
+
 def test_broad_filter_takes_the_qos_of_a_narrower_qos1_route() -> None:
     assert minimal_subscriptions([("a/#", 0), ("a/b", 1)]) == (("a/#", 1),)
 
