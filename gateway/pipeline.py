@@ -30,6 +30,7 @@ from gateway.model import (
     dead_letter_envelope,
     record_size,
 )
+from gateway.ops.logs import RateLimitedLog
 from gateway.routing.table import Route, RouteTable
 from gateway.source.acks import AckTracker, Ticket
 
@@ -101,39 +102,6 @@ def _held_bytes(record: Record, message: Message) -> int:
     return held if record.data is message.payload else held + len(message.payload)
 
 
-class _RateLimitedLog:
-    """One line per (route, reason) at most every few seconds; what was held back is logged as a
-    count by ``flush`` (called periodically), so every bad message shows up in the log."""
-
-    def __init__(self, interval_s: float = _LOG_EVERY_S) -> None:
-        self._interval_s = interval_s
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, route: str, code: str, text: str, **context: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, held = self._last.get((route, code), (-self._interval_s, 0))
-            if now - last < self._interval_s:
-                self._last[(route, code)] = (last, held + 1)
-                return
-            self._last[(route, code)] = (now, 0)
-        more = f" (and {held} more like it before this)" if held else ""
-        log.warning("%s%s", text, more, extra={"route": route, **context})
-
-    def flush(self, everything: bool = False) -> None:
-        now = time.monotonic()
-        due: list[tuple[str, str, int]] = []
-        with self._lock:
-            for (route, code), (last, held) in self._last.items():
-                if held and (everything or now - last >= self._interval_s):
-                    due.append((route, code, held))
-                    self._last[(route, code)] = (now, 0)
-        for route, code, held in due:
-            log.warning("%d more message(s) of route %r not delivered for the same reason (%s) in the last "
-                        "%.0f s", held, route, code, self._interval_s, extra={"route": route})
-
-
 SinkT = TypeVar("SinkT", bound=Sink)
 
 
@@ -162,7 +130,7 @@ class Pipeline(Generic[SinkT]):
         self._echo = echo
         self._outbox: list[tuple[Record, _Token]] = []
         self._outbox_size = 0     # bytes in the outbox (MQTT thread only): full counts them at once
-        self._rate_limited = _RateLimitedLog()
+        self._rate_limited: RateLimitedLog[tuple[str, str]] = RateLimitedLog(log, _LOG_EVERY_S)
         # Per-message counts are plain running totals written only by the MQTT thread;
         # ``flush_counts`` hands the increase to the metrics registry in bulk (a prometheus
         # counter takes a lock per increment).
@@ -217,9 +185,9 @@ class Pipeline(Generic[SinkT]):
         except Exception as error:  # noqa: BLE001 - one line, counted, the message settled
             self._intake_errors += 1
             self._metrics.callback_error()
-            self._rate_limited.warning("-", "intake_error", f"could not handle a message on topic "
+            self._rate_limited.warning(("-", "intake_error"), f"could not handle a message on topic "
                                        f"{_shown(message.topic)!r} ({type(error).__name__}: {error}); "
-                                       "it is dropped and acknowledged", topic=_shown(message.topic))
+                                       "it is dropped and acknowledged", route="-", topic=_shown(message.topic))
             if self._arrivals == arrived_before:
                 self._acks.arrived(mid, qos, 0, message.received_ms)
             return
@@ -281,9 +249,9 @@ class Pipeline(Generic[SinkT]):
         for rejection, route in rejected:
             code = rejection.code
             self._rate_limited.warning(
-                route.name, code,
+                (route.name, code),
                 f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
-                topic=_shown(message.topic),
+                route=route.name, topic=_shown(message.topic),
             )
             self._dead_letter(_Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
                               rejection.reason, code)
@@ -354,9 +322,10 @@ class Pipeline(Generic[SinkT]):
                 else:
                     code = settlement.code
                     self._rate_limited.warning(
-                        token.route.name, code,
+                        (token.route.name, code),
                         f"record of route {token.route.name!r} for stream {token.route.stream!r} not delivered: "
-                        f"{settlement.reason}", stream=token.route.stream, topic=_shown(token.message.topic),
+                        f"{settlement.reason}", route=token.route.name, stream=token.route.stream,
+                        topic=_shown(token.message.topic),
                     )
                     self._dead_letter(token, settlement.reason, code)
         for name, seconds in latencies.items():
@@ -413,17 +382,17 @@ class Pipeline(Generic[SinkT]):
         self._metrics.records_dropped(token.route.name, code, 1)
         where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
         self._rate_limited.warning(
-            token.route.name, "dropped:" + code,
+            (token.route.name, "dropped:" + code),
             f"dropped a message of route {token.route.name!r} on topic {_shown(token.message.topic)!r}{where}: "
             f"{reason}",
-            topic=_shown(token.message.topic),
+            route=token.route.name, topic=_shown(token.message.topic),
         )
 
     def flush(self, everything: bool = False) -> None:
         """The app's periodic tick: counts to the metrics, and the counts of log lines held back
         by rate limiting to the log."""
         self.flush_counts()
-        self._rate_limited.flush(everything)
+        self._rate_limited.flush(_held_back, everything)
 
     def flush_counts(self) -> None:
         """Hand the per-message counts and the backlog gauge to the metrics (also before every
@@ -445,6 +414,13 @@ class Pipeline(Generic[SinkT]):
                 self._flushed_unrouted = unrouted
             self._metrics.set_backlog(self._held, self.backlog_capacity, self._held_size,
                                       self.backlog_capacity_bytes)
+
+
+def _held_back(key: tuple[str, str], held: int) -> tuple[str, dict[str, str]]:
+    """The line that tells how many of a (route, reason)'s lines rate limiting held back."""
+    route, code = key
+    return (f"{held} more message(s) of route {route!r} not delivered for the same reason ({code}) in the last "
+            f"{_LOG_EVERY_S:.0f} s", {"route": route})
 
 
 def _shown(topic: str) -> str:
