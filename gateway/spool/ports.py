@@ -44,7 +44,7 @@ class SenderMetrics(Protocol):
 
 
 class Origin(Protocol):
-    """What the pipeline's token tells the spool about a record (``gateway.pipeline``'s token)."""
+    """What the pipeline's token tells the spool about a record (``gateway.pipeline.ports.Token``)."""
 
     @property
     def message(self) -> Message: ...

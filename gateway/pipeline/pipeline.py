@@ -5,7 +5,9 @@ rejection, and each part is settled exactly once — when Kinesis holds the reco
 letter holds it, or when it is dropped with a counted, logged reason. Only then can the
 ``AckTracker`` release the message's PUBACK. Nothing on this path blocks on the network.
 
-``intake`` runs on the MQTT network thread; ``settled`` runs on the sink's threads, in bulk.
+``intake`` runs on the MQTT network thread; ``settled`` runs on the sink's threads, in bulk. What
+the pipeline needs of the route table, the MQTT loop and the sink, and the token it gives the sink
+with each record, are in ``ports``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.model import (
     MAX_PARTITION_KEY_CHARS,
@@ -25,81 +27,22 @@ from gateway.model import (
     Record,
     Rejected,
     RoutingOutcome,
-    Settlement,
     Skipped,
     dead_letter_envelope,
     record_size,
 )
 from gateway.ops.logs import RateLimitedLog
-from gateway.routing.table import Route, RouteTable
-from gateway.source.acks import AckTracker, Ticket
+from gateway.pipeline.ports import ActiveTableReader, OnSettled, Outbound, Sink, Token, held_bytes
+from gateway.routing.table import Route
+from gateway.source.acks import AckTracker
 
 __all__ = ["Pipeline"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.pipeline")
 
 _LOGGED_TOPIC_CHARS = 200
 _LOG_EVERY_S = 10.0
 _INTAKE_ERRORS_UNREADY = 100   # consecutive failing messages before readiness fails
-
-
-class ActiveTableReader(Protocol):
-    @property
-    def current(self) -> RouteTable: ...
-
-
-class Outbound(Protocol):
-    """``gateway.source.outbound.Outbound``: what the pipeline asks the MQTT loop to do."""
-
-    def publish(self, topic: str, payload: bytes, qos: int, done: Callable[[bool, str], None]) -> None:
-        """A dead letter to an MQTT topic; ``done(ok, reason)`` runs on the loop thread."""
-
-    def wake(self) -> None:
-        """The full backlog has room again: read on."""
-
-
-class Sink(Protocol):
-    """``gateway.sink.kinesis.KinesisSink`` (or ``gateway.spool.spooled.SpooledSink``) as the pipeline
-    uses it. A sink may also have an ``accepting`` property: while it is False, the backlog counts as
-    full (the spool is full or cannot be written), and the sink wakes the source when it turns True."""
-
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None: ...
-
-    def send_now(self) -> None: ...
-
-
-OnSettled = Callable[[Sequence[tuple[Any, Settlement]]], None]
-
-
-class _Token:
-    """What travels with a record through the sink and comes back with its settlement.
-
-    ``size`` is the memory it holds: the record's bytes, plus the message's payload when the record
-    carries a copy of it rather than the payload itself (a transform, an appended newline).
-    """
-
-    __slots__ = ("is_dead_letter", "message", "route", "size", "ticket")
-
-    def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False,
-                 size: int = 0) -> None:
-        self.ticket = ticket
-        self.message = message
-        self.route = route
-        self.is_dead_letter = is_dead_letter
-        self.size = size
-
-    @property
-    def dead_letter(self) -> str | None:
-        """The route's dead letter as the spool keeps it: ``kinesis:<stream>``, ``mqtt:<topic>`` or None."""
-        target = self.route.dead_letter
-        return None if target is None else f"{target.kind}:{target.target}"
-
-
-def _held_bytes(record: Record, message: Message) -> int:
-    """What holding ``record`` keeps in memory: its bytes, the message's topic, and the payload
-    too when the record carries a copy of it rather than the payload itself."""
-    held = record.size + len(message.topic)
-    return held if record.data is message.payload else held + len(message.payload)
 
 
 SinkT = TypeVar("SinkT", bound=Sink)
@@ -128,7 +71,7 @@ class Pipeline(Generic[SinkT]):
         self._held_lock = threading.Lock()
         self._outbound = outbound
         self._echo = echo
-        self._outbox: list[tuple[Record, _Token]] = []
+        self._outbox: list[tuple[Record, Token]] = []
         self._outbox_size = 0     # bytes in the outbox (MQTT thread only): full counts them at once
         self._rate_limited: RateLimitedLog[tuple[str, str]] = RateLimitedLog(log, _LOG_EVERY_S)
         # Per-message counts are plain running totals written only by the MQTT thread;
@@ -216,7 +159,7 @@ class Pipeline(Generic[SinkT]):
             size = record.size + len(message.topic)
             if record.data is not message.payload:
                 size += len(message.payload)
-            self._outbox.append((record, _Token(ticket, message, route, False, size)))
+            self._outbox.append((record, Token(ticket, message, route, False, size)))
             self._outbox_size += size
             return
         records: list[tuple[Record, Route]] = []
@@ -238,8 +181,8 @@ class Pipeline(Generic[SinkT]):
             return
         if records:
             for record, route in records:
-                size = _held_bytes(record, message)
-                self._outbox.append((record, _Token(ticket, message, route, size=size)))
+                size = held_bytes(record, message)
+                self._outbox.append((record, Token(ticket, message, route, size=size)))
                 self._outbox_size += size
         if not rejected:
             return
@@ -253,7 +196,7 @@ class Pipeline(Generic[SinkT]):
                 f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
                 route=route.name, topic=_shown(message.topic),
             )
-            self._dead_letter(_Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
+            self._dead_letter(Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
                               rejection.reason, code)
 
     def _skipped_retained(self, message: Message, routes: Sequence[Route], outcomes: Sequence[RoutingOutcome]) -> None:
@@ -300,7 +243,7 @@ class Pipeline(Generic[SinkT]):
 
     def settled(self, results: Sequence[tuple[Any, Any]]) -> None:
         """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
-        tickets: list[_Token] = []
+        tickets: list[Token] = []
         now_ms = time.time_ns() // 1_000_000
         latencies: dict[str, list[float]] = {}   # route -> receipt-to-held seconds, one metric call each
         for token, settlement in results:
@@ -332,7 +275,7 @@ class Pipeline(Generic[SinkT]):
             self._metrics.delivered_many(name, seconds)
         self._release(tickets)
 
-    def _release(self, tokens: list[_Token]) -> None:
+    def _release(self, tokens: list[Token]) -> None:
         if not tokens:
             return
         size = sum(token.size for token in tokens)
@@ -347,7 +290,7 @@ class Pipeline(Generic[SinkT]):
 
     # -- dead letters -------------------------------------------------------------------------
 
-    def _dead_letter(self, token: _Token, reason: str, code: str) -> None:
+    def _dead_letter(self, token: Token, reason: str, code: str) -> None:
         """Send the message where the route says; settle its part when that destination holds it."""
         target = token.route.dead_letter
         if target is None:
@@ -360,7 +303,7 @@ class Pipeline(Generic[SinkT]):
         if target.kind == "kinesis":
             key = token.message.topic[:MAX_PARTITION_KEY_CHARS]
             record = Record(token.route.name, target.target, key, envelope, None, record_size(key, envelope))
-            self.sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True,
+            self.sink.put([(record, Token(token.ticket, token.message, token.route, is_dead_letter=True,
                                             size=token.size))])
             return
         publisher = self._outbound
@@ -378,7 +321,7 @@ class Pipeline(Generic[SinkT]):
 
         publisher.publish(target.target, envelope, 1, done)
 
-    def _drop(self, token: _Token, reason: str, code: str) -> None:
+    def _drop(self, token: Token, reason: str, code: str) -> None:
         self._metrics.records_dropped(token.route.name, code, 1)
         where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
         self._rate_limited.warning(
