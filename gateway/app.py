@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from gateway import __version__
 from gateway.ops.memory import memory_trimmer
 from gateway.ops.metrics import Metrics
-from gateway.pipeline import OnSettled, Pipeline
+from gateway.pipeline.pipeline import Pipeline
+from gateway.pipeline.ports import OnSettled
 from gateway.routefile.reload import ActiveTable, Reloader, TableDiff
 from gateway.routefile.watch import DirectoryWatcher, install_sighup, mount_warning
 from gateway.routing.table import RouteTable

@@ -8,6 +8,9 @@ log pipeline and is unreadable in ``kubectl logs``.
 
 Secrets are never logged on purpose; as a second line of defence every registered secret value is
 replaced by ``***`` in everything a record formats to, including exceptions and context fields.
+
+A flood of bad messages must not flood the log either: ``RateLimitedLog`` writes a line per key
+(a route and reason) at most once per interval and tells what it held back as a count.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import json
 import logging
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable, Hashable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, Generic, Literal, TypeVar
 
-__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "log_uncaught_exceptions",
+__all__ = ["JsonFormatter", "RateLimitedLog", "TextFormatter", "configure_logging", "log_uncaught_exceptions",
            "register_secret"]
 
 REDACTED = "***"
@@ -170,3 +175,47 @@ def log_uncaught_exceptions(logger: logging.Logger | None = None) -> None:
     sys.excepthook = main_hook
     threading.excepthook = thread_hook
 
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class RateLimitedLog(Generic[K]):
+    """A warning per key at most every ``interval_s``; what was held back is told as a count.
+
+    The count goes with the key's next line (``(and N more like it before this)``), or, for a
+    caller that ticks ``flush``, in a summary line of its own once the interval has passed, so
+    every held-back message shows up in the log either way.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log, self._interval_s, self._clock = logger, interval_s, clock
+        self._last: dict[K, tuple[float, int]] = {}   # key -> (when last logged, held back since)
+        self._lock = threading.Lock()
+
+    def warning(self, key: K, text: str, **context: Any) -> None:
+        """Log ``text`` (with ``context`` as the record's extra fields) unless ``key`` logged within the interval."""
+        now = self._clock()
+        with self._lock:
+            last, held = self._last.get(key, (float("-inf"), 0))
+            if now - last < self._interval_s:
+                self._last[key] = (last, held + 1)
+                return
+            self._last[key] = (now, 0)
+        more = f" (and {held} more like it before this)" if held else ""
+        self._log.warning("%s%s", text, more, extra=context or None)
+
+    def flush(self, summary: Callable[[K, int], tuple[str, Mapping[str, Any]]], everything: bool = False) -> None:
+        """Log ``summary(key, held)`` (its text and extra fields) for each key that held lines back
+        for a whole interval (``everything``: for each that held any, as at shutdown)."""
+        now = self._clock()
+        due: list[tuple[K, int]] = []
+        with self._lock:
+            for key, (last, held) in self._last.items():
+                if held and (everything or now - last >= self._interval_s):
+                    due.append((key, held))
+                    self._last[key] = (now, 0)
+        for key, held in due:
+            text, context = summary(key, held)
+            self._log.warning("%s", text, extra=dict(context) or None)

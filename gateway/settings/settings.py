@@ -10,21 +10,23 @@ the pair is read only from the ``.env`` file, and an empty value there means "no
 
 This module never mutates ``os.environ``: AWS variables that only the ``.env`` file carries are
 returned in ``Settings.aws_env_overrides`` for the app to export before it creates a Kinesis client.
+
+The broker connection's settings are read in ``mqtt.py``, the spool's in ``spool.py``; their configs
+are exported here too, so that the settings have one import for the rest of the gateway.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple, cast
-from urllib.parse import urlsplit
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS
-from gateway.settings.environment import SettingsError, Source, Value, find_env_file, read_env_file, words
+from gateway.settings.environment import SettingsError, Source, find_env_file, read_env_file, words
+from gateway.settings.mqtt import MqttConfig, mqtt_config
 from gateway.settings.spool import SpoolSettings, spool_ignored, spool_settings
 
 __all__ = [
@@ -37,13 +39,6 @@ _STREAM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _STREAM_ARN = re.compile(r"arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]{1,128}")
 _ROLE_ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/\S+")
 _SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}")
-_SCHEMES = {  # scheme -> (transport, tls)
-    "tcp": ("tcp", False), "mqtt": ("tcp", False),
-    "ssl": ("tcp", True), "tls": ("tcp", True), "mqtts": ("tcp", True),
-    "ws": ("websockets", False), "wss": ("websockets", True),
-}
-_Transport = Literal["tcp", "websockets"]
-_Protocol = Literal["5", "3.1.1"]
 _LogFormat = Literal["auto", "json", "text"]
 _ReloadMode = Literal["inotify", "polling", "off"]
 
@@ -55,42 +50,6 @@ class LegacyRoute(NamedTuple):
     stream: str
     partition_key: str | None  # static key (KIN_PARTITION_KEY); None: the message's topic
     qos: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class MqttConfig:
-    """The MQTT source's connection values, as ``load_settings`` validated them (one place: the
-    loader, whose errors name the variables); the defaults live there and in docs/settings.md."""
-
-    host: str
-    port: int
-    transport: _Transport
-    ws_path: str
-    protocol: _Protocol
-    client_id: str
-    username: str | None
-    password: str | None = field(repr=False)
-    keepalive_s: int
-    session_expiry_s: int  # MQTT 5 only, used when persistent
-    receive_maximum: int  # MQTT 5 only
-    persistent: bool | None  # None: decided by the route table (persistent when any route is QoS 1)
-    share_group: str | None
-    tls: bool
-    ca_file: str | None
-    cert_file: str | None
-    key_file: str | None
-    tls_insecure: bool
-    reconnect_min_s: float
-    reconnect_max_s: float
-    read_interval_s: float  # at most one read of a drained socket per interval (docs/performance.md)
-    tls_alpn: tuple[str, ...] = ()  # TLS ALPN protocols offered (AWS IoT Core on 443: x-amzn-mqtt-ca)
-
-    def __post_init__(self) -> None:
-        # The one rule the loader cannot check alone: `persistent` may be decided later, by the
-        # route table, and an MQTT 5 session that expires at once would lose what it queued.
-        if self.persistent and self.protocol == "5" and self.session_expiry_s <= 0:
-            raise SettingsError("MQTT_SESSION_EXPIRY_S: 0 ends the session at every disconnect, but QoS 1"
-                                " routes need a persistent session; set it above 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +137,7 @@ def load_settings(environ: Mapping[str, str] | None = None,
     values, lines = read_env_file(path) if path is not None else ({}, {})
     src = Source(environ, values, lines, path)
 
-    mqtt = _mqtt(src)
+    mqtt = mqtt_config(src)
     routes_file = src.text("GATEWAY_ROUTES")
     legacy = None if routes_file else _legacy_route(src)
     if legacy is not None:
@@ -219,80 +178,6 @@ def load_settings(environ: Mapping[str, str] | None = None,
     )
 
 
-def _mqtt(src: Source) -> MqttConfig:
-    host_value = src.get("MQTT_HOST", "BROKER")
-    if host_value is None:
-        raise SettingsError("MQTT_HOST: not set (the broker host, or a URL such as"
-                            " mqtts://broker:8883; the seed name BROKER works too)")
-    host, url_port, scheme_transport, scheme_tls, url_path = _parse_broker(src, host_value)
-
-    transport_value = src.get("MQTT_TRANSPORT")
-    transport = src.choice("MQTT_TRANSPORT", scheme_transport or "tcp",
-                           {"tcp": "tcp", "websockets": "websockets", "ws": "websockets",
-                            "websocket": "websockets"})
-    if scheme_transport and transport_value and transport != scheme_transport:
-        raise src.error(transport_value, f"conflicts with the {host_value.name} URL scheme")
-    ca_file = src.path("MQTT_TLS_CA_FILE")
-    cert_file = src.path("MQTT_TLS_CERT_FILE")
-    key_file = src.path("MQTT_TLS_KEY_FILE")
-    if key_file and not cert_file:
-        raise SettingsError("MQTT_TLS_KEY_FILE: needs MQTT_TLS_CERT_FILE (the client certificate)")
-    alpn_value = src.get("MQTT_TLS_ALPN")
-    alpn = tuple(p.strip() for p in alpn_value.text.split(",") if p.strip()) if alpn_value else ()
-    if alpn_value and alpn_value.text.strip() and (not alpn or any(not p.isascii() or len(p) > 255 for p in alpn)):
-        raise src.error(alpn_value, "expected a comma-separated list of ALPN protocol names (e.g. x-amzn-mqtt-ca)")
-    tls_value = src.get("MQTT_TLS")
-    tls = src.boolean("MQTT_TLS", default=bool(scheme_tls or ca_file or cert_file or alpn))
-    if alpn and not tls:
-        raise SettingsError("MQTT_TLS_ALPN: is a TLS option, but MQTT_TLS is false")
-    if scheme_tls and tls_value and not tls:
-        raise src.error(tls_value, f"is false but the {host_value.name} URL scheme requires TLS")
-
-    if url_port is not None:
-        port = url_port
-    elif transport == "websockets":
-        port = src.integer("MQTT_PORT", "WEBSOCKET", default=443 if tls else 80, lo=1, hi=65535)
-    else:
-        port = src.integer("MQTT_PORT", "PORT", default=8883 if tls else 1883, lo=1, hi=65535)
-    ws_path = url_path or src.text("MQTT_WS_PATH", default="/mqtt") or "/mqtt"
-    if not ws_path.startswith("/"):
-        ws_path = "/" + ws_path
-
-    protocol = src.choice("MQTT_PROTOCOL", "5", {
-        "5": "5", "5.0": "5", "v5": "5", "mqttv5": "5",
-        "3.1.1": "3.1.1", "311": "3.1.1", "v311": "3.1.1", "mqttv311": "3.1.1", "4": "3.1.1"})
-    username = src.secret("MQTT_USERNAME", "USER")
-    password = src.secret("MQTT_PASSWORD", "PASS")
-    if password is not None and username is None and protocol == "3.1.1":
-        raise SettingsError("MQTT_PASSWORD: MQTT 3.1.1 does not allow a password without a"
-                            " username (set MQTT_USERNAME)")
-    share_value = src.get("MQTT_SHARE_GROUP")
-    if share_value and re.search(r"[/+#\s]", share_value.text.strip()):
-        raise src.error(share_value, "expected a group name without '/', '+', '#' or spaces")
-    reconnect_min = src.number("MQTT_RECONNECT_MIN_S", default=1, lo=0.01)
-    reconnect_max = src.number("MQTT_RECONNECT_MAX_S", default=30, lo=0.01)
-    if reconnect_max < reconnect_min:
-        raise SettingsError(f"MQTT_RECONNECT_MAX_S: {reconnect_max:g} is below"
-                            f" MQTT_RECONNECT_MIN_S {reconnect_min:g}")
-    return MqttConfig(
-        host=host, port=port, transport=cast(_Transport, transport), ws_path=ws_path,
-        protocol=cast(_Protocol, protocol),
-        client_id=src.text("MQTT_CLIENT_ID", "CLIENTID")
-        or f"mqtt-kinesis-gateway-{socket.gethostname()}",
-        username=username, password=password,
-        keepalive_s=src.integer("MQTT_KEEPALIVE_S", default=30, lo=1, hi=65535),
-        session_expiry_s=src.integer("MQTT_SESSION_EXPIRY_S", default=86400, lo=0, hi=2**32 - 1),
-        receive_maximum=src.integer("MQTT_RECEIVE_MAXIMUM", default=1000, lo=1, hi=65535),
-        persistent=None,
-        share_group=share_value.text.strip() if share_value else None,
-        tls=tls, ca_file=ca_file, cert_file=cert_file, key_file=key_file,
-        tls_insecure=src.boolean("MQTT_TLS_INSECURE", default=False),
-        reconnect_min_s=reconnect_min, reconnect_max_s=reconnect_max,
-        read_interval_s=src.millis("MQTT_READ_INTERVAL_MS", default=100, lo=0),
-        tls_alpn=alpn,
-    )
-
-
 _SINGLE_ROUTE_NAMES = ("TOPIC", "KIN_STREAM_NAME", "KIN_PARTITION_KEY", "QOS")
 
 
@@ -307,36 +192,6 @@ def _ignored(src: Source, have_route_file: bool, transport: str) -> tuple[str, .
     if transport != "websockets" and src.get("MQTT_WS_PATH") is not None:
         lines.append("MQTT_WS_PATH is ignored: the transport is tcp")
     return tuple(lines + spool_ignored(src))
-
-
-def _parse_broker(src: Source, value: Value
-                  ) -> tuple[str, int | None, str | None, bool, str | None]:
-    """host, port, transport, tls, ws path of ``host``, ``host:port``, ``scheme://host[:port]``."""
-    text = value.text.strip()
-    scheme = None
-    if "://" in text:
-        scheme, text = text.split("://", 1)
-        scheme = scheme.lower()
-        if scheme not in _SCHEMES:
-            raise src.error(value, "unknown scheme; expected tcp://, ssl://, mqtts://, ws://"
-                            " or wss://")
-    if "@" in text:  # never echo: the part before @ may be a password
-        raise src.error(value, "credentials in the URL are not supported; use MQTT_USERNAME and"
-                        " MQTT_PASSWORD", show=False)
-    if scheme is None and text.count(":") > 1 and not text.startswith("["):
-        return text, None, None, False, None  # a bare IPv6 address
-    try:
-        parts = urlsplit("//" + text)
-        port = parts.port
-    except ValueError:
-        raise src.error(value, "expected a host name with an optional :port (1-65535)") from None
-    if not parts.hostname or parts.query or parts.fragment:
-        raise src.error(value, "expected a host name with an optional :port")
-    transport, tls = _SCHEMES[scheme] if scheme else (None, False)
-    path = parts.path or None
-    if path and transport != "websockets":
-        raise src.error(value, "a path is only meaningful for ws:// and wss:// URLs")
-    return parts.hostname, port, transport, tls, path
 
 
 def _legacy_route(src: Source) -> LegacyRoute:

@@ -5,10 +5,11 @@ this module decides what a CONNACK, PUBLISH, SUBACK, PUBACK or disconnect does, 
 the wire for the acks, publishes and subscription changes other threads queued in `Outbound`.
 
 Invariants held here:
-- paho types never leave this module: every PUBLISH becomes a `Message` at once.
+- paho types never leave this module (and `publishing`, which answers the publishes): every
+  PUBLISH becomes a `Message` at once.
 - every method runs on the loop thread (callbacks included), so paho is never called from two
-  threads and the publish bookkeeping needs no lock; only the status read by other threads
-  (connected, stats, the wait condition) is guarded.
+  threads and the publish bookkeeping (`publishing`) needs no lock; only the status read by other
+  threads (connected, stats, the wait condition) is guarded.
 - an exception in a callback or hook is logged in one line and counted, never raised into paho,
   because it would end the loop thread (docs/delivery.md#callbacks-never-block-or-raise).
 - an ack owed to an earlier connection never goes out on a new one: on every connection change the
@@ -32,8 +33,9 @@ from gateway.source.acks import AckTracker
 from gateway.source.connect import describe_error
 from gateway.source.failures import ConnectFailures, closed_before_connack, refused, sharing_unavailable
 from gateway.source.hooks import SourceHooks
-from gateway.source.outbound import Outbound, Publish, Taken
+from gateway.source.outbound import Outbound, Taken
 from gateway.source.packets import identified, publish_properties, v5_request
+from gateway.source.publishing import Publishes
 from gateway.source.subscriptions import SubscriptionBook
 
 __all__ = ["PahoSession", "SourceMetrics"]
@@ -82,9 +84,7 @@ class PahoSession:
         self._received = 0
         self._closing = False
         self._no_sharing = False      # the broker said it has no shared subscriptions (MQTT 5 CONNACK)
-        self._delivery: dict[int, Callable[[bool, str], None]] = {}   # publish mid -> done
-        self._early: dict[int, tuple[bool, str]] = {}                  # answered inside publish()
-        self._publishing = False
+        self._publishes = Publishes(client, self.callback_failed)
         client.on_connect = self._guard(self._on_connect)
         client.on_disconnect = self._guard(self._on_disconnect)
         client.on_message = self._on_message
@@ -149,7 +149,7 @@ class PahoSession:
             for mid, qos in taken.acks:
                 ack(mid, qos)
         for publish in taken.publishes:
-            self._publish(publish)
+            self._publishes.publish(publish)
         if self._connected and self._subscriptions.dirty and not self._no_sharing:
             self._apply_subscriptions()
             self._metric("set_subscriptions_granted", self._granted())
@@ -299,44 +299,9 @@ class PahoSession:
                 log.warning("unsubscribe (mid %d) answered: %s", mid, rc)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        ok, text = not reason.is_failure, str(reason)
-        done = self._delivery.pop(mid, None)
-        if done is not None:
-            self._deliver(done, ok, text)
-        elif self._publishing:
-            self._early[mid] = (ok, text)   # answered inside publish(), before it returned the mid
+        self._publishes.answered(mid, not reason.is_failure, str(reason))
 
     # -- paho calls (loop thread) ------------------------------------------------------------------
-
-    def _publish(self, publish: Publish) -> None:
-        """Hand one queued publish to paho: QoS 1 is queued by paho while disconnected and resent
-        after reconnect; a publish paho refuses at once (bad topic, queue full) is `done(False)`."""
-        self._publishing = True
-        try:
-            info = self._client.publish(publish.topic, publish.payload, publish.qos)
-        except (ValueError, TypeError) as exc:
-            self._refused(publish, describe_error(exc))
-            return
-        finally:
-            self._publishing = False
-        early = self._early.pop(info.mid, None)
-        self._early.clear()
-        if early is not None:
-            self._deliver(publish.done, *early)
-        elif info.rc == paho.MQTT_ERR_SUCCESS or (info.rc == paho.MQTT_ERR_NO_CONN and publish.qos > 0):
-            self._delivery[info.mid] = publish.done
-        else:
-            self._refused(publish, paho.error_string(info.rc))
-
-    def _refused(self, publish: Publish, reason: str) -> None:
-        log.error("MQTT publish to %r refused: %s", publish.topic, reason)
-        self._deliver(publish.done, False, reason)
-
-    def _deliver(self, done: Callable[[bool, str], None], ok: bool, reason: str) -> None:
-        try:
-            done(ok, reason)
-        except Exception as exc:  # noqa: BLE001 - the pipeline's callback must not end the loop
-            self.callback_failed("publish done", exc)
 
     def _apply_subscriptions(self) -> None:
         subscribe, unsubscribe = self._subscriptions.plan()

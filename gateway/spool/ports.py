@@ -1,27 +1,17 @@
 """The seams of the spool package: what its threads need of the store, the Kinesis sink, the
 pipeline's tokens and the metrics, as protocols, so that each side can be faked in tests.
-
-Also the one rate-limited warning both threads use (a line per reason at most every 10 s, with the
-count of what was held back), so that a flood of bad records never floods the log.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from gateway.model import Message, Record
 from gateway.spool.schema import SpooledRecord, SpoolRow
 
-__all__ = ["Inner", "InnerMetrics", "InnerSink", "Origin", "RateLimitedLog", "RetryWatch", "SenderMetrics",
+__all__ = ["Inner", "InnerMetrics", "InnerSink", "Origin", "RetryWatch", "SenderMetrics",
            "SpoolMetrics", "Store"]
-
-log = logging.getLogger("gateway.spool")
-
-_LOG_EVERY_S = 10.0
-
 
 class Store(Protocol):
     """``gateway.spool.store.SpoolStore`` as the spool's threads use it."""
@@ -56,27 +46,8 @@ class SenderMetrics(Protocol):
     def spool_dropped(self, route: str, reason: str, n: int) -> None: ...
 
 
-class RateLimitedLog:
-    """One warning per key at most every ``interval_s``; what was held back is told as a count."""
-
-    def __init__(self, clock: Callable[[], float], interval_s: float = _LOG_EVERY_S) -> None:
-        self._clock, self._interval_s = clock, interval_s
-        self._last: dict[str, tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, text: str) -> None:
-        now = self._clock()
-        with self._lock:
-            last, held = self._last.get(key, (float("-inf"), 0))
-            if now - last < self._interval_s:
-                self._last[key] = (last, held + 1)
-                return
-            self._last[key] = (now, 0)
-        log.warning("%s%s", text, f" (and {held} more like it before this)" if held else "")
-
-
 class Origin(Protocol):
-    """What the pipeline's token tells the spool about a record (``gateway.pipeline``'s token)."""
+    """What the pipeline's token tells the spool about a record (``gateway.pipeline.ports.Token``)."""
 
     @property
     def message(self) -> Message: ...

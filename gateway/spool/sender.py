@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Record, Settlement, dead_letter_envelope
+from gateway.ops.logs import RateLimitedLog
 from gateway.spool.pacing import Pacer
-from gateway.spool.ports import Inner, RateLimitedLog, SenderMetrics, Store
+from gateway.spool.ports import Inner, SenderMetrics, Store
 from gateway.spool.schema import SpooledRecord, SpoolRow, SpoolUnavailable
 
 __all__ = ["Sender"]
@@ -80,7 +81,7 @@ class Sender:
         self._aggregated: frozenset[str] = frozenset()
         self._shards_at: dict[str, float] = {}     # stream -> when its shard count is looked up next
         self._closed = False
-        self._drop_log = RateLimitedLog(clock)
+        self._drop_log: RateLimitedLog[str] = RateLimitedLog(log, clock=clock)
         self._threads: list[threading.Thread] = []
 
     # -- any thread ---------------------------------------------------------------------------------

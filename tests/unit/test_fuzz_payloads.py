@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.model import Message, Record, Rejected
-from gateway.pipeline import Pipeline
+from gateway.pipeline.pipeline import Pipeline
 from gateway.routefile.loader import load_routes_text
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import SinkConfig

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from gateway.ops import logs
-from gateway.ops.logs import configure_logging, log_uncaught_exceptions, register_secret
+from gateway.ops.logs import RateLimitedLog, configure_logging, log_uncaught_exceptions, register_secret
 
 
 class Tty(io.StringIO):
@@ -155,3 +155,37 @@ def test_bad_level_or_format_is_a_one_line_error() -> None:
         configure_logging("json", "LOUD", io.StringIO())
     with pytest.raises(ValueError, match="LOG_FORMAT"):
         configure_logging("xml", "INFO", io.StringIO())  # type: ignore[arg-type]
+
+
+def test_a_rate_limited_key_logs_once_per_interval_and_its_next_line_counts_what_was_held_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    limited: RateLimitedLog[str] = RateLimitedLog(logging.getLogger("gateway.test"), 10.0, lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="gateway.test"):
+        for _ in range(3):
+            limited.warning("a", "bad record", route="a")
+        limited.warning("b", "other reason")      # another key has its own interval
+        now[0] += 10.0
+        limited.warning("a", "bad record", route="a")
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad record", "other reason", "bad record (and 2 more like it before this)"]
+    assert caplog.records[0].route == "a"  # type: ignore[attr-defined]
+
+
+def test_flush_tells_what_a_key_held_back_once_its_interval_has_passed(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limited: RateLimitedLog[str] = RateLimitedLog(logging.getLogger("gateway.test"), 10.0, lambda: now[0])
+
+    def summary(key: str, held: int) -> tuple[str, dict[str, str]]:
+        return f"{held} more of {key}", {"route": key}
+
+    with caplog.at_level(logging.WARNING, logger="gateway.test"):
+        limited.warning("a", "bad record")
+        limited.warning("a", "bad record")
+        limited.flush(summary)                    # the interval has not passed
+        now[0] += 10.0
+        limited.flush(summary)
+        limited.flush(summary, everything=True)   # nothing held back since
+        limited.warning("a", "bad record")        # the summary counted as a's line: held back
+        limited.flush(summary, everything=True)
+    assert [r.getMessage() for r in caplog.records] == ["bad record", "1 more of a", "1 more of a"]

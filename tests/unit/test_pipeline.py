@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.model import PUT, REASON_CODES, Failed, Message, Record
-from gateway.pipeline import Pipeline
+from gateway.pipeline.pipeline import Pipeline
 from gateway.routing.expressions import compile_expression as expr
 from gateway.routing.table import DeadLetter, Route, RouteTable
 from gateway.source.acks import AckTracker

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the settings code moves.
 SETTINGS_SOURCES = (
     ROOT / "gateway" / "settings" / "settings.py",
+    ROOT / "gateway" / "settings" / "mqtt.py",
     ROOT / "gateway" / "settings" / "environment.py",
     ROOT / "gateway" / "settings" / "spool.py",
 )

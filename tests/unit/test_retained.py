@@ -12,7 +12,7 @@ import test_mqtt_source as scripted
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.model import Message, Record, Skipped
-from gateway.pipeline import Pipeline
+from gateway.pipeline.pipeline import Pipeline
 from gateway.routefile.loader import load_routes_text
 from gateway.routing.expressions import compile_expression as expr
 from gateway.routing.table import Route, RouteTable

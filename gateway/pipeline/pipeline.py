@@ -5,7 +5,9 @@ rejection, and each part is settled exactly once — when Kinesis holds the reco
 letter holds it, or when it is dropped with a counted, logged reason. Only then can the
 ``AckTracker`` release the message's PUBACK. Nothing on this path blocks on the network.
 
-``intake`` runs on the MQTT network thread; ``settled`` runs on the sink's threads, in bulk.
+``intake`` runs on the MQTT network thread; ``settled`` runs on the sink's threads, in bulk. What
+the pipeline needs of the route table, the MQTT loop and the sink, and the token it gives the sink
+with each record, are in ``ports``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.model import (
     MAX_PARTITION_KEY_CHARS,
@@ -25,113 +27,22 @@ from gateway.model import (
     Record,
     Rejected,
     RoutingOutcome,
-    Settlement,
     Skipped,
     dead_letter_envelope,
     record_size,
 )
-from gateway.routing.table import Route, RouteTable
-from gateway.source.acks import AckTracker, Ticket
+from gateway.ops.logs import RateLimitedLog
+from gateway.pipeline.ports import ActiveTableReader, OnSettled, Outbound, Sink, Token, held_bytes
+from gateway.routing.table import Route
+from gateway.source.acks import AckTracker
 
 __all__ = ["Pipeline"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.pipeline")
 
 _LOGGED_TOPIC_CHARS = 200
 _LOG_EVERY_S = 10.0
 _INTAKE_ERRORS_UNREADY = 100   # consecutive failing messages before readiness fails
-
-
-class ActiveTableReader(Protocol):
-    @property
-    def current(self) -> RouteTable: ...
-
-
-class Outbound(Protocol):
-    """``gateway.source.outbound.Outbound``: what the pipeline asks the MQTT loop to do."""
-
-    def publish(self, topic: str, payload: bytes, qos: int, done: Callable[[bool, str], None]) -> None:
-        """A dead letter to an MQTT topic; ``done(ok, reason)`` runs on the loop thread."""
-
-    def wake(self) -> None:
-        """The full backlog has room again: read on."""
-
-
-class Sink(Protocol):
-    """``gateway.sink.kinesis.KinesisSink`` (or ``gateway.spool.spooled.SpooledSink``) as the pipeline
-    uses it. A sink may also have an ``accepting`` property: while it is False, the backlog counts as
-    full (the spool is full or cannot be written), and the sink wakes the source when it turns True."""
-
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None: ...
-
-    def send_now(self) -> None: ...
-
-
-OnSettled = Callable[[Sequence[tuple[Any, Settlement]]], None]
-
-
-class _Token:
-    """What travels with a record through the sink and comes back with its settlement.
-
-    ``size`` is the memory it holds: the record's bytes, plus the message's payload when the record
-    carries a copy of it rather than the payload itself (a transform, an appended newline).
-    """
-
-    __slots__ = ("is_dead_letter", "message", "route", "size", "ticket")
-
-    def __init__(self, ticket: Ticket, message: Message, route: Route, is_dead_letter: bool = False,
-                 size: int = 0) -> None:
-        self.ticket = ticket
-        self.message = message
-        self.route = route
-        self.is_dead_letter = is_dead_letter
-        self.size = size
-
-    @property
-    def dead_letter(self) -> str | None:
-        """The route's dead letter as the spool keeps it: ``kinesis:<stream>``, ``mqtt:<topic>`` or None."""
-        target = self.route.dead_letter
-        return None if target is None else f"{target.kind}:{target.target}"
-
-
-def _held_bytes(record: Record, message: Message) -> int:
-    """What holding ``record`` keeps in memory: its bytes, the message's topic, and the payload
-    too when the record carries a copy of it rather than the payload itself."""
-    held = record.size + len(message.topic)
-    return held if record.data is message.payload else held + len(message.payload)
-
-
-class _RateLimitedLog:
-    """One line per (route, reason) at most every few seconds; what was held back is logged as a
-    count by ``flush`` (called periodically), so every bad message shows up in the log."""
-
-    def __init__(self, interval_s: float = _LOG_EVERY_S) -> None:
-        self._interval_s = interval_s
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, route: str, code: str, text: str, **context: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, held = self._last.get((route, code), (-self._interval_s, 0))
-            if now - last < self._interval_s:
-                self._last[(route, code)] = (last, held + 1)
-                return
-            self._last[(route, code)] = (now, 0)
-        more = f" (and {held} more like it before this)" if held else ""
-        log.warning("%s%s", text, more, extra={"route": route, **context})
-
-    def flush(self, everything: bool = False) -> None:
-        now = time.monotonic()
-        due: list[tuple[str, str, int]] = []
-        with self._lock:
-            for (route, code), (last, held) in self._last.items():
-                if held and (everything or now - last >= self._interval_s):
-                    due.append((route, code, held))
-                    self._last[(route, code)] = (now, 0)
-        for route, code, held in due:
-            log.warning("%d more message(s) of route %r not delivered for the same reason (%s) in the last "
-                        "%.0f s", held, route, code, self._interval_s, extra={"route": route})
 
 
 SinkT = TypeVar("SinkT", bound=Sink)
@@ -160,9 +71,9 @@ class Pipeline(Generic[SinkT]):
         self._held_lock = threading.Lock()
         self._outbound = outbound
         self._echo = echo
-        self._outbox: list[tuple[Record, _Token]] = []
+        self._outbox: list[tuple[Record, Token]] = []
         self._outbox_size = 0     # bytes in the outbox (MQTT thread only): full counts them at once
-        self._rate_limited = _RateLimitedLog()
+        self._rate_limited: RateLimitedLog[tuple[str, str]] = RateLimitedLog(log, _LOG_EVERY_S)
         # Per-message counts are plain running totals written only by the MQTT thread;
         # ``flush_counts`` hands the increase to the metrics registry in bulk (a prometheus
         # counter takes a lock per increment).
@@ -217,9 +128,9 @@ class Pipeline(Generic[SinkT]):
         except Exception as error:  # noqa: BLE001 - one line, counted, the message settled
             self._intake_errors += 1
             self._metrics.callback_error()
-            self._rate_limited.warning("-", "intake_error", f"could not handle a message on topic "
+            self._rate_limited.warning(("-", "intake_error"), f"could not handle a message on topic "
                                        f"{_shown(message.topic)!r} ({type(error).__name__}: {error}); "
-                                       "it is dropped and acknowledged", topic=_shown(message.topic))
+                                       "it is dropped and acknowledged", route="-", topic=_shown(message.topic))
             if self._arrivals == arrived_before:
                 self._acks.arrived(mid, qos, 0, message.received_ms)
             return
@@ -248,7 +159,7 @@ class Pipeline(Generic[SinkT]):
             size = record.size + len(message.topic)
             if record.data is not message.payload:
                 size += len(message.payload)
-            self._outbox.append((record, _Token(ticket, message, route, False, size)))
+            self._outbox.append((record, Token(ticket, message, route, False, size)))
             self._outbox_size += size
             return
         records: list[tuple[Record, Route]] = []
@@ -270,8 +181,8 @@ class Pipeline(Generic[SinkT]):
             return
         if records:
             for record, route in records:
-                size = _held_bytes(record, message)
-                self._outbox.append((record, _Token(ticket, message, route, size=size)))
+                size = held_bytes(record, message)
+                self._outbox.append((record, Token(ticket, message, route, size=size)))
                 self._outbox_size += size
         if not rejected:
             return
@@ -281,11 +192,11 @@ class Pipeline(Generic[SinkT]):
         for rejection, route in rejected:
             code = rejection.code
             self._rate_limited.warning(
-                route.name, code,
+                (route.name, code),
                 f"message rejected by route {route.name!r} on topic {_shown(message.topic)!r}: {rejection.reason}",
-                topic=_shown(message.topic),
+                route=route.name, topic=_shown(message.topic),
             )
-            self._dead_letter(_Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
+            self._dead_letter(Token(ticket, message, route, size=len(message.payload) + len(message.topic)),
                               rejection.reason, code)
 
     def _skipped_retained(self, message: Message, routes: Sequence[Route], outcomes: Sequence[RoutingOutcome]) -> None:
@@ -332,7 +243,7 @@ class Pipeline(Generic[SinkT]):
 
     def settled(self, results: Sequence[tuple[Any, Any]]) -> None:
         """Bulk settlement from the sink: acks for what Kinesis holds, dead letters for the rest."""
-        tickets: list[_Token] = []
+        tickets: list[Token] = []
         now_ms = time.time_ns() // 1_000_000
         latencies: dict[str, list[float]] = {}   # route -> receipt-to-held seconds, one metric call each
         for token, settlement in results:
@@ -354,16 +265,17 @@ class Pipeline(Generic[SinkT]):
                 else:
                     code = settlement.code
                     self._rate_limited.warning(
-                        token.route.name, code,
+                        (token.route.name, code),
                         f"record of route {token.route.name!r} for stream {token.route.stream!r} not delivered: "
-                        f"{settlement.reason}", stream=token.route.stream, topic=_shown(token.message.topic),
+                        f"{settlement.reason}", route=token.route.name, stream=token.route.stream,
+                        topic=_shown(token.message.topic),
                     )
                     self._dead_letter(token, settlement.reason, code)
         for name, seconds in latencies.items():
             self._metrics.delivered_many(name, seconds)
         self._release(tickets)
 
-    def _release(self, tokens: list[_Token]) -> None:
+    def _release(self, tokens: list[Token]) -> None:
         if not tokens:
             return
         size = sum(token.size for token in tokens)
@@ -378,7 +290,7 @@ class Pipeline(Generic[SinkT]):
 
     # -- dead letters -------------------------------------------------------------------------
 
-    def _dead_letter(self, token: _Token, reason: str, code: str) -> None:
+    def _dead_letter(self, token: Token, reason: str, code: str) -> None:
         """Send the message where the route says; settle its part when that destination holds it."""
         target = token.route.dead_letter
         if target is None:
@@ -391,7 +303,7 @@ class Pipeline(Generic[SinkT]):
         if target.kind == "kinesis":
             key = token.message.topic[:MAX_PARTITION_KEY_CHARS]
             record = Record(token.route.name, target.target, key, envelope, None, record_size(key, envelope))
-            self.sink.put([(record, _Token(token.ticket, token.message, token.route, is_dead_letter=True,
+            self.sink.put([(record, Token(token.ticket, token.message, token.route, is_dead_letter=True,
                                             size=token.size))])
             return
         publisher = self._outbound
@@ -409,21 +321,21 @@ class Pipeline(Generic[SinkT]):
 
         publisher.publish(target.target, envelope, 1, done)
 
-    def _drop(self, token: _Token, reason: str, code: str) -> None:
+    def _drop(self, token: Token, reason: str, code: str) -> None:
         self._metrics.records_dropped(token.route.name, code, 1)
         where = " after its dead letter failed" if code == "dead_letter_failed" else " (no dead letter configured)"
         self._rate_limited.warning(
-            token.route.name, "dropped:" + code,
+            (token.route.name, "dropped:" + code),
             f"dropped a message of route {token.route.name!r} on topic {_shown(token.message.topic)!r}{where}: "
             f"{reason}",
-            topic=_shown(token.message.topic),
+            route=token.route.name, topic=_shown(token.message.topic),
         )
 
     def flush(self, everything: bool = False) -> None:
         """The app's periodic tick: counts to the metrics, and the counts of log lines held back
         by rate limiting to the log."""
         self.flush_counts()
-        self._rate_limited.flush(everything)
+        self._rate_limited.flush(_held_back, everything)
 
     def flush_counts(self) -> None:
         """Hand the per-message counts and the backlog gauge to the metrics (also before every
@@ -445,6 +357,13 @@ class Pipeline(Generic[SinkT]):
                 self._flushed_unrouted = unrouted
             self._metrics.set_backlog(self._held, self.backlog_capacity, self._held_size,
                                       self.backlog_capacity_bytes)
+
+
+def _held_back(key: tuple[str, str], held: int) -> tuple[str, dict[str, str]]:
+    """The line that tells how many of a (route, reason)'s lines rate limiting held back."""
+    route, code = key
+    return (f"{held} more message(s) of route {route!r} not delivered for the same reason ({code}) in the last "
+            f"{_LOG_EVERY_S:.0f} s", {"route": route})
 
 
 def _shown(topic: str) -> str:
