@@ -1,4 +1,4 @@
-"""The spool's start-up check, and moving a damaged spool aside.
+"""The spool's start-up: its lock, its check, moving a damaged spool aside, and the line that reports it.
 
 Why: a spool damaged by a power loss, a bad disk or a stray write must never stop the gateway from
 starting, nor make it loop at start-up; it is kept for inspection (a damaged file is moved aside,
@@ -16,6 +16,7 @@ Invariants owned here:
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import struct
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-from gateway.spool.schema import DB_NAME, schema_problem, text_factory, unavailable
+from gateway.spool.schema import DB_NAME, SpoolUnavailable, schema_problem, text_factory, unavailable
 
-__all__ = ["Examination", "connect_ro", "count_rows", "examine", "quarantine", "wal_header_problem"]
+__all__ = ["Examination", "OpenReport", "connect_ro", "count_rows", "examine", "lock_spool", "open_report",
+           "quarantine", "wal_header_problem"]
 
 SIDE_FILES: Final = ("-wal", "-shm")
 _ENVIRONMENTAL: Final = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_BUSY", "SQLITE_LOCKED",
@@ -43,6 +45,52 @@ class Examination:
     problem: str | None        # one line: what is wrong
     records: int | None        # rows counted (a good spool), or what a damaged one still lets count
     engine: str                # the engine check's result: "ok", "not run", or quick_check's first line
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    """What ``SpoolStore.open`` found; the caller logs ``summary`` as one line."""
+
+    fresh: bool                   # a new spool was created
+    quarantined_to: str | None    # where the damaged spool was moved (kept for inspection)
+    problem: str | None           # what was found
+    records: int                  # records in the spool now
+    bytes: int
+    lost_estimate: int | None     # records the quarantined spool may hold (None: unknown)
+    summary: str
+
+
+def lock_spool(directory: str) -> int:
+    """Take ``spool.lock`` (an exclusive ``flock``): one process per spool, the next one is refused."""
+    path = os.path.join(directory, "spool.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise unavailable(directory, exc, "opening the spool's lock file") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SpoolUnavailable("in_use", f"spool {directory}: in use by another process (spool.lock is held)"
+                               ) from None
+    return fd
+
+
+def open_report(directory: str, records: int, n_bytes: int, capacity: int, *, fresh: bool, moved_to: str | None,
+                problem: str | None, lost: int | None) -> OpenReport:
+    """The one line a start says about its spool: created, checked ok, or damaged and moved aside."""
+    where = f"spool {directory}"
+    now = f"{records} records, {n_bytes} bytes of {capacity}"
+    if moved_to is not None:
+        size = sum(p.stat().st_size for p in Path(moved_to).iterdir())
+        may_hold = f"it may hold {lost} records" if lost is not None else "how many records it holds is unknown"
+        summary = (f"{where}: damaged ({problem}); moved to {moved_to} ({size} bytes, {may_hold});"
+                   " started a fresh spool")
+    elif fresh:
+        summary = f"{where}: created a fresh spool ({now})"
+    else:
+        summary = f"{where}: checked ok; {now} to deliver first"
+    return OpenReport(fresh, moved_to, problem, records, n_bytes, lost, summary)
 
 
 def _first_line(text: object) -> str:

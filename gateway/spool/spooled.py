@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gateway.model import PUT, Failed, Record, Settlement
-from gateway.ops.logs import RateLimitedLog
 from gateway.spool.pacing import Pacer
 from gateway.spool.ports import InnerSink, Origin, SpoolMetrics, Store
 from gateway.spool.schema import SpoolRow, SpoolUnavailable, row_size
@@ -83,7 +82,6 @@ class SpooledSink:
         self._callback_failure: str | None = None
         self._dropped_log: Counter[str] = Counter()
         self._dropped_logged_at = float("-inf")
-        self._log: RateLimitedLog[str] = RateLimitedLog(log, _LOG_EVERY_S, clock)
         self._sender = Sender(store, metrics, clock=clock, pacer=pacer, shard_count=shard_count, publish=publish,
                               on_room=self._room, on_problem=lambda p: self._problem("send", p),
                               max_records=max_in_flight_records, max_bytes=max_in_flight_bytes, retry_s=retry_s)

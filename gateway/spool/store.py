@@ -19,18 +19,16 @@ Invariants owned here:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.spool.check import count_rows, examine, quarantine
+from gateway.spool.check import OpenReport, count_rows, examine, lock_spool, open_report, quarantine
 from gateway.spool.schema import (
     COLUMNS,
     DB_NAME,
@@ -61,38 +59,10 @@ class SpoolFull(Exception):
     """``block`` policy: the rows would take the spool past its capacity; nothing was written."""
 
 
-@dataclass(frozen=True)
-class OpenReport:
-    """What ``SpoolStore.open`` found; the caller logs ``summary`` as one line."""
-
-    fresh: bool                   # a new spool was created
-    quarantined_to: str | None    # where the damaged spool was moved (kept for inspection)
-    problem: str | None           # what was found
-    records: int                  # records in the spool now
-    bytes: int
-    lost_estimate: int | None     # records the quarantined spool may hold (None: unknown)
-    summary: str
-
-
 def _environmental(exc: sqlite3.Error) -> bool:
     name = str(getattr(exc, "sqlite_errorname", "") or "")
     return name.startswith(("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_BUSY",
                             "SQLITE_LOCKED", "SQLITE_PERM")) and name != "SQLITE_IOERR_SHORT_READ"
-
-
-def _lock(directory: str) -> int:
-    path = os.path.join(directory, "spool.lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise unavailable(directory, exc, "opening the spool's lock file") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise SpoolUnavailable("in_use", f"spool {directory}: in use by another process (spool.lock is held)"
-                               ) from None
-    return fd
 
 
 class SpoolStore:
@@ -102,9 +72,10 @@ class SpoolStore:
 
     def __init__(self, directory: str, lock_fd: int, max_bytes: int, when_full: str,
                  clock: Callable[[], float]) -> None:
-        self._directory = directory
+        self.directory = directory
+        self.capacity_bytes = max_bytes
+        self.drops_oldest = when_full == "drop_oldest"
         self._lock_fd = lock_fd
-        self._max_bytes = max_bytes
         self._when_full = when_full
         self._clock = clock
         self._db = os.path.join(directory, DB_NAME)
@@ -137,7 +108,7 @@ class SpoolStore:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
             raise unavailable(directory, exc, "creating the spool directory") from None
-        lock_fd = _lock(directory)
+        lock_fd = lock_spool(directory)
         try:
             store = cls(directory, lock_fd, max_bytes, when_full, clock)
             report = store._open_checked()
@@ -147,28 +118,29 @@ class SpoolStore:
         return store, report
 
     def _open_checked(self) -> OpenReport:
-        found = examine(self._directory)
+        found = examine(self.directory)
         problem, moved_to, lost = found.problem, None, None
         if problem is not None:
             lost = found.records if found.records is not None else count_rows(Path(self._db))
-            moved_to = quarantine(self._directory, self._clock())
+            moved_to = quarantine(self.directory, self._clock())
         try:
             fresh = self._connect()
         except sqlite3.DatabaseError as exc:  # damage the check could not see: move it aside once, no loop
             self._close_connections()
             if moved_to is not None:
-                raise unavailable(self._directory, exc, "creating a fresh spool") from None
+                raise unavailable(self.directory, exc, "creating a fresh spool") from None
             problem, lost = " ".join(str(exc).split()), count_rows(Path(self._db))
-            moved_to = quarantine(self._directory, self._clock())
+            moved_to = quarantine(self.directory, self._clock())
             try:
                 fresh = self._connect()
             except sqlite3.Error as again:
                 self._close_connections()
-                raise unavailable(self._directory, again, "creating a fresh spool") from None
+                raise unavailable(self.directory, again, "creating a fresh spool") from None
         except BaseException:
             self._close_connections()
             raise
-        return self._report(fresh, moved_to, problem, lost)
+        return open_report(self.directory, self._records, self._bytes, self.capacity_bytes, fresh=fresh,
+                           moved_to=moved_to, problem=problem, lost=lost)
 
     def _connect(self) -> bool:
         """Open both connections (creating the schema in an empty database); True if created.
@@ -183,10 +155,10 @@ class SpoolStore:
             return self._created
         except sqlite3.Error as exc:
             if _environmental(exc):
-                raise unavailable(self._directory, exc, "opening the spool") from None
+                raise unavailable(self.directory, exc, "opening the spool") from None
             raise
         except OSError as exc:
-            raise unavailable(self._directory, exc, "opening the spool") from None
+            raise unavailable(self.directory, exc, "opening the spool") from None
 
     def _connect_writer(self) -> None:
         writer = sqlite3.connect(self._db, isolation_level=None, timeout=5.0, check_same_thread=False)
@@ -203,20 +175,6 @@ class SpoolStore:
         assert self._writer is not None
         count, total = self._writer.execute(f"SELECT count(*), total({SIZE_SQL}) FROM records").fetchone()
         self._records, self._bytes, self._resync = int(count), int(total), False
-
-    def _report(self, fresh: bool, moved_to: str | None, problem: str | None, lost: int | None) -> OpenReport:
-        where = f"spool {self._directory}"
-        now = f"{self._records} records, {self._bytes} bytes of {self._max_bytes}"
-        if moved_to is not None:
-            size = sum(p.stat().st_size for p in Path(moved_to).iterdir())
-            may_hold = f"it may hold {lost} records" if lost is not None else "how many records it holds is unknown"
-            summary = (f"{where}: damaged ({problem}); moved to {moved_to} ({size} bytes, {may_hold});"
-                       " started a fresh spool")
-        elif fresh:
-            summary = f"{where}: created a fresh spool ({now})"
-        else:
-            summary = f"{where}: checked ok; {now} to deliver first"
-        return OpenReport(fresh, moved_to, problem, self._records, self._bytes, lost, summary)
 
     def _close_connections(self) -> None:
         for conn in (self._reader, self._writer):
@@ -235,7 +193,7 @@ class SpoolStore:
                 self._connect_writer()
             except (sqlite3.Error, OSError) as exc:
                 self._close_writer()
-                raise unavailable(self._directory, exc, doing) from None
+                raise unavailable(self.directory, exc, doing) from None
         conn = self._writer
         assert conn is not None
         try:
@@ -248,7 +206,7 @@ class SpoolStore:
             self.last_commit_seconds = time.perf_counter() - started
         except (sqlite3.Error, OSError) as exc:
             self._rollback()
-            raise unavailable(self._directory, exc, doing) from None
+            raise unavailable(self.directory, exc, doing) from None
         except BaseException:
             self._rollback()
             raise
@@ -284,13 +242,13 @@ class SpoolStore:
     def _make_room(self, conn: sqlite3.Connection, needed: int, dropped: Counter[str]) -> tuple[int, int]:
         """Delete the oldest rows until ``needed`` more bytes fit; count them per route."""
         freed = count = 0
-        while self._bytes - freed + needed > self._max_bytes:
+        while self._bytes - freed + needed > self.capacity_bytes:
             batch = conn.execute(f"SELECT id, route, {SIZE_SQL} FROM records ORDER BY id LIMIT {_CHUNK}").fetchall()
             if not batch:
                 break
             last = None
             for rid, route, size in batch:
-                if self._bytes - freed + needed <= self._max_bytes:
+                if self._bytes - freed + needed <= self.capacity_bytes:
                     break
                 last, freed, count = rid, freed + int(size), count + 1
                 dropped[route if isinstance(route, str) else "?"] += 1
@@ -305,12 +263,12 @@ class SpoolStore:
             return []
         encoded = [encode(row) for row in rows]
         needed = sum(params[9] for params in encoded)
-        if self._when_full == "block" and self._bytes + needed > self._max_bytes:
-            raise SpoolFull(f"spool {self._directory}: full ({self._bytes} of {self._max_bytes} bytes;"
+        if self._when_full == "block" and self._bytes + needed > self.capacity_bytes:
+            raise SpoolFull(f"spool {self.directory}: full ({self._bytes} of {self.capacity_bytes} bytes;"
                             f" {len(rows)} records of {needed} bytes wait)")
-        if needed > self._max_bytes:
-            raise SpoolFull(f"spool {self._directory}: {len(rows)} records of {needed} bytes exceed its"
-                            f" capacity of {self._max_bytes} bytes")
+        if needed > self.capacity_bytes:
+            raise SpoolFull(f"spool {self.directory}: {len(rows)} records of {needed} bytes exceed its"
+                            f" capacity of {self.capacity_bytes} bytes")
         ids: list[int] = []
         dropped: Counter[str] = Counter()
 
@@ -413,7 +371,7 @@ class SpoolStore:
                     total += record.size
                 cursor.close()
             except sqlite3.Error as exc:
-                raise unavailable(self._directory, exc, "reading the spool") from None
+                raise unavailable(self.directory, exc, "reading the spool") from None
         if bad:
             def body(conn: sqlite3.Connection) -> tuple[int, int]:
                 count, freed = self._delete_ids(conn, bad)
@@ -433,24 +391,12 @@ class SpoolStore:
         return self._bytes
 
     @property
-    def capacity_bytes(self) -> int:
-        return self._max_bytes
-
-    @property
-    def drops_oldest(self) -> bool:
-        return self._when_full == "drop_oldest"
-
-    @property
     def undecodable(self) -> int:
         return self._undecodable
 
     @property
     def commits(self) -> int:
         return self._commits
-
-    @property
-    def directory(self) -> str:
-        return self._directory
 
     def oldest_arrival_ms(self) -> int | None:
         """The arrival time of the oldest record (the lowest id), or None for an empty spool."""
