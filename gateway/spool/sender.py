@@ -90,8 +90,9 @@ class Sender:
         """The committer appended rows: read on."""
         with self._cond:
             self._commits += 1
-            self._unread = True
-            self._cond.notify_all()
+            already, self._unread = self._unread, True
+            if not (already and self._in_flight):   # else the sender reads on its own timer (_READ_EVERY_S)
+                self._cond.notify_all()
 
     def set_aggregated(self, routes: Iterable[str]) -> None:
         """Aggregated routes' records count only by bytes against a shard's records/s."""
