@@ -219,13 +219,16 @@ class Pipeline(Generic[SinkT]):
         self.hand_over()
 
     def send_now(self) -> None:
-        """SourceHooks: the broker waits for our acks (its in-flight window is full); the linger
-        would only stall it."""
-        self.hand_over()
-        self.sink.send_now()
+        """SourceHooks: a read round ended and the broker waits for our acks (its in-flight window
+        is full); the linger would only stall it."""
+        if self._outbox:
+            self.hand_over(now=True)
+        else:
+            self.sink.send_now()
 
-    def hand_over(self) -> None:
-        """Give the sink every record routed since the last call (MQTT thread)."""
+    def hand_over(self, now: bool = False) -> None:
+        """Give the sink every record routed since the last call (MQTT thread); with ``now``, or
+        when the backlog is full, to be sent without waiting out the linger."""
         outbox = self._outbox
         if not outbox:
             return
@@ -235,9 +238,7 @@ class Pipeline(Generic[SinkT]):
             self._held += len(outbox)
             self._held_size += size
             full = self._is_full()
-        self.sink.put(outbox)
-        if full:
-            self.sink.send_now()
+        self.sink.put(outbox, now=now or full)
 
     # -- sink threads -------------------------------------------------------------------------
 

@@ -38,7 +38,9 @@ class Sink(Protocol):
     uses it. A sink may also have an ``accepting`` property: while it is False, the backlog counts as
     full (the spool is full or cannot be written), and the sink wakes the source when it turns True."""
 
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None: ...
+    def put(self, entries: Sequence[tuple[Record, Any]], *, now: bool = False) -> None:
+        """``now``: the broker waits for these records' acks, or the backlog is full: send them (and
+        whatever waits) without waiting out the linger; ``put`` and ``send_now`` in one step."""
 
     def send_now(self) -> None: ...
 

@@ -158,12 +158,16 @@ class KinesisSink(Generic[T]):
         with self._cond:
             self._scheduler.set_aggregate_routes(routes)
 
-    def put(self, entries: Sequence[tuple[Record, T]]) -> None:
-        """Accept records for delivery; cheap, thread-safe, never blocks on the network."""
-        now = self._clock()
+    def put(self, entries: Sequence[tuple[Record, T]], *, now: bool = False) -> None:
+        """Accept records for delivery; cheap, thread-safe, never blocks on the network. ``now``:
+        then ``send_now``, under the same lock."""
+        at = self._clock()
         with self._cond:
             self._pending += len(entries)
-            if self._scheduler.accept(entries, now):
+            accepted = self._scheduler.accept(entries, at)
+            if now:
+                self._scheduler.send_now()
+            if accepted or now:
                 self._cond.notify()
 
     def send_now(self) -> None:

@@ -26,8 +26,9 @@ class SourceHooks(Protocol):
         """A read round ended (it may have taken in messages): hand them on in bulk."""
 
     def send_now(self) -> None:
-        """The broker sends nothing more until we ack what we hold (its in-flight window is full):
-        send the records handed over so far without waiting out the linger
+        """A read round ended, and the broker sends nothing more until we ack what we hold (its
+        in-flight window is full): instead of ``after_read``, hand on what the round took in and
+        send it, with what was handed over before, without waiting out the linger
         (docs/performance.md#what-gets-it-there)."""
 
     def backlog_full(self) -> bool:

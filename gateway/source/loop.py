@@ -280,9 +280,10 @@ class NetworkLoop:
         try:
             self._read_packets(client, paused)
         finally:
-            self._run_hook("after_read", self._hooks.after_read)
-            if self._window_full:
+            if self._window_full:   # ends the round too: hands over what it took in, to be sent at once
                 self._run_hook("send_now", self._hooks.send_now)
+            else:
+                self._run_hook("after_read", self._hooks.after_read)
 
     def _run_hook(self, name: str, hook: Callable[[], None]) -> None:
         try:

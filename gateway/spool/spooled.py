@@ -95,11 +95,15 @@ class SpooledSink:
 
     # -- the pipeline's Sink ------------------------------------------------------------------------
 
-    def put(self, entries: Sequence[tuple[Record, Any]]) -> None:
-        """MQTT thread: queue for the next commit; never touches the disk."""
+    def put(self, entries: Sequence[tuple[Record, Any]], *, now: bool = False) -> None:
+        """MQTT thread: queue for the next commit; touches the disk only with ``now`` (``send_now``).
+        Then the committer is not woken: it would only compete with the commit made here."""
         with self._cond:
             self._pending.extend(entries)
-            self._cond.notify_all()
+            if not now:
+                self._cond.notify_all()
+        if now:
+            self.send_now()
 
     def send_now(self) -> None:
         """MQTT thread: the broker waits for our PUBACKs (its in-flight window is full) or the
@@ -108,6 +112,8 @@ class SpooledSink:
         and back, which is what a window of one message pays per message (docs/spool.md#storage)."""
         with self._cond:
             if self._committing or not self._pending or not self._accepting or self._closed:
+                if self._pending:
+                    self._cond.notify_all()     # what is pending is the committer's
                 return
             batch, self._pending = self._pending, []
             self._committing = len(batch)

@@ -26,9 +26,11 @@ class FakeSink:
         self.puts = 0
         self.urgent = 0
 
-    def put(self, entries: Any) -> None:
+    def put(self, entries: Any, *, now: bool = False) -> None:
         self.puts += 1
         self.entries.extend(entries)
+        if now:
+            self.send_now()
 
     def send_now(self) -> None:
         self.urgent += 1

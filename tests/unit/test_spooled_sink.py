@@ -221,6 +221,12 @@ def test_send_now_commits_on_the_calling_thread_so_the_acks_leave_without_a_hand
     assert rig.sink.pending_records == 0
 
 
+def test_a_put_to_be_sent_now_is_committed_by_the_caller_in_the_same_step() -> None:
+    rig = Rig()
+    rig.sink.put([entry(1), entry(2)], now=True)   # the broker's window is full: no committer wake-up
+    assert rig.store.appends == [2] and [t.n for t, _ in rig.settled] == [1, 2]
+
+
 def test_send_now_leaves_the_batch_to_a_commit_in_progress_and_never_commits_out_of_order() -> None:
     rig = Rig()
     rig.sink.put([entry(1)])
