@@ -5,12 +5,13 @@ records go to the local spool and its PUBACK goes out once that write is durable
 (``gateway.spool.sender``) delivers the spool to Kinesis later, in id order, paced per stream.
 
 Invariants owned here:
-- ``put`` runs on the MQTT thread and only appends to a pending list and notifies: no disk I/O;
+- ``put`` runs on the MQTT thread and only appends to a pending list and notifies, no disk I/O,
+  unless the records are to go ``now`` (the broker waits for our acks, or the backlog is full);
 - one commit at a time appends *everything* pending in one transaction (group commit: what piles
   up during a commit goes into the next one) and only then settles those records PUT to the
   pipeline, so the ack tracker releases their PUBACKs; a record is never settled before it is
-  durable. The committer thread commits, except when the broker waits for our acks
-  (``send_now``) and the committer is idle: then the MQTT thread commits itself;
+  durable. The committer thread commits, except for ``now`` (``send_now``) while the committer is
+  idle: then the MQTT thread commits itself;
 - a full spool (``block``) or one that cannot be written (disk full, read-only: ``SpoolUnavailable``)
   makes the sink not ``accepting``: the pipeline then reports its backlog full and the MQTT source
   stops reading and acknowledging, as without a spool. The commit is tried again once the sender
