@@ -57,7 +57,7 @@ class Pipeline(Generic[SinkT]):
                  echo: bool = False) -> None:
         """``make_sink(on_settled)`` builds the sink that reports its settlements to this pipeline
         (so neither needs the other afterwards). Routed records wait in an outbox until
-        ``after_read()``, which the MQTT source calls after each read round: one sink lock
+        ``after_read()`` (or ``send_now()``), which the MQTT source calls after each read round: one sink lock
         round-trip per round, not per message."""
         self._active = active
         self._acks = acks

@@ -252,6 +252,7 @@ def test_send_now_does_not_commit_into_a_spool_that_is_not_accepting() -> None:
     rig.store.fail = SpoolUnavailable("disk_full", "spool x: disk full (ENOSPC)")
     rig.sink.put([entry(1)])
     rig.sink.commit_once()
+    rig.store.fail = None    # writable again, but the committer's retry decides when: not send_now
     rig.sink.send_now()
     assert rig.settled == [] and rig.sink.pending_records == 1
 
