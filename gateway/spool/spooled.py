@@ -287,8 +287,11 @@ class SpooledSink:
         chunk_bytes = max(1, capacity // 4)   # a chunk always fits an empty spool
         start = 0
         while start < len(rows):
+            # Under ``block`` a chunk also ends at the room left, so that the spool fills up to the
+            # record that does not fit instead of refusing a whole chunk with room for part of it.
+            limit = chunk_bytes if self._store.drops_oldest else min(chunk_bytes, capacity - self._store.bytes)
             end, size = start, 0
-            while end < len(rows) and (end == start or size + sizes[end] <= chunk_bytes):
+            while end < len(rows) and (end == start or size + sizes[end] <= limit):
                 size += sizes[end]
                 end += 1
             if not self._append(rows[start:end], kept[start:end], kept[end:]):

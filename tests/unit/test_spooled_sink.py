@@ -282,6 +282,18 @@ def test_block_a_full_spool_stops_accepting_and_resumes_once_the_sender_freed_ro
     assert [t.n for t, _ in rig.settled] == [1, 2, 3, 4]
 
 
+def test_block_fills_the_spool_up_to_the_record_that_does_not_fit() -> None:
+    one = row_size(SpoolRow("r1", "s1", "k1", None, 0, b"d" * 10, "t/1", None, False))
+    rig = Rig(FakeStore(capacity=8 * one))   # a chunk is a quarter of the spool: two records
+    rig.sink.put([entry(n) for n in range(1, 6)])
+    rig.sink.commit_once()
+    rig.sink.put([entry(n) for n in range(6, 10)])
+    rig.sink.commit_once()
+    assert rig.store.records == 8, "the chunk that overflows still leaves its first records in the spool"
+    assert [t.n for t, _ in rig.settled] == list(range(1, 9)) and rig.sink.pending_records == 1
+    assert not rig.sink.accepting
+
+
 def test_an_unwritable_spool_is_told_once_blocks_and_recovers_by_itself(caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig()
     rig.store.fail = SpoolUnavailable("disk_full", "spool x: disk full (ENOSPC)")
