@@ -130,20 +130,22 @@ def main(argv: list[str] | None = None) -> int:
                                     externals=args.subjects if "b" in only else ())
             rows += r
             checks += c if "b" in only else []
-        if "b" in only:
+        plain1 = None
+        if "b" in only or "f" in only:
             _log(f"(b) burst of {sizes.burst:,} at QoS 1")
-            r, c, _ = sc.burst(sizes, endpoint, wd, qos=1, target=0.60, backlog=args.backlog,
-                               externals=args.subjects)
+            r, c, plain1 = sc.burst(sizes, endpoint, wd, qos=1, target=0.60, backlog=args.backlog,
+                                    externals=args.subjects if "b" in only else ())
             rows += r
-            checks += c
+            checks += c if "b" in only else []
         if "d" in only:
             _log(f"(d) {sizes.extra_routes + 1:,} routes")
             r, c = sc.many_routes(sizes, endpoint, wd, plain0)
             rows += r
             checks += c
         if "f" in only:
-            _log("(f) KPL aggregation")
-            r, c = sc.aggregation(sizes, endpoint, wd, plain0)  # type: ignore[arg-type]
+            _log("(f) KPL aggregation at QoS 0 and QoS 1")
+            assert plain0 is not None and plain1 is not None
+            r, c = sc.aggregation(sizes, endpoint, wd, {0: plain0, 1: plain1})
             rows += r
             checks += c
         if "g" in only:

@@ -289,19 +289,24 @@ def many_routes(sizes: Sizes, ep: Endpoint, wd: Path, one_route: Row | None) -> 
               ratio is not None and ratio >= 0.9)]
 
 
-def aggregation(sizes: Sizes, ep: Endpoint, wd: Path, plain: Row) -> tuple[Rows, Checks]:
-    """(f) KPL aggregation (`aggregate: true`) vs the plain QoS 0 burst."""
-    routes = route_file(wd / "agg" / "routes.yaml", qos=0, aggregate=True)
-    agg = _median_of(sizes, lambda: gateway("aggregate", routes, aggregated=True), wd / "agg",
-                     _burst_kw(sizes, ep, 0))
-    return [dict(agg, scenario="f KPL aggregate QoS0")], [
-        check("f: Kinesis records, plain / aggregated", "report",
-              _ratio(plain["kinesis_records"], agg["kinesis_records"]), None),
-        check("f: throughput, aggregated / plain", "report",
-              _ratio(agg["msg_per_s"], plain["msg_per_s"]), None),
-        check("f: CPU per message, plain / aggregated", "report",
-              _ratio(plain["cpu_s_per_1k"], agg["cpu_s_per_1k"]), None),
-        check("f: aggregated lost", "0", agg["lost"], agg["lost"] == 0)]
+def aggregation(sizes: Sizes, ep: Endpoint, wd: Path, plain: dict[int, Row]) -> tuple[Rows, Checks]:
+    """(f) KPL aggregation (`aggregate: true`) vs the plain bursts, at QoS 0 and at QoS 1."""
+    rows: Rows = []
+    checks: Checks = []
+    for qos, base in sorted(plain.items()):
+        routes = route_file(wd / f"agg{qos}" / "routes.yaml", qos=qos, aggregate=True)
+        agg = _median_of(sizes, lambda r=routes: gateway("aggregate", r, aggregated=True),
+                         wd / f"agg{qos}", _burst_kw(sizes, ep, qos))
+        rows.append(dict(agg, scenario=f"f KPL aggregate QoS{qos}"))
+        checks += [
+            check(f"f: QoS {qos} Kinesis records, plain / aggregated", "report",
+                  _ratio(base["kinesis_records"], agg["kinesis_records"]), None),
+            check(f"f: QoS {qos} throughput, aggregated / plain", "report",
+                  _ratio(agg["msg_per_s"], base["msg_per_s"]), None),
+            check(f"f: QoS {qos} CPU per message, plain / aggregated", "report",
+                  _ratio(base["cpu_s_per_1k"], agg["cpu_s_per_1k"]), None),
+            check(f"f: QoS {qos} aggregated lost", "0", agg["lost"], agg["lost"] == 0)]
+    return rows, checks
 
 
 def _spool_gateway(name: str, routes: Path, spool_root: Path) -> Subject:
