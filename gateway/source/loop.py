@@ -313,7 +313,7 @@ class NetworkLoop:
         if session.connected_at != self._window_connection:
             self._window_connection = session.connected_at
             self._window.new_connection()
-        self._window_full = self._window.drained(session.outstanding, now)
+        self._window_full = self._window.drained(session.outstanding, now, session.received)
         self._pace(now)
 
     def _pace(self, now: float) -> None:

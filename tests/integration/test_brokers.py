@@ -282,6 +282,54 @@ def one_record_round_trips_per_second(kinesis: Any, stream: str, count: int = 40
     return 1 / sorted(took)[count // 2]
 
 
+def durable_ack_floor(tmp_path: Path, ejabberd: Ejabberd, n: int) -> float:
+    """What a window of one allows at best when an ack must wait for a durable write: a bare paho
+    subscriber that commits each message to a SQLite WAL with synchronous=FULL (as the spool does)
+    before paho sends its PUBACK; msg/s from the first publish to the last commit."""
+    import sqlite3
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    root = topic_root()
+    db = sqlite3.connect(tmp_path / f"{root}.db", isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB)")
+    committed: list[float] = []
+    all_in = threading.Event()
+
+    def commit_then_ack(client: Any, userdata: Any, message: Any) -> None:   # paho acks after the return
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO records (payload) VALUES (?)", (message.payload,))
+        db.execute("COMMIT")
+        committed.append(time.monotonic())
+        if len(committed) >= n:
+            all_in.set()
+
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"floor-{root}", protocol=MQTTProtocolVersion.MQTTv5)
+    sub.username_pw_set(ejabberd.username, ejabberd.password)
+    sub.on_message = commit_then_ack
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *args: subscribed.set()
+    sub.connect("127.0.0.1", ejabberd.port)
+    sub.loop_start()
+    try:
+        sub.subscribe(f"{root}/#", 1)
+        assert subscribed.wait(10)
+        with Publisher(port=ejabberd.port, username="publisher", password="any",
+                       topic_for=lambda seq: f"{root}/welder/{seq % 5}/data") as pub:
+            started = time.monotonic()
+            pub.publish_range(n)
+            assert all_in.wait(120), f"{len(committed)} of {n} committed"
+        return n / (committed[-1] - started)
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+        db.close()
+
+
 @pytest.mark.timeout(180)
 def test_qos1_throughput_on_ejabberds_window_of_one_is_bound_by_kinesis_not_by_the_linger(
         tmp_path: Path, mosquitto: Mosquitto, ejabberd: Ejabberd, kinesis: Any, make_stream: Callable[..., str],
@@ -339,10 +387,13 @@ def test_with_the_spool_ejabberds_window_of_one_is_no_longer_bound_by_the_kinesi
             {**ejabberd_pub, "protocol": MQTTProtocolVersion.MQTTv311}, 2000, make_stream(suffix="-e3"),
             gateway_process, publisher),
     }
+    floor = durable_ack_floor(tmp_path, ejabberd, 2000)
     emit("brokers-qos1-throughput-spool", "QoS 1, first publish to last record put, spool on for ejabberd: "
          + " ".join(f"{name}={rate:.0f} msg/s" for name, rate in rates.items())
          + f"; ejabberd-5+spool/mosquitto-5={rates['ejabberd-5+spool'] / rates['mosquitto-5']:.2f}; "
-         f"one-record PutRecords round trips={ceiling:.0f}/s (the ceiling without the spool)")
+         f"one-record PutRecords round trips={ceiling:.0f}/s (the ceiling without the spool); bare paho with one "
+         f"fsync'd commit before each PUBACK on ejabberd-5={floor:.0f} msg/s ({floor / rates['mosquitto-5']:.2f} of "
+         f"mosquitto-5: a window of one's ceiling with a durable ack)")
     for name in ("ejabberd-5+spool", "ejabberd-3.1.1+spool"):
         assert rates[name] > ceiling, f"{name}: {rates[name]:.0f} msg/s, no-spool ceiling {ceiling:.0f}/s"
 

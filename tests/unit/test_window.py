@@ -66,3 +66,55 @@ def test_a_real_window_of_one_is_renewed_at_once_with_a_growing_hold() -> None:
     watch.drained(1, now=3.7)
     assert watch.drained(1, now=4.0)              # and again: hold 4 s
     assert watch.bound(now=7.9)
+
+
+def paced(watch: WindowWatch, counts: list[int], start: float, received: int, interval: float = 0.1,
+          ) -> tuple[list[bool], float, int]:
+    """Paced reads that each find `count` new messages held (acked fast, before the next read)."""
+    seen = []
+    for i, count in enumerate(counts):
+        received += count
+        seen.append(watch.drained(count, now=start + i * interval, received=received))
+    return seen, start + len(counts) * interval, received
+
+
+def test_a_steady_stream_acked_fast_is_disproven_by_its_rate_and_not_bound_again() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    seen, now, received = paced(watch, [10, 10], 0.0, 0)   # 100 msg/s, 10 per paced read: looks like a window
+    assert seen == [False, True]
+    for i in range(90):                                    # bound, acked at once: still 100 msg/s
+        received += 1
+        watch.drained(1, now=now + i * 0.01, received=received)
+    seen, _, _ = paced(watch, [10] * 20, now + 1.0, received)
+    assert not any(seen), "the same count, shown to be the stream's rate, must not bind again"
+
+
+def test_a_real_window_sends_faster_once_acked_at_once_and_stays_detectable() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    seen, now, received = paced(watch, [10, 10], 0.0, 0)   # a window of 10 per paced read: 100 msg/s
+    assert seen == [False, True]
+    for i in range(90):                                    # acked at once: the broker refills at once
+        received += 10
+        watch.drained(10, now=now + i * 0.01, received=received)
+    seen, _, _ = paced(watch, [10, 10], now + 1.0, received)
+    assert seen == [False, True], "a window that sped up when acked is renewed"
+
+
+def test_a_quiet_spell_during_a_hold_disproves_nothing() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    seen, now, received = paced(watch, [10, 10], 0.0, 0)
+    assert seen[-1]
+    watch.drained(1, now=now + 0.01, received=received + 1)   # then nothing for the rest of the hold
+    seen, _, _ = paced(watch, [10, 10], now + 5.0, received + 1)
+    assert seen == [False, True]
+
+
+def test_a_window_of_one_is_never_disproven_by_a_slow_stream() -> None:
+    watch = WindowWatch(hold_s=1.0)
+    seen, now, received = paced(watch, [1, 1], 0.0, 0)
+    assert seen == [False, True]
+    for i in range(9):                                      # 10 msg/s, bound or not
+        received += 1
+        watch.drained(1, now=now + i * 0.1, received=received)
+    seen, _, _ = paced(watch, [1, 1], now + 1.0, received)
+    assert seen == [False, True]
