@@ -28,8 +28,11 @@ Acks that come back fast (the spool commits in milliseconds) let a steady stream
 every paced read then finds the same number held, the messages read in that round, twice in a row.
 The rate tells them apart. A broker that waited for our acks sends faster once we ack at once; a
 steady stream keeps its rate. So a hold that received messages no faster than `_FASTER` times the
-rate that led to it disproves that count: signs at it no longer bind until the ceiling or the
-connection changes. A hold without messages (a quiet spell) disproves nothing.
+rate that led to it disproves that count: signs at it do not bind for `_RETEST_S`, or until the
+ceiling or the connection changes. A hold without messages (a quiet spell) disproves nothing. The
+disproof expires because a real window misjudged (traffic just above what pacing lets through)
+piles up messages at the broker meanwhile, which the next hold then drains fast: the re-test
+corrects it, and a steady stream pays one hold per `_RETEST_S`.
 
 Pure: no threads, no I/O; the loop calls it on its own thread with its own clock's time.
 """
@@ -41,6 +44,7 @@ __all__ = ["WindowWatch"]
 
 _HOLD_CAP_FACTOR = 16   # the hold doubles on each renewal that follows straight on, up to this many times hold_s
 _FASTER = 2.0           # a window judged right makes the broker send at least this much faster while bound
+_RETEST_S = 30.0        # how long a disproof lasts before the same count may bind again
 
 
 class WindowWatch:
@@ -56,6 +60,7 @@ class WindowWatch:
         self._hold: tuple[float, int, float] | None = None   # (start, received, rate before) of a hold to judge
         self._last_in_hold: tuple[float, int] | None = None  # (time, received) at the hold's last drained read
         self._disproven = 0        # a ceiling that a hold showed to be a steady stream's, not a window
+        self._disproven_until = 0.0
 
     def new_connection(self) -> None:
         """A new connection may come with another window (another broker, another config)."""
@@ -69,11 +74,13 @@ class WindowWatch:
         acks; True while the broker is judged to be waiting for those acks. `received` counts the
         messages of this connection so far (None: no rates, nothing is ever disproven)."""
         bound = now < self._bound_until
+        if self._disproven and now >= self._disproven_until:
+            self._disproven = 0
         if self._hold is not None:
             if bound:
                 self._last_in_hold = None if received is None else (now, received)
             else:
-                self._judge_hold()
+                self._judge_hold(now)
         if outstanding <= 0:                 # nothing held: no evidence either way
             self._streak = 0
         elif outstanding > self._ceiling:    # more in flight than ever: the window is at least this
@@ -106,7 +113,7 @@ class WindowWatch:
         if received is not None and self._sign is not None and now > self._sign[0] and self._ceiling > 1:
             self._hold = (now, received, (received - self._sign[1]) / (now - self._sign[0]))
 
-    def _judge_hold(self) -> None:
+    def _judge_hold(self, now: float) -> None:
         """A hold ended: if acking at once did not make the broker send faster, the count it was
         judged on is a steady stream's. Judged on the drained reads within the hold only, and only
         when they span half of it (a quiet spell is no evidence). A ceiling of one is never judged:
@@ -117,4 +124,4 @@ class WindowWatch:
         if last is None or last[0] - start < self._hold_s / 2:
             return
         if (last[1] - at_start) / (last[0] - start) < _FASTER * rate_before:
-            self._disproven = self._ceiling
+            self._disproven, self._disproven_until = self._ceiling, now + _RETEST_S

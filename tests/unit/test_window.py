@@ -85,8 +85,10 @@ def test_a_steady_stream_acked_fast_is_disproven_by_its_rate_and_not_bound_again
     for i in range(90):                                    # bound, acked at once: still 100 msg/s
         received += 1
         watch.drained(1, now=now + i * 0.01, received=received)
-    seen, _, _ = paced(watch, [10] * 20, now + 1.0, received)
+    seen, now, received = paced(watch, [10] * 20, now + 1.0, received)
     assert not any(seen), "the same count, shown to be the stream's rate, must not bind again"
+    seen, _, _ = paced(watch, [10, 10], now + 30.0, received)
+    assert seen == [False, True], "...for a while: a window misjudged is tested again"
 
 
 def test_a_real_window_sends_faster_once_acked_at_once_and_stays_detectable() -> None:
