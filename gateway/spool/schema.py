@@ -23,7 +23,8 @@ from typing import Any, Final, NamedTuple
 
 __all__ = [
     "COLUMNS", "DB_NAME", "SCHEMA_VERSION", "SIZE_SQL", "SpoolRow", "SpoolUnavailable", "SpooledRecord",
-    "Undecodable", "configure", "create_schema", "decode", "encode", "row_size", "schema_problem", "unavailable",
+    "Undecodable", "configure", "create_schema", "decode", "encode", "insert_sql", "row_size", "schema_problem",
+    "unavailable",
 ]
 
 DB_NAME: Final = "spool.db"
@@ -35,6 +36,12 @@ COLUMNS: Final = ("id", "route", "stream", "partition_key", "explicit_hash_key",
 
 # the size a row counts for, even when its column holds the wrong type (then 0)
 SIZE_SQL: Final = "CASE WHEN typeof(size) = 'integer' AND size >= 0 THEN size ELSE 0 END"
+
+
+def insert_sql(rows: int) -> str:
+    """One INSERT of ``rows`` rows (every column but the id, in ``encode``'s order)."""
+    marks = f"({', '.join('?' * (len(COLUMNS) - 1))})"
+    return f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES {', '.join([marks] * rows)}"
 
 _DDL: Final = """
 CREATE TABLE records (
