@@ -43,6 +43,7 @@ def insert_sql(rows: int) -> str:
     marks = f"({', '.join('?' * (len(COLUMNS) - 1))})"
     return f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES {', '.join([marks] * rows)}"
 
+
 _DDL: Final = """
 CREATE TABLE records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
