@@ -35,7 +35,10 @@ class Debouncer:
 
     Each event pushes the deadline to ``debounce_s`` after it (a burst of events collapses into one
     call), but never past ``max_delay_s`` after the first event of the burst, so a file that keeps
-    changing is still picked up. ``rescan_s`` is a backstop for missed or coalesced events.
+    changing is still picked up. ``rescan_s`` is a backstop for missed or coalesced events. While a
+    writer has the route file open (rewritten in place: modified, not yet closed) the call waits
+    for the close, up to ``max_delay_s``: a writer held up between truncating and writing must not
+    get its half-written file read and rejected.
     """
 
     def __init__(self, debounce_s: float, rescan_s: float, now: float,
@@ -48,11 +51,17 @@ class Debouncer:
         self._reason = "watch"
         self._retry_delay = 0.0
         self._next_rescan = now + rescan_s if rescan_s > 0 else None
+        self._writing = False
 
-    def event(self, now: float) -> None:
+    def event(self, now: float, writing: bool | None = None) -> None:
+        """An event at ``now``; ``writing`` True: the route file was modified in place and is
+        still open, False: its writer closed it, None: anything else."""
         if self._first is None:
             self._first = now
-        self._deadline = min(now + self.debounce_s, self._first + self.max_delay_s)
+        if writing is not None:
+            self._writing = writing
+        last = self._first + self.max_delay_s
+        self._deadline = last if self._writing else min(now + self.debounce_s, last)
         self._reason = "watch"
 
     def retry(self, now: float) -> None:
@@ -70,6 +79,7 @@ class Debouncer:
         if self._deadline is not None and now >= self._deadline:
             reason = self._reason
             self._first = self._deadline = None
+            self._writing = False
         elif self._next_rescan is not None and now >= self._next_rescan:
             reason = "rescan"
         else:
@@ -112,6 +122,7 @@ class DirectoryWatcher:
         self._hup_handled = 0
         self._stopping = False
         self._observer: Any = None
+        self._closes_reported = False   # inotify reports a writer's close; polling does not
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -120,11 +131,19 @@ class DirectoryWatcher:
     # -- events in -------------------------------------------------------------------------
     def dispatch(self, event: Any) -> None:
         """Called by the observer thread for every event in the directory."""
-        if getattr(event, "event_type", None) in _IGNORED_EVENTS:
+        kind = getattr(event, "event_type", None)
+        if kind in _IGNORED_EVENTS:
             return
+        writing = None
+        if self._closes_reported and kind in ("modified", "closed") and self._is_route_file(event):
+            writing = kind == "modified"
         with self._lock:
-            self._debouncer.event(self._clock())
+            self._debouncer.event(self._clock(), writing)
         self._wake()
+
+    def _is_route_file(self, event: Any) -> bool:
+        path = getattr(event, "src_path", None)
+        return isinstance(path, str) and os.path.abspath(path) == os.path.abspath(self.path)
 
     def request_reload(self) -> None:
         """Ask for a reload now. Safe inside a signal handler: no lock, one write to a pipe."""
@@ -201,6 +220,7 @@ class DirectoryWatcher:
             log.error("route file %s: cannot watch %s (%s); relying on the %.0f s rescan",
                       self.path, self.directory, exc, self._debouncer.rescan_s)
             return None
+        self._closes_reported = mode == "inotify"
         log.info("watching %s for route changes (%s)", self.directory, mode)
         return observer
 

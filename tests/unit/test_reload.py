@@ -204,11 +204,21 @@ def test_kubelet_atomic_write_collapses_into_exactly_one_reload(tmp_path: Path, 
 def test_touch_with_unchanged_content_reloads_nothing(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     before = rig.active.current
-    os.utime(rig.path)
-    rig.observer.emit("attrib", "routes.yaml")
-    rig.observer.emit("modified", "routes.yaml")
+    os.utime(rig.path)                           # what `touch` does; watchdog 7.1 on inotify reports:
+    for kind in ("opened", "attrib", "closed"):
+        rig.observer.emit(kind, "routes.yaml")
     assert rig.settle() == ["watch"]
     assert rig.active.current is before and rig.swaps == [] and rig.metrics.calls == []
+
+
+def test_a_route_file_rewritten_in_place_is_not_read_before_its_writer_closed_it(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    rig.observer.emit("opened", "routes.yaml")
+    rig.observer.emit("modified", "routes.yaml")   # truncated; the writer is held up before it writes
+    assert rig.settle() == [], "a half-written file must not be read (and rejected)"
+    rig.observer.emit("modified", "routes.yaml")
+    rig.observer.emit("closed", "routes.yaml")
+    assert rig.settle() == ["watch"]
 
 
 def test_our_own_reads_do_not_trigger_reloads(tmp_path: Path) -> None:
@@ -440,6 +450,16 @@ def test_debounce_restarts_on_each_event_but_never_waits_past_max_delay() -> Non
     for i in range(20):  # a file that never stops changing
         d.event(1.0 + i * 0.1)
     assert d.due(2.0) == "watch"
+
+
+def test_a_file_rewritten_in_place_is_read_once_its_writer_closed_it_not_mid_write() -> None:
+    d = Debouncer(debounce_s=0.1, rescan_s=0, now=0.0, max_delay_s=1.0)
+    d.event(0.0, writing=True)           # truncated, the writer held up before it writes
+    assert d.due(0.5) is None, "a half-written file must not be read"
+    d.event(0.6, writing=False)          # written and closed
+    assert d.due(0.65) is None and d.due(0.7) == "watch"
+    d.event(2.0, writing=True)           # a writer that never closes still gets read, late
+    assert d.due(2.9) is None and d.due(3.0) == "watch"
 
 
 def test_retry_backs_off_until_it_succeeds() -> None:
