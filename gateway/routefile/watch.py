@@ -110,7 +110,8 @@ class DirectoryWatcher:
         if mode not in ("inotify", "polling", "off"):
             raise ValueError(f"reload mode must be inotify, polling or off, not {mode!r}")
         self.path = os.fspath(path)
-        self.directory = os.path.dirname(os.path.abspath(self.path))
+        self._abspath = os.path.abspath(self.path)
+        self.directory = os.path.dirname(self._abspath)
         self.mode: WatchMode = mode
         self.poll_interval_s = poll_interval_s
         self._on_change = on_change
@@ -143,7 +144,7 @@ class DirectoryWatcher:
 
     def _is_route_file(self, event: Any) -> bool:
         path = getattr(event, "src_path", None)
-        return isinstance(path, str) and os.path.abspath(path) == os.path.abspath(self.path)
+        return isinstance(path, str) and os.path.abspath(path) == self._abspath
 
     def request_reload(self) -> None:
         """Ask for a reload now. Safe inside a signal handler: no lock, one write to a pipe."""

@@ -16,6 +16,7 @@ Invariants owned here:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sqlite3
 import zlib
@@ -38,8 +39,10 @@ COLUMNS: Final = ("id", "route", "stream", "partition_key", "explicit_hash_key",
 SIZE_SQL: Final = "CASE WHEN typeof(size) = 'integer' AND size >= 0 THEN size ELSE 0 END"
 
 
+@functools.lru_cache(maxsize=256)
 def insert_sql(rows: int) -> str:
-    """One INSERT of ``rows`` rows (every column but the id, in ``encode``'s order)."""
+    """One INSERT of ``rows`` rows (every column but the id, in ``encode``'s order); built once per
+    row count, so a commit of one row (a window of one) does not build its SQL again each time."""
     marks = f"({', '.join('?' * (len(COLUMNS) - 1))})"
     return f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES {', '.join([marks] * rows)}"
 

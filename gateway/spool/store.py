@@ -53,7 +53,6 @@ _CHUNK: Final = 500                      # ids per DELETE statement (under SQLit
 _INSERT_ROWS: Final = 128                 # rows per multi-row INSERT (see _insert)
 _VACUUM_PAGES: Final = 4096              # pages given back per incremental vacuum step
 _LAST_ID: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
-_INSERT_FULL: Final = insert_sql(_INSERT_ROWS)
 _SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM records"
 
 
@@ -240,8 +239,7 @@ class SpoolStore:
         # step waits to take it back from the busy threads (a 730-row append: 534 ms, now 59 ms).
         for start in range(0, len(encoded), _INSERT_ROWS):
             chunk = encoded[start:start + _INSERT_ROWS]
-            sql = _INSERT_FULL if len(chunk) == _INSERT_ROWS else insert_sql(len(chunk))
-            conn.execute(sql, [value for params in chunk for value in params])
+            conn.execute(insert_sql(len(chunk)), [value for params in chunk for value in params])
         # AUTOINCREMENT, one writer, one transaction: the rows took the ids up to the sequence, in order
         last = int(conn.execute(_LAST_ID).fetchone()[0])
         return list(range(last - len(encoded) + 1, last + 1)), sum(params[9] for params in encoded)
