@@ -59,8 +59,8 @@ class LazyStore:
     def is_open(self) -> bool:
         return self._store is not None
 
-    def append(self, rows: Sequence[SpoolRow]) -> list[int]:
-        return self._writable().append(rows)
+    def append(self, rows: Sequence[SpoolRow], sizes: Sequence[int] | None = None) -> list[int]:
+        return self._writable().append(rows, sizes)
 
     def take_dropped(self) -> dict[str, int]:
         return self._store.take_dropped() if self._store is not None else {}

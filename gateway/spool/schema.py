@@ -87,16 +87,12 @@ class SpoolUnavailable(Exception):
         self.code = code
 
 
-def _utf8_len(text: str | None) -> int:
-    if text is None:
-        return 0
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 def row_size(row: SpoolRow) -> int:
     """Bytes a row counts against the spool's capacity: its data, its text fields, an overhead."""
-    return (len(row.data) + _utf8_len(row.route) + _utf8_len(row.stream) + _utf8_len(row.partition_key)
-            + _utf8_len(row.explicit_hash_key) + _utf8_len(row.topic) + _utf8_len(row.dead_letter) + ROW_OVERHEAD)
+    # the UTF-8 length of the texts joined is the sum of their UTF-8 lengths: one measurement, not six
+    text = (row.route + row.stream + row.partition_key + (row.explicit_hash_key or "") + row.topic
+            + (row.dead_letter or ""))
+    return len(row.data) + (len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))) + ROW_OVERHEAD
 
 
 def _checksum(route: str, stream: str, key: str, hash_key: str | None, arrival_ms: int, data: bytes,
@@ -109,9 +105,11 @@ def _checksum(route: str, stream: str, key: str, hash_key: str | None, arrival_m
     return zlib.crc32(data, zlib.crc32(head))
 
 
-def encode(row: SpoolRow) -> tuple[Any, ...]:
-    """The INSERT parameters for ``row`` (every column but the id)."""
-    size = row_size(row)
+def encode(row: SpoolRow, size: int | None = None) -> tuple[Any, ...]:
+    """The INSERT parameters for ``row`` (every column but the id); ``size`` is its ``row_size``,
+    when the caller has it already."""
+    if size is None:
+        size = row_size(row)
     flag = 1 if row.is_dead_letter else 0
     return (row.route, row.stream, row.partition_key, row.explicit_hash_key, row.arrival_ms, row.data,
             row.topic, row.dead_letter, flag, size,

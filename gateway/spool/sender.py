@@ -10,7 +10,9 @@ Invariants owned here:
 - a row leaves the spool only by ``delete`` after PUT, by ``replace`` with its dead-letter
   envelope (one transaction), by ``delete`` after its MQTT dead letter was published, or by a
   counted, logged drop; rows in memory are bounded by ``max_records`` and ``max_bytes``;
-- rows are read in id order from a cursor, so what was in the spool at start goes first;
+- rows are read in id order from a cursor, so what was in the spool at start goes first; rows
+  just committed are taken from memory instead only when nothing committed before them is unread,
+  so the order is the same either way;
 - no store call runs under the sender's lock, and nothing here runs on the MQTT thread: the
   publish callback only queues its outcome.
 """
@@ -65,6 +67,7 @@ class Sender:
         self._cursor = 0
         self._commits = 0          # commits since start (committer); reads compare against it
         self._unread = True        # rows may be committed beyond the cursor
+        self._arrived = False      # the committer put rows in flight: hand them over
         self._in_flight: dict[int, SpooledRecord] = {}
         self._in_flight_bytes = 0
         # handed to the inner sink, not yet settled: row id -> (stream, records as paced, bytes)
@@ -86,10 +89,17 @@ class Sender:
 
     # -- any thread ---------------------------------------------------------------------------------
 
-    def committed(self) -> None:
-        """The committer appended rows: read on."""
+    def committed(self, records: Sequence[SpooledRecord] = ()) -> None:
+        """The committer appended ``records`` (in id order). When nothing committed before them is
+        left unread and they fit in flight, they are taken from memory as they are (what was just
+        written need not be read back); else the sender reads on from its cursor."""
         with self._cond:
             self._commits += 1
+            if records and not self._unread and records[0].id > self._cursor and self._fits(records):
+                self._take(records)
+                self._arrived = True
+                self._cond.notify_all()
+                return
             already, self._unread = self._unread, True
             if not (already and self._in_flight):   # else the sender reads on its own timer (_READ_EVERY_S)
                 self._cond.notify_all()
@@ -207,17 +217,36 @@ class Sender:
         the rows in flight wait for the inner sink's linger anyway, and a broker that sends one message
         per PUBACK makes one commit per message, which would otherwise cost one read per message."""
         fresh = self._unread and self._room() and (not self._in_flight or now >= self._read_at)
-        return bool(self._deletes or self._failed or self._published or fresh
+        return bool(self._arrived or self._deletes or self._failed or self._published or fresh
                     or (self._due_at is not None and now >= self._due_at))
 
     def _room(self) -> bool:
         return len(self._in_flight) < self._max_records and self._in_flight_bytes < self._max_bytes
+
+    def _fits(self, records: Sequence[SpooledRecord]) -> bool:
+        return (len(self._in_flight) + len(records) <= self._max_records
+                and self._in_flight_bytes + sum(record.size for record in records) <= self._max_bytes)
+
+    def _take(self, records: Sequence[SpooledRecord]) -> None:
+        """Under the lock: ``records``, the next after the cursor in id order, are in flight now."""
+        for record in records:
+            self._in_flight[record.id] = record
+            self._in_flight_bytes += record.size
+            stream = record.row.stream
+            queue = self._ready.get(stream)
+            if queue is None:
+                queue = self._ready[stream] = deque()
+                self._shards_at.setdefault(stream, 0.0)
+                self._shards_wake.notify_all()
+            queue.append(record)
+        self._cursor = records[-1].id
 
     def step(self) -> None:
         """One round: settle into the spool, read more, hand over what the pacer allows. The sender
         thread runs it; unit tests call it directly."""
         with self._cond:
             self._retry_at = None
+            self._arrived = False
             deletes, self._deletes = self._deletes, []
             failed, self._failed = self._failed, []
             published, self._published = self._published, []
@@ -256,18 +285,8 @@ class Sender:
             rows = self._store.read(after, records, n_bytes)
             with self._cond:
                 self._read_at = self._clock() + _READ_EVERY_S
-                for record in rows:
-                    self._in_flight[record.id] = record
-                    self._in_flight_bytes += record.size
-                    stream = record.row.stream
-                    queue = self._ready.get(stream)
-                    if queue is None:
-                        queue = self._ready[stream] = deque()
-                        self._shards_at.setdefault(stream, 0.0)
-                        self._shards_wake.notify_all()
-                    queue.append(record)
                 if rows:
-                    self._cursor = rows[-1].id
+                    self._take(rows)
                 else:
                     self._unread = self._commits != commits
 
@@ -276,19 +295,17 @@ class Sender:
         with self._cond:
             due: float | None = None
             now = self._clock()
+            aggregated = self._aggregated
             for stream, queue in list(self._ready.items()):
                 handed = self._handed_per_stream.setdefault(stream, [0, 0])
-                while queue:
-                    record = queue[0]
+                costs = ((0 if record.row.route in aggregated else 1, record.size) for record in queue)
+                granted, wait = self.pacer.take_many(stream, costs, (handed[0], handed[1]))
+                if wait > 0:   # else the window stopped it, or all went: a settlement wakes the sender
+                    due = now + wait if due is None else min(due, now + wait)
+                for _ in range(granted):
+                    record = queue.popleft()
                     row = record.row
-                    counted = 0 if row.route in self._aggregated else 1
-                    if not self.pacer.window_open(stream, handed[0], handed[1]):
-                        break   # a settlement wakes the sender again
-                    wait = self.pacer.take(stream, counted, record.size)
-                    if wait > 0:
-                        due = now + wait if due is None else min(due, now + wait)
-                        break
-                    queue.popleft()
+                    counted = 0 if row.route in aggregated else 1
                     self._handed[record.id] = (stream, counted, record.size)
                     handed[0] += counted
                     handed[1] += record.size

@@ -34,7 +34,7 @@ from typing import Any
 from gateway.model import PUT, Failed, Record, Settlement
 from gateway.spool.pacing import Pacer
 from gateway.spool.ports import InnerSink, Origin, SpoolMetrics, Store
-from gateway.spool.schema import SpoolRow, SpoolUnavailable, row_size
+from gateway.spool.schema import SpooledRecord, SpoolRow, SpoolUnavailable, row_size
 from gateway.spool.sender import Sender
 from gateway.spool.store import SpoolFull
 
@@ -260,7 +260,7 @@ class SpooledSink:
             if batch:
                 self._commit(batch)
             else:   # nothing pending, but the spool could not be written: is it writable again?
-                self._append([], [], [])
+                self._append([], [], [], [])
         finally:
             with self._cond:
                 self._committing = 0
@@ -294,18 +294,19 @@ class SpooledSink:
             while end < len(rows) and (end == start or size + sizes[end] <= limit):
                 size += sizes[end]
                 end += 1
-            if not self._append(rows[start:end], kept[start:end], kept[end:]):
+            if not self._append(rows[start:end], sizes[start:end], kept[start:end], kept[end:]):
                 return
             start = end
 
-    def _append(self, rows: list[SpoolRow], entries: list[tuple[Record, Any]], rest: list[tuple[Record, Any]]) -> bool:
+    def _append(self, rows: list[SpoolRow], sizes: list[int], entries: list[tuple[Record, Any]],
+                rest: list[tuple[Record, Any]]) -> bool:
         """One transaction; settle its records PUT. On failure, ``entries`` and ``rest`` wait for the next try."""
         started = time.perf_counter()
         try:
             # Only an append that may drop rows must not interleave with the sender's read of them:
             # otherwise the lock would hold the sender up for every commit's fsync, and the other way round.
             with self._sender.order_lock if self._store.drops_oldest else contextlib.nullcontext():
-                self._store.append(rows)
+                ids = self._store.append(rows, sizes)
                 dropped = self._store.take_dropped()
                 if dropped:
                     oldest = self._store.read(0, 1, 1)
@@ -326,7 +327,7 @@ class SpooledSink:
             self._metrics.spool_commit(time.perf_counter() - started)
         self._problem("commit", None)
         self._set_full(None)
-        self._sender.committed()
+        self._sender.committed([SpooledRecord(*spooled) for spooled in zip(ids, rows, sizes, strict=True)])
         if dropped:
             self._count_dropped(dropped)
         if entries:

@@ -262,11 +262,12 @@ class SpoolStore:
             conn.execute("DELETE FROM records WHERE id <= ?", (last,))
         return count, freed
 
-    def append(self, rows: Sequence[SpoolRow]) -> list[int]:
-        """Append ``rows`` in one durable transaction; return their ids, in order."""
+    def append(self, rows: Sequence[SpoolRow], sizes: Sequence[int] | None = None) -> list[int]:
+        """Append ``rows`` in one durable transaction; return their ids, in order. ``sizes``, when
+        given, are the rows' ``row_size``s."""
         if not rows:
             return []
-        encoded = [encode(row) for row in rows]
+        encoded = [encode(row) for row in rows] if sizes is None else list(map(encode, rows, sizes))
         needed = sum(params[9] for params in encoded)
         if self._when_full == "block" and self._bytes + needed > self.capacity_bytes:
             raise SpoolFull(f"spool {self.directory}: full ({self._bytes} of {self.capacity_bytes} bytes;"

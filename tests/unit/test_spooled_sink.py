@@ -59,7 +59,8 @@ class FakeStore:
             self.next_id += 1
         return ids
 
-    def append(self, rows: Sequence[SpoolRow]) -> list[int]:
+    def append(self, rows: Sequence[SpoolRow], sizes: Sequence[int] | None = None) -> list[int]:
+        assert sizes is None or list(sizes) == [row_size(row) for row in rows]
         if self.fail is not None:
             raise self.fail
         needed = sum(row_size(r) for r in rows)
@@ -233,12 +234,12 @@ def test_send_now_leaves_the_batch_to_a_commit_in_progress_and_never_commits_out
     taken: list[int] = []
     real_append = rig.store.append
 
-    def append_and_meanwhile_send_now(rows: Any) -> list[int]:
+    def append_and_meanwhile_send_now(rows: Any, sizes: Any = None) -> list[int]:
         taken.append(len(rows))
         if len(taken) == 1:
             rig.sink.put([entry(2)])
             rig.sink.send_now()      # the committer is busy: entry 2 waits for the next commit
-        return real_append(rows)
+        return real_append(rows, sizes)
 
     rig.store.append = append_and_meanwhile_send_now  # type: ignore[method-assign]
     rig.sink.commit_once()
@@ -372,6 +373,46 @@ def test_records_in_memory_are_bounded_and_the_rest_is_read_as_room_returns() ->
     rig.settle((1, PUT))
     rig.sink.sender.step()
     assert rig.kinesis.ids == [1, 2, 3]
+
+
+class CountingStore(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]:
+        self.reads += 1
+        return super().read(after_id, max_records, max_bytes)
+
+
+def test_rows_just_committed_are_handed_over_from_memory_not_read_back() -> None:
+    store = CountingStore()
+    rig = Rig(store)
+    rig.sink.sender.step()                      # the start-up read finds the spool empty
+    reads = store.reads
+    for n in range(1, 4):
+        rig.sink.put([entry(n)])
+        rig.sink.commit_once()
+        rig.sink.sender.step()
+    assert store.reads == reads and rig.kinesis.ids == [1, 2, 3]
+    assert [r.partition_key for r, _ in rig.kinesis.put_calls[-1]] == ["k3"]
+
+
+def test_rows_committed_while_others_wait_unread_are_read_in_id_order_not_jumped_ahead() -> None:
+    store = CountingStore()
+    rig = Rig(store, max_records=2)
+    rig.sink.sender.step()
+    rig.sink.put([entry(n) for n in range(1, 4)])   # 3 rows, room for 2: the commit is read from the spool
+    rig.sink.commit_once()
+    rig.sink.sender.step()
+    assert rig.kinesis.ids == [1, 2]
+    rig.sink.put([entry(4)])                        # row 3 is still unread: row 4 must not pass it
+    rig.sink.commit_once()
+    rig.settle((1, PUT), (2, PUT))
+    rig.sink.sender.step()
+    rig.settle((3, PUT), (4, PUT))
+    rig.sink.sender.step()
+    assert rig.kinesis.ids == [1, 2, 3, 4]
 
 
 def test_a_kinesis_dead_letter_replaces_the_row_with_its_envelope_in_one_transaction() -> None:
