@@ -92,10 +92,12 @@ class Sender:
     def committed(self, records: Sequence[SpooledRecord] = ()) -> None:
         """The committer appended ``records`` (in id order). When nothing committed before them is
         left unread and they fit in flight, they are taken from memory as they are (what was just
-        written need not be read back); else the sender reads on from its cursor."""
+        written need not be read back); else the sender reads on from its cursor. Ids are given one
+        after the other, so a first id right after the cursor proves that no other write (a dead
+        letter's envelope, rows left from before a restart) came in between."""
         with self._cond:
             self._commits += 1
-            if records and not self._unread and records[0].id > self._cursor and self._fits(records):
+            if records and not self._unread and records[0].id == self._cursor + 1 and self._fits(records):
                 self._take(records)
                 self._arrived = True
                 self._cond.notify_all()

@@ -415,6 +415,30 @@ def test_rows_committed_while_others_wait_unread_are_read_in_id_order_not_jumped
     assert rig.kinesis.ids == [1, 2, 3, 4]
 
 
+def test_a_commit_right_after_a_dead_letter_envelope_was_written_does_not_skip_the_envelope() -> None:
+    store = CountingStore()
+    rig = Rig(store)
+    rig.sink.sender.step()                       # the spool is read to its end: commits come from memory
+    rig.sink.put([entry(1, dead_letter="kinesis:dlq")])
+    rig.sink.commit_once()
+    rig.sink.sender.step()
+    assert store.reads == 1
+    real_replace = store.replace
+
+    def replace_while_the_committer_commits(delete: Any, add: Any) -> list[int]:
+        ids = real_replace(delete, add)          # the envelope takes id 2 ...
+        rig.sink.put([entry(3)])                 # ... and the committer commits id 3 before the sender
+        rig.sink.commit_once()                   # has noted that the envelope is unread
+        return ids
+
+    store.replace = replace_while_the_committer_commits  # type: ignore[method-assign]
+    rig.settle((1, Failed("refused", True, "other")))
+    rig.sink.sender.step()
+    rig.sink.sender.step()
+    assert rig.kinesis.ids == [1, 2, 3]
+    assert [r.stream for call in rig.kinesis.put_calls for r, _ in call] == ["s1", "dlq", "s1"]
+
+
 def test_a_kinesis_dead_letter_replaces_the_row_with_its_envelope_in_one_transaction() -> None:
     rig = Rig()
     rig.sink.put([entry(1, dead_letter="kinesis:dlq")])
