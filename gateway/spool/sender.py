@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from gateway.model import MAX_PARTITION_KEY_CHARS, PUT, Failed, Record, Settlement, dead_letter_envelope
@@ -39,6 +40,7 @@ log = logging.getLogger("gateway.spool")
 _SHARDS_REFRESH_S = 300.0
 _SHARDS_RETRY_S = 5.0
 _READ_EVERY_S = 0.01   # while rows are in flight, new commits are read at most this often (see _has_work)
+_new_record = partial(tuple.__new__, Record)   # Record(...) without its Python-level __new__
 
 
 class Sender:
@@ -312,8 +314,8 @@ class Sender:
                     handed[0] += counted
                     handed[1] += record.size
                     size = len(row.data) + len(row.partition_key.encode())
-                    entries.append((Record(row.route, stream, row.partition_key, row.data, row.explicit_hash_key,
-                                           size), record.id))
+                    entries.append((_new_record((row.route, stream, row.partition_key, row.data,
+                                                 row.explicit_hash_key, size)), record.id))
                 if not queue:
                     del self._ready[stream]
             self._due_at = due

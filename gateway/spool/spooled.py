@@ -29,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from gateway.model import PUT, Failed, Record, Settlement
@@ -327,7 +328,7 @@ class SpooledSink:
             self._metrics.spool_commit(time.perf_counter() - started)
         self._problem("commit", None)
         self._set_full(None)
-        self._sender.committed([SpooledRecord(*spooled) for spooled in zip(ids, rows, sizes, strict=True)])
+        self._sender.committed(list(map(_new_spooled, zip(ids, rows, sizes, strict=True))))
         if dropped:
             self._count_dropped(dropped)
         if entries:
@@ -400,8 +401,12 @@ class SpooledSink:
                     self._name, sum(counts.values()), per_route)
 
 
+_new_spooled = partial(tuple.__new__, SpooledRecord)   # SpooledRecord(...) without its Python-level __new__
+_new_row = partial(tuple.__new__, SpoolRow)
+
+
 def _row(record: Record, token: Origin) -> SpoolRow:
     message = token.message
-    return SpoolRow(record.route, record.stream, record.partition_key, record.explicit_hash_key, message.received_ms,
-                    record.data, message.topic, None if token.is_dead_letter else token.dead_letter,
-                    token.is_dead_letter)
+    return _new_row((record.route, record.stream, record.partition_key, record.explicit_hash_key, message.received_ms,
+                     record.data, message.topic, None if token.is_dead_letter else token.dead_letter,
+                     token.is_dead_letter))
