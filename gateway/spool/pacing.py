@@ -15,9 +15,9 @@ Invariants owned here (pure: no I/O, no threads, time from the injected clock):
 - entries the sink retried are charged to the allowance (``throttled(stream, n)``, debt bounded
   to one second's worth): the sink resends them whatever the pacer says, so new records wait;
 - records handed over and not yet settled are at most ``window_s`` (1 s) of the rate
-  (``take_many`` given what is unsettled): during an outage the sink holds no more than the shards take in a second,
-  not the sender's whole in-flight bound, so the burst when the link returns fits in what a shard
-  allows at once;
+  (``take_many`` given what is unsettled): during an outage the sink holds no more than the
+  shards take in a second, not the sender's whole in-flight bound, so the burst when the link
+  returns fits in what a shard allows at once;
 - throttling lowers the factor (multiplicatively, at most once per ``cooldown_s``, down to
   ``floor``) only while the stream is being paced, i.e. it spent allowance within ``cooldown_s``:
   the retries of an outage, or of records handed over before it, say nothing about the pace;
@@ -91,9 +91,9 @@ class Pacer:
                   unsettled: tuple[int, int] | None = None) -> tuple[int, float]:
         """``take`` for each (records, bytes) of ``costs`` in turn, stopping at the first that does
         not fit, or, given the ``unsettled`` (records, bytes) already with the sink, once the window
-        is shut. Returns how many were granted and the seconds until the next one
-        fits (0.0 when every cost went or the window stopped it). One refill for the whole
-        hand-over, not two per record: the same answers as asking record by record at one instant."""
+        is shut. Returns how many were granted and the seconds until the next one fits (0.0 when
+        every cost went or the window stopped it). One refill for the whole hand-over, not two per
+        record: the same answers as asking record by record at one instant."""
         bucket = self._refill(stream)
         per_s_records, per_s_bytes = self._rates(bucket)
         cap_records, cap_bytes = per_s_records * self._burst_s, per_s_bytes * self._burst_s

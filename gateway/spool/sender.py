@@ -11,8 +11,8 @@ Invariants owned here:
   envelope (one transaction), by ``delete`` after its MQTT dead letter was published, or by a
   counted, logged drop; rows in memory are bounded by ``max_records`` and ``max_bytes``;
 - rows are read in id order from a cursor, so what was in the spool at start goes first; rows
-  just committed are taken from memory instead only when nothing committed before them is unread,
-  so the order is the same either way;
+  just committed are taken from memory instead only when their first id follows the cursor and
+  no read is due or under way, so each row goes once and the order is the same either way;
 - no store call runs under the sender's lock, and nothing here runs on the MQTT thread: the
   publish callback only queues its outcome.
 """
@@ -40,7 +40,9 @@ log = logging.getLogger("gateway.spool")
 _SHARDS_REFRESH_S = 300.0
 _SHARDS_RETRY_S = 5.0
 _READ_EVERY_S = 0.01   # while rows are in flight, new commits are read at most this often (see _has_work)
-_new_record = partial(tuple.__new__, Record)   # Record(...) without its Python-level __new__
+# Record(...) and SpooledRecord(...) without their Python-level __new__, as routing builds its records
+_new_record = partial(tuple.__new__, Record)
+_new_spooled = partial(tuple.__new__, SpooledRecord)
 
 
 class Sender:
@@ -91,16 +93,18 @@ class Sender:
 
     # -- any thread ---------------------------------------------------------------------------------
 
-    def committed(self, records: Sequence[SpooledRecord] = ()) -> None:
-        """The committer appended ``records`` (in id order). When nothing committed before them is
-        left unread and they fit in flight, they are taken from memory as they are (what was just
-        written need not be read back); else the sender reads on from its cursor. Ids are given one
-        after the other, so a first id right after the cursor proves that no other write (a dead
-        letter's envelope, rows left from before a restart) came in between."""
+    def committed(self, ids: Sequence[int] = (), rows: Sequence[SpoolRow] = (), sizes: Sequence[int] = ()) -> None:
+        """The committer appended ``rows`` (ids and row sizes given, in id order). They are taken
+        from memory as they are, not read back, when two things prove nothing would be skipped or
+        taken twice: no read is due or under way (one would return these rows as well), and the
+        first id follows the cursor (ids are given one after the other, so no other write, such as
+        a dead letter's envelope, came in between). They must also fit in flight. Otherwise the
+        sender reads on from its cursor."""
         with self._cond:
             self._commits += 1
-            if records and not self._unread and records[0].id == self._cursor + 1 and self._fits(records):
-                self._take(records)
+            if (ids and not self._unread and ids[0] == self._cursor + 1
+                    and self._fits(len(ids), sum(sizes))):
+                self._take(list(map(_new_spooled, zip(ids, rows, sizes, strict=True))))
                 self._arrived = True
                 self._cond.notify_all()
                 return
@@ -227,9 +231,9 @@ class Sender:
     def _room(self) -> bool:
         return len(self._in_flight) < self._max_records and self._in_flight_bytes < self._max_bytes
 
-    def _fits(self, records: Sequence[SpooledRecord]) -> bool:
-        return (len(self._in_flight) + len(records) <= self._max_records
-                and self._in_flight_bytes + sum(record.size for record in records) <= self._max_bytes)
+    def _fits(self, records: int, n_bytes: int) -> bool:
+        return (len(self._in_flight) + records <= self._max_records
+                and self._in_flight_bytes + n_bytes <= self._max_bytes)
 
     def _take(self, records: Sequence[SpooledRecord]) -> None:
         """Under the lock: ``records``, the next after the cursor in id order, are in flight now."""

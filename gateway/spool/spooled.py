@@ -35,7 +35,7 @@ from typing import Any
 from gateway.model import PUT, Failed, Record, Settlement
 from gateway.spool.pacing import Pacer
 from gateway.spool.ports import InnerSink, Origin, SpoolMetrics, Store
-from gateway.spool.schema import SpooledRecord, SpoolRow, SpoolUnavailable, row_size
+from gateway.spool.schema import SpoolRow, SpoolUnavailable, row_size
 from gateway.spool.sender import Sender
 from gateway.spool.store import SpoolFull
 
@@ -328,7 +328,7 @@ class SpooledSink:
             self._metrics.spool_commit(time.perf_counter() - started)
         self._problem("commit", None)
         self._set_full(None)
-        self._sender.committed(list(map(_new_spooled, zip(ids, rows, sizes, strict=True))))
+        self._sender.committed(ids, rows, sizes)
         if dropped:
             self._count_dropped(dropped)
         if entries:
@@ -401,8 +401,7 @@ class SpooledSink:
                     self._name, sum(counts.values()), per_route)
 
 
-_new_spooled = partial(tuple.__new__, SpooledRecord)   # SpooledRecord(...) without its Python-level __new__
-_new_row = partial(tuple.__new__, SpoolRow)
+_new_row = partial(tuple.__new__, SpoolRow)   # SpoolRow(...) without its Python-level __new__
 
 
 def _row(record: Record, token: Origin) -> SpoolRow:

@@ -415,6 +415,23 @@ def test_rows_committed_while_others_wait_unread_are_read_in_id_order_not_jumped
     assert rig.kinesis.ids == [1, 2, 3, 4]
 
 
+def test_a_commit_while_the_sender_reads_is_handed_over_once_not_twice() -> None:
+    store = CountingStore()
+    rig = Rig(store)
+    real_read = store.read
+
+    def read_while_the_committer_commits(after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]:
+        if store.reads == 0:                     # the first read: the committer commits id 1 meanwhile,
+            rig.sink.put([entry(1)])             # so the read returns it as well
+            rig.sink.commit_once()
+        return real_read(after_id, max_records, max_bytes)
+
+    store.read = read_while_the_committer_commits  # type: ignore[method-assign]
+    rig.sink.sender.step()
+    rig.sink.sender.step()
+    assert rig.kinesis.ids == [1] and rig.sink.sender.in_flight == 1
+
+
 def test_a_commit_right_after_a_dead_letter_envelope_was_written_does_not_skip_the_envelope() -> None:
     store = CountingStore()
     rig = Rig(store)
