@@ -19,11 +19,17 @@ Why the second: paho reads each packet with three `recv` calls (1 byte of type, 
 by byte, then the rest). Each is a system call that releases and retakes the GIL, and with the
 sink's threads busy, retaking it can wait a whole switch interval. `BufferedClient` reads up to
 64 KiB at once and serves paho's small reads from that buffer; paho's packet parser is unchanged.
+It also says when the socket is known to be drained (`drained()`): on plain TCP a read that got
+less than it asked for took everything the kernel held, so once that is parsed, one more read
+would only find nothing. The network loop then ends its round without that read: with a broker
+that sends one message per PUBACK, every message is a round of its own.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from typing import Any
 
 import paho.mqtt
@@ -78,21 +84,33 @@ class BufferedClient(PahoClient):
         self._read_sock: Any = None
         self._read_buf = b""
         self._read_pos = 0
+        self._read_short = False    # the last read of a plain TCP socket got less than it asked for
 
     def buffered(self) -> int:
         if self._read_sock is not self._sock:
             return 0
         return len(self._read_buf) - self._read_pos
 
+    def drained(self) -> bool:
+        """True when all that was read is parsed and the last read was short on plain TCP: the
+        socket held nothing more then. Never True on TLS or WebSockets, whose reads stop at a
+        record or frame."""
+        return self._read_short and self._read_sock is self._sock and self._read_pos >= len(self._read_buf)
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_sock is not self._sock:   # a new connection: nothing read belongs to it
             self._read_sock, self._read_buf, self._read_pos = self._sock, b"", 0
+            self._read_short = False
         buf, pos = self._read_buf, self._read_pos
         if pos >= len(buf):
-            buf = super()._sock_recv(max(bufsize, self.READ_SIZE))   # raises as paho expects
+            self._read_short = False
+            asked = max(bufsize, self.READ_SIZE)
+            buf = super()._sock_recv(asked)   # raises as paho expects
             if not buf:
                 return buf      # end of stream: paho closes the connection
             self._read_buf, pos = buf, 0
+            self._read_short = (len(buf) < asked and isinstance(self._sock, socket.socket)
+                                and not isinstance(self._sock, ssl.SSLSocket))
         end = pos + bufsize
         self._read_pos = end
         return buf[pos:end] if pos or end < len(buf) else buf

@@ -297,11 +297,13 @@ class NetworkLoop:
             client.loop_read()
             return
         session = self._session
+        drained = getattr(client, "drained", _never)
         for _ in range(_BURST_PACKETS):
             before = session.received
             if client.loop_read() != 0 or client.socket() is None:
                 return
-            if session.received == before:       # drained: what the broker sent is all read
+            # drained: what the broker sent is all read (or known to be, without reading again)
+            if session.received == before or drained():
                 self._drained()
                 return
             if self._hooks.backlog_full():
@@ -374,6 +376,10 @@ class NetworkLoop:
                 linger.close()
         elif linger is not None:
             wait_for_broker_close(linger, _SHUTDOWN_LINGER_S)
+
+
+def _never() -> bool:
+    return False
 
 
 def _buffered(client: Any, sock: Any) -> bool:

@@ -39,7 +39,7 @@ log = logging.getLogger("gateway.spool")
 
 _SHARDS_REFRESH_S = 300.0
 _SHARDS_RETRY_S = 5.0
-_READ_EVERY_S = 0.01   # while rows are in flight, new commits are read at most this often (see _has_work)
+_READ_EVERY_S = 0.01   # while rows are in flight, new commits are read or handed over at most this often
 # Record(...) and SpooledRecord(...) without their Python-level __new__, as routing builds its records
 _new_record = partial(tuple.__new__, Record)
 _new_spooled = partial(tuple.__new__, SpooledRecord)
@@ -72,6 +72,7 @@ class Sender:
         self._commits = 0          # commits since start (committer); reads compare against it
         self._unread = True        # rows may be committed beyond the cursor
         self._arrived = False      # the committer put rows in flight: hand them over
+        self._arrived_at = 0.0     # ...not before then, while earlier rows are in flight (_has_work)
         self._in_flight: dict[int, SpooledRecord] = {}
         self._in_flight_bytes = 0
         # handed to the inner sink, not yet settled: row id -> (stream, records as paced, bytes)
@@ -104,9 +105,12 @@ class Sender:
             self._commits += 1
             if (ids and not self._unread and ids[0] == self._cursor + 1
                     and self._fits(len(ids), sum(sizes))):
+                if not self._in_flight:
+                    self._arrived_at = 0.0
                 self._take(list(map(_new_spooled, zip(ids, rows, sizes, strict=True))))
-                self._arrived = True
-                self._cond.notify_all()
+                if not self._arrived:   # else the sender is woken already
+                    self._arrived = True
+                    self._cond.notify_all()
                 return
             already, self._unread = self._unread, True
             if not (already and self._in_flight):   # else the sender reads on its own timer (_READ_EVERY_S)
@@ -217,15 +221,19 @@ class Sender:
             wake = self._due_at
             if self._unread and self._room():   # held back by _READ_EVERY_S
                 wake = self._read_at if wake is None else min(wake, self._read_at)
+            if self._arrived:                   # likewise
+                wake = self._arrived_at if wake is None else min(wake, self._arrived_at)
             self._cond.wait(None if wake is None else max(0.0, wake - now))
         return False
 
     def _has_work(self, now: float) -> bool:
-        """New commits are read at once when nothing is in flight, else at most every ``_READ_EVERY_S``:
-        the rows in flight wait for the inner sink's linger anyway, and a broker that sends one message
-        per PUBACK makes one commit per message, which would otherwise cost one read per message."""
+        """New commits are read (or, taken from memory, handed over) at once when nothing is in
+        flight, else at most every ``_READ_EVERY_S``: the rows in flight wait for the inner sink's
+        linger anyway, and a broker that sends one message per PUBACK makes one commit per message,
+        which would otherwise cost a read or a hand-over, and a wake of this thread, per message."""
         fresh = self._unread and self._room() and (not self._in_flight or now >= self._read_at)
-        return bool(self._arrived or self._deletes or self._failed or self._published or fresh
+        arrived = self._arrived and now >= self._arrived_at
+        return bool(arrived or self._deletes or self._failed or self._published or fresh
                     or (self._due_at is not None and now >= self._due_at))
 
     def _room(self) -> bool:
@@ -255,6 +263,7 @@ class Sender:
         with self._cond:
             self._retry_at = None
             self._arrived = False
+            self._arrived_at = self._clock() + _READ_EVERY_S
             deletes, self._deletes = self._deletes, []
             failed, self._failed = self._failed, []
             published, self._published = self._published, []

@@ -265,7 +265,8 @@ class SpooledSink:
         finally:
             with self._cond:
                 self._committing = 0
-                self._cond.notify_all()
+                if self._pending:   # the committer's next batch; with nothing pending a wake would find nothing
+                    self._cond.notify_all()
 
     def _commit(self, batch: list[tuple[Record, Any]]) -> None:
         rows: list[SpoolRow] = []

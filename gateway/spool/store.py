@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any, Final
 
@@ -52,7 +53,6 @@ WHEN_FULL: Final = ("block", "drop_oldest")
 _CHUNK: Final = 500                      # ids per DELETE statement (under SQLite's parameter limit)
 _INSERT_ROWS: Final = 128                 # rows per multi-row INSERT (see _insert)
 _VACUUM_PAGES: Final = 4096              # pages given back per incremental vacuum step
-_LAST_ID: Final = "SELECT seq FROM sqlite_sequence WHERE name = 'records'"
 _SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM records"
 
 
@@ -186,9 +186,13 @@ class SpoolStore:
 
     # -- writing ------------------------------------------------------------------------------------
 
-    def _write(self, doing: str, body: Callable[[sqlite3.Connection], tuple[int, int]]) -> None:
+    def _write(self, doing: str, body: Callable[[sqlite3.Connection], tuple[int, int]], *,
+               one_statement: bool = False) -> None:
         """Run ``body`` in one transaction; it returns the change in (records, bytes). On any error
-        roll back and raise ``SpoolUnavailable``; totals change only once the commit returned."""
+        roll back and raise ``SpoolUnavailable``; totals change only once the commit returned.
+        ``one_statement``: ``body`` runs a single statement, which SQLite commits on its own
+        (autocommit, as durably as a COMMIT): one call into the engine instead of three, and each
+        call gives up the GIL and then waits to take it back from the busy threads."""
         if self._writer is None:  # a failure closed it: reopen (the disk may have room again)
             try:
                 self._connect_writer()
@@ -201,9 +205,12 @@ class SpoolStore:
             if self._resync:
                 self._recount()
             started = time.perf_counter()
-            conn.execute("BEGIN IMMEDIATE")
-            d_records, d_bytes = body(conn)
-            conn.execute("COMMIT")
+            if one_statement:
+                d_records, d_bytes = body(conn)
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                d_records, d_bytes = body(conn)
+                conn.execute("COMMIT")
             self.last_commit_seconds = time.perf_counter() - started
         except (sqlite3.Error, OSError) as exc:
             self._rollback()
@@ -237,11 +244,11 @@ class SpoolStore:
             return [], 0
         # Many rows per statement, not executemany: sqlite3 releases the GIL at every step, and each
         # step waits to take it back from the busy threads (a 730-row append: 534 ms, now 59 ms).
+        last = 0
         for start in range(0, len(encoded), _INSERT_ROWS):
             chunk = encoded[start:start + _INSERT_ROWS]
-            conn.execute(insert_sql(len(chunk)), [value for params in chunk for value in params])
-        # AUTOINCREMENT, one writer, one transaction: the rows took the ids up to the sequence, in order
-        last = int(conn.execute(_LAST_ID).fetchone()[0])
+            last = conn.execute(insert_sql(len(chunk)), list(chain.from_iterable(chunk))).lastrowid or 0
+        # AUTOINCREMENT, one writer, one transaction: the rows took the ids up to the last one, in order
         return list(range(last - len(encoded) + 1, last + 1)), sum(params[9] for params in encoded)
 
     def _make_room(self, conn: sqlite3.Connection, needed: int, dropped: Counter[str]) -> tuple[int, int]:
@@ -285,8 +292,10 @@ class SpoolStore:
             ids[:] = new
             return len(new) - gone, added - freed
 
+        # what needs no room made and fits one INSERT is one statement (a window of one: every commit)
+        single = self._when_full == "block" and len(encoded) <= _INSERT_ROWS
         with self._write_lock:
-            self._write("appending", body)
+            self._write("appending", body, one_statement=single)
             self._dropped.update(dropped)
         return ids
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 import struct
 from typing import Any
 
@@ -168,6 +169,39 @@ def test_bytes_buffered_for_an_old_connection_are_dropped_on_a_new_one() -> None
     assert client.buffered() == len(two) // 2
     client._sock = ChunkedSocket([])
     assert client.buffered() == 0
+
+
+class ShortReadSocket(socket.socket):
+    """A plain TCP socket as the client sees it, handing out the given chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM)
+        self.chunks = list(chunks)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if not self.chunks:
+            raise BlockingIOError
+        return self.chunks.pop(0)[:size]
+
+
+def test_drained_once_a_short_read_of_plain_tcp_is_parsed_and_never_on_other_sockets() -> None:
+    client = BufferedClient(CallbackAPIVersion.VERSION2, manual_ack=True)
+    one = encode_publish(b"t", b"1", v5=True, qos=0, mid=0)
+    filling = next(p for n in range(65_400, 65_536)
+                   if len(p := encode_publish(b"t", b"x" * n, v5=True, qos=0, mid=0)) == BufferedClient.READ_SIZE)
+    with ShortReadSocket([one * 2]) as sock:
+        client._sock = sock
+        client.loop_read()
+        assert (client.buffered(), client.drained()) == (len(one), False)   # a message left to parse
+        client.loop_read()
+        assert (client.buffered(), client.drained()) == (0, True)
+    with ShortReadSocket([filling]) as sock:
+        client._sock = sock
+        client.loop_read()
+        assert (client.buffered(), client.drained()) == (0, False)   # the read filled its buffer: more may wait
+    client._sock = ChunkedSocket([one])        # TLS or WebSockets: a short read says nothing
+    client.loop_read()
+    assert (client.buffered(), client.drained()) == (0, False)
 
 
 @pytest.mark.parametrize("cls", [Properties, fastpath.SharedTableProperties])

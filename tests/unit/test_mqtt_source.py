@@ -608,6 +608,22 @@ def test_drained_socket_is_read_again_only_after_the_read_interval(fake: Any) ->
     assert m.client.reads == 2
 
 
+def test_a_round_ends_without_another_read_once_the_client_knows_the_socket_is_drained(fake: Any) -> None:
+    """BufferedClient.drained(): a short read, all parsed, took all there was; reading again would
+    only find nothing, and a broker with a window of one makes every message a round of its own."""
+    m = fake(config(read_interval_s=0))
+    m.client.fire_connect()
+    m.client.make_readable()
+    m.client.inbox = [(b"t", b"1", 1), (b"t", b"2", 2)]
+    m.source.step()
+    assert (m.client.reads, len(m.pipeline.messages)) == (3, 2)   # the third read found nothing
+    m.client.drained = lambda: not m.client.inbox                 # type: ignore[attr-defined]
+    m.client.inbox = [(b"t", b"3", 3), (b"t", b"4", 4)]
+    m.source.step()
+    assert (m.client.reads, len(m.pipeline.messages)) == (5, 4)   # no read after the last message
+    assert m.pipeline.rounds[-1] == 5
+
+
 def test_reads_are_not_paced_while_subacks_are_awaited(fake: Any) -> None:
     """One SUBSCRIBE per filter (identifiers): 10,000 routes must not wait a read interval each."""
     m = fake(config(read_interval_s=60), subscriptions=[("t", 1)])

@@ -398,6 +398,26 @@ def test_rows_just_committed_are_handed_over_from_memory_not_read_back() -> None
     assert [r.partition_key for r, _ in rig.kinesis.put_calls[-1]] == ["k3"]
 
 
+def test_rows_committed_while_others_are_in_flight_wake_the_sender_once_per_interval_not_per_commit() -> None:
+    """A window of one commits every message alone: a hand-over (and a wake of the sender) for each
+    would cost more than the message. Nothing in flight: at once."""
+    rig = Rig()
+    sender = rig.sink.sender
+    sender.step()
+    rig.sink.put([entry(1)])
+    rig.sink.commit_once()
+    assert sender._has_work(rig.clock.now)          # nothing was in flight: handed over at once
+    sender.step()
+    for n in (2, 3):
+        rig.sink.put([entry(n)])
+        rig.sink.commit_once()
+        assert not sender._has_work(rig.clock.now)  # row 1 is in flight: these wait for the interval
+    rig.clock.now += 0.01
+    assert sender._has_work(rig.clock.now)
+    sender.step()
+    assert rig.kinesis.ids == [1, 2, 3] and len(rig.kinesis.put_calls) == 2
+
+
 def test_rows_committed_while_others_wait_unread_are_read_in_id_order_not_jumped_ahead() -> None:
     store = CountingStore()
     rig = Rig(store, max_records=2)
