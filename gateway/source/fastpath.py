@@ -84,7 +84,8 @@ class BufferedClient(PahoClient):
         self._read_sock: Any = None
         self._read_buf = b""
         self._read_pos = 0
-        self._read_short = False    # the last read of a plain TCP socket got less than it asked for
+        self._read_plain = False    # the connection is plain TCP (not TLS, not WebSockets)
+        self._read_short = False    # ...and its last read got less than it asked for
 
     def buffered(self) -> int:
         if self._read_sock is not self._sock:
@@ -100,7 +101,7 @@ class BufferedClient(PahoClient):
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._read_sock is not self._sock:   # a new connection: nothing read belongs to it
             self._read_sock, self._read_buf, self._read_pos = self._sock, b"", 0
-            self._read_short = False
+            self._read_plain = isinstance(self._sock, socket.socket) and not isinstance(self._sock, ssl.SSLSocket)
         buf, pos = self._read_buf, self._read_pos
         if pos >= len(buf):
             self._read_short = False
@@ -109,8 +110,7 @@ class BufferedClient(PahoClient):
             if not buf:
                 return buf      # end of stream: paho closes the connection
             self._read_buf, pos = buf, 0
-            self._read_short = (len(buf) < asked and isinstance(self._sock, socket.socket)
-                                and not isinstance(self._sock, ssl.SSLSocket))
+            self._read_short = self._read_plain and len(buf) < asked
         end = pos + bufsize
         self._read_pos = end
         return buf[pos:end] if pos or end < len(buf) else buf
