@@ -1,7 +1,7 @@
 """The spool: records between routing and Kinesis, on local disk (docs/spool.md).
 
-``store`` keeps them (SQLite), ``check`` checks a spool at start and moves a damaged one aside,
-``inspect`` reports on a spool without changing it.
+``store`` keeps them (SQLite; its statements are in ``steps``), ``check`` checks a spool at start
+and moves a damaged one aside, ``inspect`` reports on a spool without changing it.
 """
 
 from gateway.spool.schema import SpooledRecord, SpoolRow, SpoolUnavailable

@@ -68,8 +68,8 @@ class LazyStore:
     def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]:
         return self._store.read(after_id, max_records, max_bytes) if self._store is not None else []
 
-    def delete(self, ids: Iterable[int]) -> None:
-        self._writable().delete(ids)
+    def delete(self, ids: Iterable[int], sizes: Sequence[int] | None = None) -> None:
+        self._writable().delete(ids, sizes)
 
     def replace(self, delete: Iterable[int], add: Sequence[SpoolRow]) -> list[int]:
         return self._writable().replace(delete, add)

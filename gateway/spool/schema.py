@@ -16,16 +16,15 @@ Invariants owned here:
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import sqlite3
 import zlib
+from functools import partial
 from typing import Any, Final, NamedTuple
 
 __all__ = [
     "COLUMNS", "DB_NAME", "SCHEMA_VERSION", "SIZE_SQL", "SpoolRow", "SpoolUnavailable", "SpooledRecord",
-    "Undecodable", "configure", "create_schema", "decode", "encode", "insert_sql", "row_size", "schema_problem",
-    "unavailable",
+    "Undecodable", "configure", "create_schema", "decode", "encode", "row_size", "schema_problem", "unavailable",
 ]
 
 DB_NAME: Final = "spool.db"
@@ -37,14 +36,6 @@ COLUMNS: Final = ("id", "route", "stream", "partition_key", "explicit_hash_key",
 
 # the size a row counts for, even when its column holds the wrong type (then 0)
 SIZE_SQL: Final = "CASE WHEN typeof(size) = 'integer' AND size >= 0 THEN size ELSE 0 END"
-
-
-@functools.lru_cache(maxsize=256)
-def insert_sql(rows: int) -> str:
-    """One INSERT of ``rows`` rows (every column but the id, in ``encode``'s order); built once per
-    row count, so a commit of one row (a window of one) does not build its SQL again each time."""
-    marks = f"({', '.join('?' * (len(COLUMNS) - 1))})"
-    return f"INSERT INTO records ({', '.join(COLUMNS[1:])}) VALUES {', '.join([marks] * rows)}"
 
 
 _DDL: Final = """
@@ -117,7 +108,11 @@ def encode(row: SpoolRow, size: int | None = None) -> tuple[Any, ...]:
                       row.data, row.topic, row.dead_letter, flag, size))
 
 
-def decode(values: tuple[Any, ...]) -> SpooledRecord | None:
+_new_row = partial(tuple.__new__, SpoolRow)          # without the namedtuples' Python-level __new__
+_new_spooled = partial(tuple.__new__, SpooledRecord)
+
+
+def decode(values: tuple[Any, ...] | list[Any]) -> SpooledRecord | None:
     """The record a SELECT of ``COLUMNS`` returned, or None when its types or checksum are wrong."""
     if len(values) != len(COLUMNS):
         return None
@@ -133,8 +128,8 @@ def decode(values: tuple[Any, ...]) -> SpooledRecord | None:
             return None
     except UnicodeEncodeError:
         return None
-    return SpooledRecord(rid, SpoolRow(route, stream, key, hash_key, arrival, data, topic, dead_letter,
-                                       bool(flag)), size)
+    return _new_spooled((rid, _new_row((route, stream, key, hash_key, arrival, data, topic, dead_letter,
+                                        flag == 1)), size))
 
 
 # -- the engine -------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class Sender:
         self._ready: dict[str, deque[SpooledRecord]] = {}
         self._due_at: float | None = None    # when paced rows may go
         self._retry_at: float | None = None  # when a failed store call is tried again
-        self._deletes: list[int] = []
+        self._deletes: list[tuple[int, int]] = []   # (row id, row size; -1 when not known)
         self._failed: list[tuple[int, Failed]] = []
         self._published: list[tuple[int, bool, str]] = []
         self._aggregated: frozenset[str] = frozenset()
@@ -143,7 +143,7 @@ class Sender:
                         if row_id not in self._dropped_in_flight:   # else: already not counted as dropped
                             self._unpruned[row_id] = record.row.route   # delivered: never a drop
                     self._dropped_in_flight.discard(row_id)
-                    self._deletes.append(row_id)
+                    self._deletes.append((row_id, -1 if record is None else record.size))
                 elif isinstance(settlement, Failed):
                     self._failed.append((row_id, settlement))
             self._cond.notify_all()
@@ -269,15 +269,16 @@ class Sender:
             published, self._published = self._published, []
         try:
             for row_id, ok, why in published:
-                deletes.append(row_id)
-                self._finish_publish(row_id, ok, why)
+                deletes.append((row_id, self._finish_publish(row_id, ok, why)))
             while failed:
                 self._dead_letter(*failed[0], deletes)
                 failed.pop(0)
             if deletes:
-                self._store.delete(deletes)
+                ids = [row_id for row_id, _ in deletes]
+                sizes = [size for _, size in deletes]
+                self._store.delete(ids, sizes if min(sizes) >= 0 else None)
                 with self._cond:
-                    for row_id in deletes:
+                    for row_id in ids:
                         self._unpruned.pop(row_id, None)
                 deletes = []
                 self._on_room()
@@ -337,7 +338,7 @@ class Sender:
 
     # -- dead letters -------------------------------------------------------------------------------
 
-    def _dead_letter(self, row_id: int, failed: Failed, deletes: list[int]) -> None:
+    def _dead_letter(self, row_id: int, failed: Failed, deletes: list[tuple[int, int]]) -> None:
         """Where the row's route said at routing time: a Kinesis stream (the envelope replaces the
         row in one transaction), an MQTT topic (deleted once published), or a counted drop."""
         with self._cond:
@@ -352,7 +353,7 @@ class Sender:
         if row.is_dead_letter or target is None or (kind == "mqtt" and self._publish is None) \
                 or kind not in ("kinesis", "mqtt"):
             self._drop(row, failed, dead_letter_failed=row.is_dead_letter)
-            deletes.append(row_id)
+            deletes.append((row_id, record.size))
             return
         envelope = dead_letter_envelope(row.topic, row.data, row.arrival_ms, row.route, failed.reason)
         if kind == "kinesis":
@@ -381,18 +382,20 @@ class Sender:
         assert self._publish is not None
         self._publish(where, envelope, 1, done)
 
-    def _finish_publish(self, row_id: int, ok: bool, why: str) -> None:
+    def _finish_publish(self, row_id: int, ok: bool, why: str) -> int:
+        """The broker took the row's dead letter, or refused it; returns the row's size (-1: unknown)."""
         with self._cond:
             record = self._in_flight.pop(row_id, None)
             if record is not None:
                 self._in_flight_bytes -= record.size
         if record is None:
-            return
+            return -1
         if ok:
             self._metrics.records_dead_lettered(record.row.route, 1)
         else:
             self._drop(record.row, Failed(f"dead letter topic publish failed: {why}", True, "dead_letter_failed"),
                        dead_letter_failed=True)
+        return record.size
 
     def _drop(self, row: SpoolRow, failed: Failed, *, dead_letter_failed: bool) -> None:
         code = "dead_letter_failed" if dead_letter_failed else failed.code

@@ -25,13 +25,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from itertools import chain
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from gateway.spool.check import OpenReport, count_rows, examine, lock_spool, open_report, quarantine
 from gateway.spool.schema import (
-    COLUMNS,
     DB_NAME,
     SIZE_SQL,
     SpooledRecord,
@@ -39,21 +37,26 @@ from gateway.spool.schema import (
     SpoolUnavailable,
     configure,
     create_schema,
-    decode,
     encode,
-    insert_sql,
     schema_problem,
     text_factory,
     unavailable,
+)
+from gateway.spool.steps import (
+    delete_counted,
+    delete_rows,
+    insert_rows,
+    make_room,
+    max_parameters,
+    read_batches,
+    read_rows,
+    rows_per_insert,
 )
 
 __all__ = ["WHEN_FULL", "OpenReport", "SpoolFull", "SpoolRow", "SpoolStore", "SpoolUnavailable", "SpooledRecord"]
 
 WHEN_FULL: Final = ("block", "drop_oldest")
-_CHUNK: Final = 500                      # ids per DELETE statement (under SQLite's parameter limit)
-_INSERT_ROWS: Final = 128                 # rows per multi-row INSERT (see _insert)
 _VACUUM_PAGES: Final = 4096              # pages given back per incremental vacuum step
-_SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM records"
 
 
 class SpoolFull(Exception):
@@ -93,6 +96,8 @@ class SpoolStore:
         self.last_commit_seconds = 0.0
         self._resync = True
         self._created = False
+        self._max_parameters = 999           # SQLite's smallest default; the connection's limit once open
+        self._rows_per_insert = 1
 
     # -- opening ------------------------------------------------------------------------------------
 
@@ -164,6 +169,8 @@ class SpoolStore:
     def _connect_writer(self) -> None:
         writer = sqlite3.connect(self._db, isolation_level=None, timeout=5.0, check_same_thread=False)
         self._writer = writer
+        self._max_parameters = max_parameters(writer)
+        self._rows_per_insert = rows_per_insert(writer)
         self._created = schema_problem(writer) == "empty"
         if self._created:
             create_schema(writer)
@@ -239,36 +246,6 @@ class SpoolStore:
                 self._writer.close()
             self._writer = None
 
-    def _insert(self, conn: sqlite3.Connection, encoded: Sequence[tuple[Any, ...]]) -> tuple[list[int], int]:
-        if not encoded:
-            return [], 0
-        # Many rows per statement, not executemany: sqlite3 releases the GIL at every step, and each
-        # step waits to take it back from the busy threads (a 730-row append: 534 ms, now 59 ms).
-        last = 0
-        for start in range(0, len(encoded), _INSERT_ROWS):
-            chunk = encoded[start:start + _INSERT_ROWS]
-            last = conn.execute(insert_sql(len(chunk)), list(chain.from_iterable(chunk))).lastrowid or 0
-        # AUTOINCREMENT, one writer, one transaction: the rows took the ids up to the last one, in order
-        return list(range(last - len(encoded) + 1, last + 1)), sum(params[9] for params in encoded)
-
-    def _make_room(self, conn: sqlite3.Connection, needed: int, dropped: Counter[str]) -> tuple[int, int]:
-        """Delete the oldest rows until ``needed`` more bytes fit; count them per route."""
-        freed = count = 0
-        while self._bytes - freed + needed > self.capacity_bytes:
-            batch = conn.execute(f"SELECT id, route, {SIZE_SQL} FROM records ORDER BY id LIMIT {_CHUNK}").fetchall()
-            if not batch:
-                break
-            last = None
-            for rid, route, size in batch:
-                if self._bytes - freed + needed <= self.capacity_bytes:
-                    break
-                last, freed, count = rid, freed + int(size), count + 1
-                dropped[route if isinstance(route, str) else "?"] += 1
-            if last is None:
-                break
-            conn.execute("DELETE FROM records WHERE id <= ?", (last,))
-        return count, freed
-
     def append(self, rows: Sequence[SpoolRow], sizes: Sequence[int] | None = None) -> list[int]:
         """Append ``rows`` in one durable transaction; return their ids, in order. ``sizes``, when
         given, are the rows' ``row_size``s."""
@@ -287,13 +264,15 @@ class SpoolStore:
 
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
             dropped.clear()
-            gone, freed = self._make_room(conn, needed, dropped) if self._when_full == "drop_oldest" else (0, 0)
-            new, added = self._insert(conn, encoded)
+            excess = self._bytes + needed - self.capacity_bytes
+            gone, freed = make_room(conn, excess, dropped) if self.drops_oldest and excess > 0 else (0, 0)
+            new, added = insert_rows(conn, encoded, self._rows_per_insert)
             ids[:] = new
             return len(new) - gone, added - freed
 
-        # what needs no room made and fits one INSERT is one statement (a window of one: every commit)
-        single = self._when_full == "block" and len(encoded) <= _INSERT_ROWS
+        # what needs no room made and fits one INSERT is one statement: a window of one's every commit,
+        # and a burst's (its ~500 rows: one step, which holds the fsync too, instead of six)
+        single = self._when_full == "block" and len(encoded) <= self._rows_per_insert
         with self._write_lock:
             self._write("appending", body, one_statement=single)
             self._dropped.update(dropped)
@@ -305,30 +284,29 @@ class SpoolStore:
             taken, self._dropped = dict(self._dropped), Counter()
         return taken
 
-    def _delete_ids(self, conn: sqlite3.Connection, ids: Sequence[int]) -> tuple[int, int]:
-        count = freed = 0
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start:start + _CHUNK]
-            marks = ", ".join("?" * len(chunk))
-            # two steps, not one per row as with RETURNING (see _insert)
-            found, size = conn.execute(f"SELECT count(*), total({SIZE_SQL}) FROM records WHERE id IN ({marks})",
-                                       chunk).fetchone()
-            conn.execute(f"DELETE FROM records WHERE id IN ({marks})", chunk)
-            count, freed = count + int(found), freed + int(size)
-        return count, freed
-
-    def delete(self, ids: Iterable[int]) -> None:
-        """Delete the rows ``ids`` in one transaction (ids no longer there are ignored)."""
+    def delete(self, ids: Iterable[int], sizes: Sequence[int] | None = None) -> None:
+        """Delete the rows ``ids`` in one transaction (ids no longer there are ignored). ``sizes``,
+        when given, are their row sizes as read: then the delete is a single statement (one step,
+        see ``gateway.spool.steps``) instead of a count, a delete and a commit. Only ``drop_oldest`` removes rows
+        behind the sender's back; should a row be gone all the same, the totals are counted again."""
         wanted = [int(i) for i in ids]
         if not wanted:
             return
+        single = (sizes is not None and len(sizes) == len(wanted) and not self.drops_oldest
+                  and len(wanted) <= self._max_parameters)
 
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
-            count, freed = self._delete_ids(conn, wanted)
+            if single:
+                assert sizes is not None
+                gone = delete_rows(conn, wanted)
+                if gone != len(wanted):
+                    self._resync = True
+                return -gone, -sum(sizes)
+            count, freed = delete_counted(conn, wanted, self._max_parameters)
             return -count, -freed
 
         with self._write_lock:
-            self._write("deleting delivered records", body)
+            self._write("deleting delivered records", body, one_statement=single)
             self._deletes_since_vacuum += len(wanted)
             if self._deletes_since_vacuum >= 10_000 or self._records == 0:
                 self._deletes_since_vacuum = 0
@@ -341,8 +319,8 @@ class SpoolStore:
         ids: list[int] = []
 
         def body(conn: sqlite3.Connection) -> tuple[int, int]:
-            count, freed = self._delete_ids(conn, wanted)
-            new, added = self._insert(conn, [encode(row) for row in add])
+            count, freed = delete_counted(conn, wanted, self._max_parameters)
+            new, added = insert_rows(conn, [encode(row) for row in add], self._rows_per_insert)
             ids[:] = new
             return len(new) - count, added - freed
 
@@ -369,30 +347,20 @@ class SpoolStore:
     def read(self, after_id: int, max_records: int, max_bytes: int) -> list[SpooledRecord]:
         """Rows with id > ``after_id`` in id order: at most ``max_records``, and at most ``max_bytes``
         (counted by row size) unless the first row alone is bigger. Undecodable rows are deleted."""
-        out: list[SpooledRecord] = []
-        bad: list[int] = []
-        total = 0
         with self._read_lock:
             conn = self._reader
             if conn is None:
                 return []
             try:
-                cursor = conn.execute(f"{_SELECT} WHERE id > ? ORDER BY id LIMIT ?", (after_id, max(1, max_records)))
-                for values in cursor:
-                    record = decode(tuple(values))
-                    if record is None:
-                        bad.append(int(values[0]))
-                        continue
-                    if out and total + record.size > max_bytes:
-                        break
-                    out.append(record)
-                    total += record.size
-                cursor.close()
+                found = read_batches(conn, after_id, max(1, max_records), max_bytes)
+                if found is None:   # something in there does not decode as a whole: row by row
+                    found = read_rows(conn, after_id, max(1, max_records), max_bytes)
             except sqlite3.Error as exc:
                 raise unavailable(self.directory, exc, "reading the spool") from None
+        out, bad = found
         if bad:
             def body(conn: sqlite3.Connection) -> tuple[int, int]:
-                count, freed = self._delete_ids(conn, bad)
+                count, freed = delete_counted(conn, bad, self._max_parameters)
                 return -count, -freed
 
             with self._write_lock:

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.spool import SpoolFull, SpoolRow, SpoolStore, SpoolUnavailable
 from gateway.spool.schema import row_size
+from gateway.spool.steps import read_batches, read_rows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,6 +183,50 @@ def test_a_row_that_cannot_be_decoded_is_skipped_counted_and_deleted(tmp_path: P
         assert store.read(0, 100, 10**6) == got
     finally:
         store.close()
+
+
+def test_a_batch_read_returns_what_a_row_by_row_read_returns_at_every_limit(spool: SpoolStore) -> None:
+    rows = [row(i, data=bytes(range(256)) * (i % 3), partition_key=f"ключ-{i}") for i in range(40)]
+    spool.append(rows)
+    conn = spool._reader
+    assert conn is not None
+    one = row_size(rows[1])
+    for after, records, n_bytes in [(0, 100, 10**6), (5, 7, 10**6), (0, 100, 3 * one), (0, 100, 1), (39, 5, 10**6)]:
+        batched = read_batches(conn, after, records, n_bytes)
+        assert batched is not None
+        assert batched == read_rows(conn, after, records, n_bytes), (after, records, n_bytes)
+    assert [r.row for r in spool.read(0, 100, 10**7)] == rows
+
+
+def test_text_that_is_not_utf8_is_told_apart_row_by_row_and_the_rest_still_reads(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    ids = store.append([row(i) for i in range(5)])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "spool.db")
+    conn.execute("UPDATE records SET topic = CAST(x'ff00fe' AS TEXT) WHERE id = ?", (ids[1],))  # not UTF-8
+    conn.execute("UPDATE records SET stream = x'0102' WHERE id = ?", (ids[3],))               # a BLOB
+    conn.execute("UPDATE records SET data = 'text' WHERE id = ?", (ids[4],))                  # a TEXT
+    conn.commit()
+    conn.close()
+    store = open_store(tmp_path)
+    try:
+        got = store.read(0, 100, 10**6)
+        assert [r.id for r in got] == [ids[0], ids[2]]
+        assert store.undecodable == 3 and store.records == 2
+        assert store.read(0, 100, 10**6) == got
+    finally:
+        store.close()
+
+
+def test_a_delete_given_the_sizes_keeps_the_totals_and_recounts_when_a_row_was_gone(spool: SpoolStore) -> None:
+    rows = [row(i, data=b"y" * i) for i in range(6)]
+    ids = spool.append(rows)
+    sizes = [row_size(r) for r in rows]
+    spool.delete(ids[:2], sizes[:2])
+    assert (spool.records, spool.bytes) == (4, sum(sizes[2:]))
+    spool.delete([ids[2], 999_999], [sizes[2], 77])     # one id no longer there: counted again
+    spool.append([row(9)])
+    assert (spool.records, spool.bytes) == (4, sum(sizes[3:]) + row_size(row(9)))
 
 
 def test_threads_appending_and_draining_at_once_lose_nothing(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ class FakeStore:
             total += record.size
         return out
 
-    def delete(self, ids: Iterable[int]) -> None:
+    def delete(self, ids: Iterable[int], sizes: Sequence[int] | None = None) -> None:
         if self.fail is not None:
             raise self.fail
         for row_id in ids:
