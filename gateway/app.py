@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.ops.memory import memory_trimmer
+from gateway.ops.memory import freeze_heap, memory_trimmer, refreeze_heap
 from gateway.ops.metrics import Metrics
 from gateway.pipeline.pipeline import Pipeline
 from gateway.pipeline.ports import OnSettled
@@ -106,6 +106,7 @@ class Gateway:
         self.active = ActiveTable(table)
         self._stop = threading.Event()
         self._exit_code = EXIT_OK
+        self._refreeze = False   # a reload swapped the route table: refreeze the heap (gateway.ops.memory)
         os.environ.update(settings.aws_env_overrides)
         self.outbound = Outbound()
         self.acks = AckTracker(self.outbound)
@@ -214,6 +215,7 @@ class Gateway:
         self.sink.set_aggregate_routes(r.name for r in new.routes if r.aggregate)
         self.sink.check_streams(_kinesis_streams(new))
         self.source.update_subscriptions(new.subscriptions, new.retain_handling)
+        self._refreeze = True   # the main loop collects what the old table left, once it is gone
 
     # -- health -----------------------------------------------------------------------------
 
@@ -266,11 +268,15 @@ class Gateway:
                 log.warning("%s", warning)
             self.watcher.start()
             install_sighup(self.watcher)
+        freeze_heap()   # what start-up built lives until exit: out of the collector's way
         self.source.start()
         release_memory, ticks = memory_trimmer(), 0
         while not self._stop.wait(0.5):
             self.pipeline.flush()
             ticks += 1
+            if self._refreeze:
+                self._refreeze = False
+                refreeze_heap()
             if ticks % _TRIM_EVERY_TICKS == 0:
                 release_memory()
             if not self.alive():
