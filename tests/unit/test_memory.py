@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.ops.memory import freeze_heap, memory_trimmer, refreeze_heap
+from gateway.ops.memory import freeze_heap, refreeze_heap
 
 
 class _Node:
@@ -45,7 +45,3 @@ def _cycle_frozen_then_dropped() -> weakref.ref[_Node]:
     ref = weakref.ref(a)
     del a, b
     return ref
-
-
-def test_the_memory_trimmer_can_always_be_called() -> None:
-    memory_trimmer()()

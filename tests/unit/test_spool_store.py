@@ -164,17 +164,24 @@ def test_rows_bigger_than_the_whole_spool_are_refused_under_either_policy(tmp_pa
             store.close()
 
 
-def test_a_row_that_cannot_be_decoded_is_skipped_counted_and_deleted(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    ids = store.append([row(i) for i in range(4)])
+def damaged_spool(path: Path, rows: int, damage: dict[int, str]) -> tuple[SpoolStore, list[int]]:
+    """A spool of ``rows`` rows, reopened after ``damage`` (row index -> an UPDATE's SET clause) was
+    written to its file behind its back."""
+    store = open_store(path)
+    ids = store.append([row(i) for i in range(rows)])
     store.close()
-    conn = sqlite3.connect(tmp_path / "spool.db")
-    conn.execute("UPDATE records SET data = 42 WHERE id = ?", (ids[1],))          # wrong type
-    conn.execute("UPDATE records SET data = x'00' WHERE id = ?", (ids[2],))       # changed bytes
-    conn.execute("UPDATE records SET size = 'big' WHERE id = ?", (ids[3],))       # wrong type
+    conn = sqlite3.connect(path / "spool.db")
+    for index, change in damage.items():
+        conn.execute(f"UPDATE records SET {change} WHERE id = ?", (ids[index],))
     conn.commit()
     conn.close()
-    store = open_store(tmp_path)
+    return open_store(path), ids
+
+
+def test_a_row_that_cannot_be_decoded_is_skipped_counted_and_deleted(tmp_path: Path) -> None:
+    store, ids = damaged_spool(tmp_path, 4, {1: "data = 42",          # wrong type
+                                             2: "data = x'00'",       # changed bytes
+                                             3: "size = 'big'"})      # wrong type
     try:
         assert store.records == 4
         got = store.read(0, 100, 10**6)
@@ -199,16 +206,9 @@ def test_a_batch_read_returns_what_a_row_by_row_read_returns_at_every_limit(spoo
 
 
 def test_text_that_is_not_utf8_is_told_apart_row_by_row_and_the_rest_still_reads(tmp_path: Path) -> None:
-    store = open_store(tmp_path)
-    ids = store.append([row(i) for i in range(5)])
-    store.close()
-    conn = sqlite3.connect(tmp_path / "spool.db")
-    conn.execute("UPDATE records SET topic = CAST(x'ff00fe' AS TEXT) WHERE id = ?", (ids[1],))  # not UTF-8
-    conn.execute("UPDATE records SET stream = x'0102' WHERE id = ?", (ids[3],))               # a BLOB
-    conn.execute("UPDATE records SET data = 'text' WHERE id = ?", (ids[4],))                  # a TEXT
-    conn.commit()
-    conn.close()
-    store = open_store(tmp_path)
+    store, ids = damaged_spool(tmp_path, 5, {1: "topic = CAST(x'ff00fe' AS TEXT)",   # not UTF-8
+                                             3: "stream = x'0102'",                  # a BLOB
+                                             4: "data = 'text'"})                    # a TEXT
     try:
         got = store.read(0, 100, 10**6)
         assert [r.id for r in got] == [ids[0], ids[2]]
