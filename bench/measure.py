@@ -3,7 +3,9 @@
 CPU: user+system seconds summed over the process and all its descendants (`run --workers N`
 forks), with each pid's last reading kept after it exits, so a worker that ends early still counts.
 Memory: the tree's summed RSS sampled every 50 ms, plus each process's kernel high-water mark
-(VmHWM from /proc/<pid>/status), which catches peaks shorter than the sampling interval.
+(VmHWM from /proc/<pid>/status), which catches peaks shorter than the sampling interval; and the
+root process's own sampled peak, the figure for a long-running process without its short-lived
+children (the gateway's schema check runs in one for a tenth of a second at start).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Tree:
     cpu: dict[int, float] = field(default_factory=dict)
     hwm: dict[int, int] = field(default_factory=dict)
     peak_rss: int = 0
+    root_peak_rss: int = 0
 
     def sample(self) -> None:
         try:
@@ -49,7 +52,10 @@ class Tree:
                 with p.oneshot():
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
-                    rss += p.memory_info().rss
+                    own = p.memory_info().rss
+                    rss += own
+                    if p.pid == self.root.pid:
+                        self.root_peak_rss = max(self.root_peak_rss, own)
                 self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), vm_hwm(p.pid))
             except psutil.Error:
                 continue

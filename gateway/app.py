@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from gateway import __version__
 from gateway.ops.memory import freeze_heap, memory_trimmer, refreeze_heap
@@ -40,13 +40,12 @@ from gateway.sink.shards import open_shard_count
 from gateway.source.acks import AckTracker
 from gateway.source.mqtt import MqttSource
 from gateway.source.outbound import Outbound
-from gateway.spool.opening import LazyStore
-from gateway.spool.ports import RetryWatch
-from gateway.spool.spooled import SpooledSink
-from gateway.spool.store import OpenReport, SpoolStore
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # each is imported where it is first used: sqlite3 (~1 MB) only with a spool
     from gateway.ops.http import HealthServer
+    from gateway.spool.opening import LazyStore
+    from gateway.spool.spooled import SpooledSink
+    from gateway.spool.store import OpenReport
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "Gateway", "StartupError"]
 
@@ -116,6 +115,7 @@ class Gateway:
                                  outbound=self.outbound, backlog_capacity=settings.backlog,
                                  backlog_capacity_bytes=settings.backlog_bytes, echo=settings.stdout)
         self.sink = self.pipeline.sink
+        self.spooled = cast("SpooledSink", self.sink) if self.spool is not None else None
         try:
             self.sink.check_streams(_kinesis_streams(table))
         except NoRegionError:
@@ -137,7 +137,7 @@ class Gateway:
             self.watcher = DirectoryWatcher(settings.routes_file, self.reloader.reload, mode=settings.reload.mode,
                                             debounce_s=settings.reload.debounce_s, rescan_s=settings.reload.rescan_s)
         self.http: HealthServer | None = None
-        if settings.http.port:  # asyncio (~1.5 MB) is loaded only for the listener
+        if settings.http.port:
             from gateway.ops.http import HealthServer  # noqa: PLC0415
 
             self.http = HealthServer(settings.http.host, settings.http.port, metrics=self.metrics,
@@ -146,6 +146,9 @@ class Gateway:
     def _open_spool(self, spool: SpoolSettings) -> LazyStore:
         """The spool of this process; one line says what was found in it (a damaged one is moved
         aside and counted). A spool that cannot be opened at all is tried again every second."""
+        from gateway.spool.opening import LazyStore  # noqa: PLC0415
+        from gateway.spool.store import SpoolStore  # noqa: PLC0415
+
         def opened(report: OpenReport) -> None:
             if report.quarantined_to is not None:
                 self.metrics.spool_damaged()
@@ -160,8 +163,8 @@ class Gateway:
         return store
 
     def _spool_metrics(self) -> None:
-        spool, sink = self.spool, self.sink
-        if spool is None or not isinstance(sink, SpooledSink):
+        spool, sink = self.spool, self.spooled
+        if spool is None or sink is None:
             return
         oldest = spool.oldest_arrival_ms()
         age = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
@@ -190,6 +193,9 @@ class Gateway:
             if self.spool is None:
                 return KinesisSink(clients, kinesis, on_settled=on_settled, metrics=self.metrics,
                                    aggregate_routes=aggregate)
+            from gateway.spool.ports import RetryWatch  # noqa: PLC0415
+            from gateway.spool.spooled import SpooledSink  # noqa: PLC0415
+
             spool = self.spool
             problem = None if spool.problem is None else str(spool.problem)
             sink = SpooledSink(
@@ -232,8 +238,8 @@ class Gateway:
             "intake_working": not self.pipeline.intake_failing,
         }
         problems = {f"stream {stream}": why for stream, why in self.sink.stream_problems().items()}
-        if isinstance(self.sink, SpooledSink):
-            problem = self.sink.spool_problem
+        if self.spooled is not None:
+            problem = self.spooled.spool_problem
             checks["spool_writable"] = problem is None
             if problem is not None:
                 problems["spool"] = problem
@@ -269,8 +275,9 @@ class Gateway:
             self.watcher.start()
             install_sighup(self.watcher)
         freeze_heap()   # what start-up built lives until exit: out of the collector's way
-        self.source.start()
         release_memory, ticks = memory_trimmer(), 0
+        release_memory()   # and what it freed goes back to the system now, not at the first tick
+        self.source.start()
         while not self._stop.wait(0.5):
             self.pipeline.flush()
             ticks += 1
@@ -300,7 +307,7 @@ class Gateway:
         if self.http is not None:
             self.http.stop()
         self.pipeline.flush(everything=True)
-        if isinstance(self.sink, SpooledSink):
+        if self.spooled is not None:
             self._spool_shutdown_line(drained)
         elif drained:
             log.info("stopped: everything delivered was acknowledged")
@@ -311,9 +318,9 @@ class Gateway:
 
     def _spool_shutdown_line(self, drained: bool) -> None:
         """What the spool keeps for the next start, and what was never spooled, in one line."""
-        assert isinstance(self.sink, SpooledSink) and self.spool is not None
+        assert self.spooled is not None and self.spool is not None
         where = self.settings.spool.directory if self.settings.spool else "the spool"
-        unspooled = self.sink.pending_records
+        unspooled = self.spooled.pending_records
         lost = (f"; {unspooled} record(s) received were not yet in the spool, so not acknowledged: "
                 f"{_undelivered_fate({q for _, q in self.active.current.subscriptions})}" if unspooled else "")
         if drained:

@@ -38,7 +38,6 @@ from gateway.routefile.readfile import RouteFileError, read_route_file
 from gateway.routefile.yamlreader import read_yaml
 from gateway.routing.table import RouteTable
 from gateway.settings.settings import Settings, SettingsError, find_env_file, load_settings
-from gateway.spool.inspect import inspect_spool, write_report
 
 __all__ = ["build_parser", "main"]
 
@@ -231,6 +230,8 @@ def _cmd_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _cmd_spool(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from gateway.spool.inspect import inspect_spool, write_report  # noqa: PLC0415  (sqlite3 only here)
+
     found = inspect_spool(args.directory, contents=args.contents)
     write_report(found, out, err, contents=args.contents)
     return found.exit_code

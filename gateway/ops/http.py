@@ -11,41 +11,37 @@ Invariant: whatever clients do, the listener holds at most ``max_connections`` c
 for an instant, the one just accepted that makes room), runs two threads (the event loop and one
 metrics renderer), and closes every connection within ``request_timeout_s`` of accepting it.
 
-Why an asyncio loop in one thread: ``ThreadingHTTPServer`` gave each connection a thread, so
+Why a ``selectors`` loop in one thread: ``ThreadingHTTPServer`` gave each connection a thread, so
 thousands of slow sockets became thousands of threads, and its timeout applied per ``recv``, so a
 client sending one byte every few seconds held a thread for ever. prometheus-client's own server
 is built on the same class, and a bounded WSGI server would be a new dependency for three fixed
-paths. Here a connection is a task on one loop and ``asyncio.timeout`` bounds the whole exchange
-(head, body, answer) from accept to close; keep-alive is off, so every answer ends the connection.
-The loop runs its own accept loop rather than ``asyncio.start_server``, which accepts up to a
-backlog's worth of sockets per wake-up before any of our code runs: a burst would pass the cap
-and the process's file descriptor limit, shared with MQTT and boto3. At the cap a new connection
-is still taken: the oldest one that has not finished sending its request is closed to make room,
-so stalled sockets cannot lock the probes out; only when every open connection is being answered
-is the new one closed at once. The probe callables run on the loop (they only read flags). The
-metrics exposition (tens of milliseconds for a few dozen routes) runs on one worker thread, so a
-render never delays a probe, and scrapes arriving while a render runs share its bytes rather than
-queueing one render each.
+paths. asyncio did the job in about 1.5 MB more of the process (docs/performance.md#memory); a
+connection here is a small state (reading, waiting for a render, writing) on one
+``selectors.DefaultSelector``, and a deadline set at accept bounds the whole exchange (head, body,
+answer) from accept to close; keep-alive is off, so every answer ends the connection. One socket
+is accepted per turn of the loop, so a burst of connections cannot pass the cap and the process's
+file descriptor limit, shared with MQTT and the Kinesis client, before the cap is applied. At the
+cap a new connection is still taken: the oldest one that has not finished sending its request is
+closed to make room, so stalled sockets cannot lock the probes out; only when every open
+connection is being answered is the new one closed at once. The probe callables run on the loop
+(they only read flags). The metrics exposition (tens of milliseconds for a few dozen routes) runs
+on one worker thread, so a render never delays a probe, and scrapes arriving while a render runs
+share its bytes rather than queueing one render each.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import functools
-import json
 import logging
-import re
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
+from gateway.ops.httpwire import JSON, Refused, json_body, parse_head, response
 from gateway.ops.metrics import CONTENT_TYPE
 
 __all__ = ["HealthServer", "Liveness", "Readiness", "Renders"]
@@ -56,13 +52,10 @@ Liveness = Callable[[], bool]
 Readiness = Callable[[], tuple[bool, Mapping[str, bool]] | tuple[bool, Mapping[str, bool], Mapping[str, str]]]
 Answer = tuple[int, str, bytes]
 
-_JSON = "application/json"
 _BACKLOG = 1024  # the kernel caps it at net.core.somaxconn; 200 scrapers at once fit
-_MAX_HEAD_BYTES = 8192  # request line and headers; probes and scrapers send a few hundred
-_MAX_BODY_BYTES = 8192  # nothing here takes a body; a small one is read and dropped
 _STOP_WAIT_S = 1.0
 _WARN_EVERY_S = 60.0
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # what RFC 9110 allows as a method
+_ACCEPT_PAUSE_S = 0.1  # out of descriptors or memory: accept again after this
 _TRANSIENT_ACCEPT_ERRORS = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN, errno.EINTR)
 _RESOURCE_ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -73,16 +66,21 @@ class Renders(Protocol):
     def render(self) -> bytes: ...
 
 
-class _Refused(Exception):
-    """A request this listener answers with an error status and no further work."""
+class _Connection:
+    """One accepted socket: its deadline, the request so far, and the answer still to send."""
 
-    def __init__(self, status: int, message: str, allow: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.message, self.allow = status, message, allow
+    __slots__ = ("body_missing", "deadline", "head", "method", "outgoing", "path", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+        self.head = bytearray()
+        self.method = self.path = ""   # set once the head is whole
+        self.body_missing = 0          # body bytes still to read and drop
+        self.outgoing: memoryview | None = None
 
 
 class HealthServer:
-    """Serves the probes and metrics from one daemon thread running an asyncio loop.
+    """Serves the probes and metrics from one daemon thread running a ``selectors`` loop.
 
     ``metrics`` is the ``Metrics`` instance (or pass ``render_metrics``, a callable returning
     the exposition bytes); ``liveness`` returns False when a thread the
@@ -108,15 +106,17 @@ class HealthServer:
         self._max_connections = max_connections
         self._timeout_s = request_timeout_s
         self._bound_port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._stop_requested: asyncio.Event | None = None
+        self._waker: socket.socket | None = None   # a byte written here wakes the loop
+        # The renderer thread hands its answer to the loop under this lock:
+        self._render_lock = threading.Lock()
+        self._render_wanted = threading.Event()
+        self._rendered: Answer | None = None
         # Owned by the loop thread once started:
-        self._open: dict[asyncio.Task[None], socket.socket] = {}
-        self._reading: dict[asyncio.Task[None], None] = {}  # insertion order = age, oldest first
-        self._rendering: asyncio.Future[Answer] | None = None
-        self._renderer: ThreadPoolExecutor | None = None
+        self._open: dict[socket.socket, _Connection] = {}   # insertion order = accept order = deadline order
+        self._reading: dict[socket.socket, None] = {}        # still sending their request, oldest first
+        self._awaiting_render: list[_Connection] = []        # unregistered from the selector meanwhile
         self._warned_at = float("-inf")
 
     @property
@@ -144,10 +144,13 @@ class HealthServer:
         listener.setblocking(False)
         self._bound_port = int(listener.getsockname()[1])
         self._stopping.clear()
-        self._stop_requested = asyncio.Event()
-        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-metrics")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, args=(self._loop, listener), name="http", daemon=True)
+        self._render_wanted.clear()
+        self._rendered = None
+        self._waker, woken = socket.socketpair()
+        self._waker.setblocking(False)
+        woken.setblocking(False)
+        threading.Thread(target=self._render_forever, name="http-metrics", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(listener, woken), name="http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -155,13 +158,12 @@ class HealthServer:
 
         Safe to call twice or before ``start``.
         """
-        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
-        if loop is None or thread is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
         self._stopping.set()
-        if self._stop_requested is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended (the thread died)
-                loop.call_soon_threadsafe(self._stop_requested.set)
+        self._render_wanted.set()   # the renderer sees the stop once it is done with any render
+        self._wake()
         thread.join(timeout=_STOP_WAIT_S)
         if thread.is_alive():
             log.warning("HTTP listener did not stop within %.0f s", _STOP_WAIT_S)
@@ -171,7 +173,7 @@ class HealthServer:
         """(status, content type, body) for a GET of ``path``; no sockets, so tests can call it."""
         if path == "/healthz":
             alive = _safely(self._liveness, False)
-            return (200 if alive else 503), _JSON, _json({"status": "ok" if alive else "failed"})
+            return (200 if alive else 503), JSON, json_body({"status": "ok" if alive else "failed"})
         if path == "/readyz":
             answer = _safely(self._readiness, (False, {"readiness_check": False}))
             ready, checks = answer[0], answer[1]
@@ -180,182 +182,220 @@ class HealthServer:
             problems = answer[2] if len(answer) > 2 else {}
             if problems:  # what is wrong, by what: e.g. {"stream welder": "ResourceNotFoundException: ..."}
                 body["problems"] = {str(k): str(v) for k, v in problems.items()}
-            return (200 if ready else 503), _JSON, _json(body)
+            return (200 if ready else 503), JSON, json_body(body)
         if path == "/metrics":
             try:
                 return 200, CONTENT_TYPE, self._render_metrics()
             except Exception:
                 log.exception("rendering metrics failed")
-                return 500, _JSON, _json({"error": "metrics unavailable"})
-        return 404, _JSON, _json({"error": "not found"})
+                return 500, JSON, json_body({"error": "metrics unavailable"})
+        return 404, JSON, json_body({"error": "not found"})
+
+    # -- the renderer thread ----------------------------------------------------------------
+
+    def _render_forever(self) -> None:
+        while True:
+            self._render_wanted.wait()
+            if self._stopping.is_set():
+                return
+            self._render_wanted.clear()
+            rendered = self.answer("/metrics")
+            with self._render_lock:
+                self._rendered = rendered
+            self._wake()
+
+    def _wake(self) -> None:
+        waker = self._waker
+        if waker is not None:
+            with contextlib.suppress(OSError):   # its buffer is full, so the loop wakes anyway; or it has ended
+                waker.send(b"x")
 
     # -- the loop thread --------------------------------------------------------------------
 
-    def _run(self, loop: asyncio.AbstractEventLoop, listener: socket.socket) -> None:
-        asyncio.set_event_loop(loop)
+    def _run(self, listener: socket.socket, woken: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
         try:
-            loop.run_until_complete(self._serve(listener))
+            selector.register(woken, selectors.EVENT_READ)
+            self._serve(selector, listener, woken)
         except BaseException:
             log.exception("HTTP listener stopped unexpectedly; probes and metrics are no longer served")
         finally:
-            for sock in self._open.values():
+            for sock in self._open:
                 sock.close()
             self._open.clear()
             self._reading.clear()
+            self._awaiting_render.clear()
+            selector.close()
             listener.close()
-            if self._renderer is not None:
-                self._renderer.shutdown(wait=False, cancel_futures=True)
-            loop.close()
+            waker, self._waker = self._waker, None
+            woken.close()
+            if waker is not None:
+                waker.close()
+            self._stopping.set()
+            self._render_wanted.set()
 
-    async def _serve(self, listener: socket.socket) -> None:
-        assert self._stop_requested is not None
-        accepting = asyncio.create_task(self._accept(listener))
-        stop = asyncio.create_task(self._stop_requested.wait())
-        await asyncio.wait((accepting, stop), return_when=asyncio.FIRST_COMPLETED)
-        accepting.cancel()
-        stop.cancel()
-        connections = list(self._open)
-        for task in connections:
-            task.cancel()
-        if self._rendering is not None:
-            self._rendering.cancel()  # a render not yet started never starts
-        await asyncio.gather(accepting, stop, *connections, return_exceptions=True)
-        if accepting.done() and not accepting.cancelled() and accepting.exception() is not None:
-            raise accepting.exception()  # type: ignore[misc]
+    def _serve(self, selector: selectors.BaseSelector, listener: socket.socket, woken: socket.socket) -> None:
+        accept_again_at: float | None = 0.0   # None while the listener is registered
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if accept_again_at is not None and now >= accept_again_at:
+                accept_again_at = None
+                selector.register(listener, selectors.EVENT_READ)
+            self._close_expired(selector, now)
+            wake_at = min(next(iter(self._open.values())).deadline if self._open else float("inf"),
+                          float("inf") if accept_again_at is None else accept_again_at)
+            timeout = None if wake_at == float("inf") else max(0.0, wake_at - now)  # idle: sleep until a client
+            for key, events in selector.select(timeout):
+                if key.fileobj is woken:
+                    _drain(woken)
+                    self._hand_out_render(selector)
+                elif key.fileobj is listener:
+                    if not self._accept(selector, listener):
+                        selector.unregister(listener)
+                        accept_again_at = time.monotonic() + _ACCEPT_PAUSE_S
+                elif (conn := self._open.get(key.fileobj)) is not None:  # type: ignore[call-overload]
+                    self._step(selector, conn, events)
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ACCEPT_ERRORS:
-                    self._warn(f"HTTP listener cannot accept: {exc.strerror}; retrying")
-                    await asyncio.sleep(0.1)
-                    continue
-                if exc.errno in _TRANSIENT_ACCEPT_ERRORS:
-                    continue  # the client gave up before we got to it
-                raise
-            if len(self._open) >= self._max_connections and not self._make_room():
-                sock.close()
-            else:
-                task = loop.create_task(self._connection(sock))
-                self._open[task] = sock
-                self._reading[task] = None
-                task.add_done_callback(functools.partial(self._closed, sock))
-            await asyncio.sleep(0)  # let closed connections go before the next accept
+    def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> bool:
+        """Take one connection; False when the process is out of descriptors or memory (pause)."""
+        try:
+            sock, _ = listener.accept()
+        except OSError as exc:
+            if exc.errno in _RESOURCE_ACCEPT_ERRORS:
+                self._warn(f"HTTP listener cannot accept: {exc.strerror}; retrying")
+                return False
+            if exc.errno in _TRANSIENT_ACCEPT_ERRORS or isinstance(exc, BlockingIOError):
+                return True   # the client gave up before we got to it
+            raise
+        if len(self._open) >= self._max_connections and not self._make_room(selector):
+            sock.close()
+            return True
+        sock.setblocking(False)
+        self._open[sock] = _Connection(sock, time.monotonic() + self._timeout_s)
+        self._reading[sock] = None
+        selector.register(sock, selectors.EVENT_READ)
+        return True
 
-    def _make_room(self) -> bool:
+    def _make_room(self, selector: selectors.BaseSelector) -> bool:
         """Close the oldest connection still sending its request; False if every one is being answered."""
         self._warn(f"HTTP listener at its cap of {self._max_connections} connections; closing the oldest"
                    " unfinished requests first")
         if not self._reading:
             return False
-        oldest = next(iter(self._reading))
-        del self._reading[oldest]
-        self._open.pop(oldest, None)  # its socket closes as the task unwinds, before the next accept
-        oldest.cancel()
+        self._close(selector, self._open[next(iter(self._reading))])
         return True
 
-    def _closed(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
-        """Forget the connection and close its socket (again, harmlessly, if the task already did).
+    def _close_expired(self, selector: selectors.BaseSelector, now: float) -> None:
+        """Every connection past its deadline, oldest first: a slow or stalled client is cut, not news."""
+        while self._open:
+            conn = next(iter(self._open.values()))
+            if conn.deadline > now:
+                return
+            self._close(selector, conn)
 
-        Also the done callback, because a task cancelled before its first step never runs its ``finally``.
-        """
-        self._open.pop(task, None)
-        self._reading.pop(task, None)
-        sock.close()
+    def _close(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        self._open.pop(conn.sock, None)
+        self._reading.pop(conn.sock, None)
+        if conn in self._awaiting_render:
+            self._awaiting_render.remove(conn)
+        else:
+            selector.unregister(conn.sock)
+        conn.sock.close()
 
     def _warn(self, message: str) -> None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         if now - self._warned_at >= _WARN_EVERY_S:
             self._warned_at = now
             log.warning("%s", message)
 
-    async def _connection(self, sock: socket.socket) -> None:
+    def _step(self, selector: selectors.BaseSelector, conn: _Connection, events: int) -> None:
+        """Move one connection on by what its socket is ready for; any failure closes it."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._exchange(sock)
-        except OSError:  # includes TimeoutError: a slow, gone or resetting client is cut, not news
+            if conn.outgoing is not None:
+                self._send(selector, conn)
+            elif events & selectors.EVENT_READ:
+                self._receive(selector, conn)
+        except OSError:   # a gone or resetting client is cut, not news
             log.debug("HTTP connection dropped", exc_info=True)
+            self._close(selector, conn)
         except Exception:
             log.exception("HTTP connection failed")
-        finally:
-            self._closed(sock, asyncio.current_task())  # type: ignore[arg-type]
+            self._close(selector, conn)
 
-    async def _exchange(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    def _receive(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        chunk = conn.sock.recv(4096 if not conn.method else conn.body_missing)
+        if not chunk:
+            self._close(selector, conn)   # the client left before a whole request
+            return
         try:
-            request = await _read_request(loop, sock)
-            if request is None:
-                return  # closed before a whole request
-            method, path = request
-            self._reading.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            if method not in ("GET", "HEAD"):
-                raise _Refused(405, "method not allowed", allow=True)
-        except _Refused as refused:
+            if not conn.method:
+                conn.head += chunk
+                request = parse_head(conn.head)
+                if request is None:
+                    return
+                conn.method, conn.path, conn.body_missing = request
+                conn.head = bytearray()
+            else:
+                conn.body_missing -= len(chunk)
+            if conn.body_missing > 0:
+                return
+            self._reading.pop(conn.sock, None)
+            if conn.method not in ("GET", "HEAD"):
+                raise Refused(405, "method not allowed", allow=True)
+        except Refused as refused:
             extra = {"Allow": "GET, HEAD"} if refused.allow else {}
-            await loop.sock_sendall(sock, _response(refused.status, _JSON, _json({"error": refused.message}),
+            self._respond(selector, conn, response(refused.status, JSON, json_body({"error": refused.message}),
                                                     head=False, extra=extra))
             return
-        status, content_type, body = await self._metrics() if path == "/metrics" else self.answer(path)
-        await loop.sock_sendall(sock, _response(status, content_type, body, head=method == "HEAD"))
+        if conn.path == "/metrics":
+            self._await_render(selector, conn)
+        else:
+            status, content_type, body = self.answer(conn.path)
+            self._respond(selector, conn, response(status, content_type, body, head=conn.method == "HEAD"))
 
-    async def _metrics(self) -> Answer:
-        """The exposition from the worker thread; concurrent scrapes share one render."""
-        if self._rendering is None:
-            assert self._renderer is not None
-            rendering = asyncio.get_running_loop().run_in_executor(self._renderer, self.answer, "/metrics")
-            self._rendering = rendering
-            rendering.add_done_callback(lambda _: setattr(self, "_rendering", None))
-        return await asyncio.shield(self._rendering)
+    def _await_render(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        """Park the connection until the renderer's next answer; a render under way is shared."""
+        selector.unregister(conn.sock)
+        self._awaiting_render.append(conn)
+        if len(self._awaiting_render) == 1:
+            self._render_wanted.set()
 
+    def _hand_out_render(self, selector: selectors.BaseSelector) -> None:
+        with self._render_lock:
+            rendered, self._rendered = self._rendered, None
+        if rendered is None:
+            return
+        waiting, self._awaiting_render = self._awaiting_render, []
+        status, content_type, body = rendered
+        for conn in waiting:
+            selector.register(conn.sock, selectors.EVENT_READ)
+            try:
+                self._respond(selector, conn, response(status, content_type, body, head=conn.method == "HEAD"))
+            except OSError:
+                log.debug("HTTP connection dropped", exc_info=True)
+                self._close(selector, conn)
 
-async def _read_request(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[str, str] | None:
-    """(method, path) of one request, its body read and dropped; None if the client left first."""
-    buffer = bytearray()
-    while (end := buffer.find(b"\r\n\r\n")) < 0:
-        if len(buffer) > _MAX_HEAD_BYTES:
-            raise _Refused(431, "request header fields too large")
-        chunk = await loop.sock_recv(sock, 4096)
-        if not chunk:
-            return None
-        buffer += chunk
-    if end > _MAX_HEAD_BYTES:
-        raise _Refused(431, "request header fields too large")
-    lines = buffer[:end].decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
-        raise _Refused(400, "bad request")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name.strip():
-            raise _Refused(400, "bad request")
-        headers[name.strip().lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise _Refused(400, "bad request")
-    length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
-        raise _Refused(400, "bad request")
-    if int(length_text) > _MAX_BODY_BYTES:
-        raise _Refused(413, "request too large")
-    missing = int(length_text) - (len(buffer) - end - 4)
-    while missing > 0:
-        chunk = await loop.sock_recv(sock, missing)
-        if not chunk:
-            return None
-        missing -= len(chunk)
-    return parts[0], urlsplit(parts[1]).path
+    def _respond(self, selector: selectors.BaseSelector, conn: _Connection, data: bytes) -> None:
+        self._reading.pop(conn.sock, None)
+        conn.outgoing = memoryview(data)
+        selector.modify(conn.sock, selectors.EVENT_WRITE)
+        self._send(selector, conn)
+
+    def _send(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        assert conn.outgoing is not None
+        try:
+            sent = conn.sock.send(conn.outgoing)
+        except BlockingIOError:
+            return
+        conn.outgoing = conn.outgoing[sent:]
+        if not conn.outgoing:
+            self._close(selector, conn)   # keep-alive is off: the answer ends the connection
 
 
-def _response(status: int, content_type: str, body: bytes, head: bool,
-              extra: Mapping[str, str] | None = None) -> bytes:
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Server: mqtt-kinesis-gateway",
-             f"Date: {formatdate(usegmt=True)}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", "Cache-Control: no-store", "Connection: close"]
-    lines += [f"{name}: {value}" for name, value in (extra or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(4096):
+            pass
 
 
 def _safely(check: Callable[[], Any], failed: Any) -> Any:
@@ -365,7 +405,3 @@ def _safely(check: Callable[[], Any], failed: Any) -> Any:
     except Exception:
         log.exception("health check raised")
         return failed
-
-
-def _json(value: Mapping[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode() + b"\n"

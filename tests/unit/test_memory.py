@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import weakref
 from collections.abc import Iterator
 
@@ -45,3 +47,13 @@ def _cycle_frozen_then_dropped() -> weakref.ref[_Node]:
     ref = weakref.ref(a)
     del a, b
     return ref
+
+
+def test_the_running_gateway_loads_sqlite3_only_with_a_spool_and_asyncio_never() -> None:
+    """What `run` imports without a spool (docs/performance.md#memory): each of these is 1-1.5 MB
+    of the process; the listener (gateway.ops.http) is loaded as with HTTP_PORT set."""
+    script = ("import sys, gateway.cli, gateway.app, gateway.ops.http\n"
+              "print(sorted(m for m in ('sqlite3', 'asyncio', 'jsonschema', 'concurrent') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
