@@ -251,8 +251,7 @@ def _writer_result(p: _Proc, r: dict[str, Any], mon: Monitor, endpoint: Endpoint
               file=sys.stderr, flush=True)
     tree = mon.snapshot(s.name)
     r.update(peak_rss_mb=tree.peak_bytes() / MB, root_rss_mb=tree.root_peak_rss / MB, processes=len(tree.cpu),
-             cpu_s=end[1] - cpu0,
-             window_s=end[0] - w0)
+             cpu_s=end[1] - cpu0, window_s=end[0] - w0)
     stop(p.proc, timeout=30)
     d = analyse(endpoint.records(s.stream, base), r["count"])
     r.update(d.as_dict())

@@ -245,7 +245,7 @@ class HealthServer:
             wake_at = min(next(iter(self._open.values())).deadline if self._open else float("inf"),
                           float("inf") if accept_again_at is None else accept_again_at)
             timeout = None if wake_at == float("inf") else max(0.0, wake_at - now)  # idle: sleep until a client
-            for key, events in selector.select(timeout):
+            for key, _ in selector.select(timeout):
                 if key.fileobj is woken:
                     _drain(woken)
                     self._hand_out_render(selector)
@@ -254,7 +254,7 @@ class HealthServer:
                         selector.unregister(listener)
                         accept_again_at = time.monotonic() + _ACCEPT_PAUSE_S
                 elif (conn := self._open.get(key.fileobj)) is not None:  # type: ignore[call-overload]
-                    self._step(selector, conn, events)
+                    self._step(selector, conn)
 
     def _accept(self, selector: selectors.BaseSelector, listener: socket.socket) -> bool:
         """Take one connection; False when the process is out of descriptors or memory (pause)."""
@@ -308,12 +308,12 @@ class HealthServer:
             self._warned_at = now
             log.warning("%s", message)
 
-    def _step(self, selector: selectors.BaseSelector, conn: _Connection, events: int) -> None:
-        """Move one connection on by what its socket is ready for; any failure closes it."""
+    def _step(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
+        """Move one connection on (its one registered event fired); any failure closes it."""
         try:
             if conn.outgoing is not None:
                 self._send(selector, conn)
-            elif events & selectors.EVENT_READ:
+            else:
                 self._receive(selector, conn)
         except OSError:   # a gone or resetting client is cut, not news
             log.debug("HTTP connection dropped", exc_info=True)
@@ -339,7 +339,6 @@ class HealthServer:
                 conn.body_missing -= len(chunk)
             if conn.body_missing > 0:
                 return
-            self._reading.pop(conn.sock, None)
             if conn.method not in ("GET", "HEAD"):
                 raise Refused(405, "method not allowed", allow=True)
         except Refused as refused:
@@ -355,6 +354,7 @@ class HealthServer:
 
     def _await_render(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
         """Park the connection until the renderer's next answer; a render under way is shared."""
+        self._reading.pop(conn.sock, None)   # being answered: never evicted to make room
         selector.unregister(conn.sock)
         self._awaiting_render.append(conn)
         if len(self._awaiting_render) == 1:
@@ -368,17 +368,20 @@ class HealthServer:
         waiting, self._awaiting_render = self._awaiting_render, []
         status, content_type, body = rendered
         for conn in waiting:
-            selector.register(conn.sock, selectors.EVENT_READ)
             try:
-                self._respond(selector, conn, response(status, content_type, body, head=conn.method == "HEAD"))
+                self._respond(selector, conn, response(status, content_type, body, head=conn.method == "HEAD"),
+                              parked=True)
             except OSError:
                 log.debug("HTTP connection dropped", exc_info=True)
                 self._close(selector, conn)
 
-    def _respond(self, selector: selectors.BaseSelector, conn: _Connection, data: bytes) -> None:
+    def _respond(self, selector: selectors.BaseSelector, conn: _Connection, data: bytes, *,
+                 parked: bool = False) -> None:
+        """Send ``data``, then close; from here the connection is being answered, never evicted.
+        ``parked``: it waited for a render, unregistered from the selector meanwhile."""
         self._reading.pop(conn.sock, None)
         conn.outgoing = memoryview(data)
-        selector.modify(conn.sock, selectors.EVENT_WRITE)
+        (selector.register if parked else selector.modify)(conn.sock, selectors.EVENT_WRITE)
         self._send(selector, conn)
 
     def _send(self, selector: selectors.BaseSelector, conn: _Connection) -> None:
